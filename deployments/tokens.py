@@ -1,0 +1,60 @@
+"""Prompt-token estimates for reservations (limits and budgets) before a call.
+
+tiktoken downloads its encodings at run time, which fails offline, and the
+true count depends on each provider's tokenizer anyway. The estimate is
+OpenAI's published rule of thumb, ~4 characters of English per token, plus
+the chat format's fixed overhead (3 tokens per message, 3 to prime the
+reply). Reservations are settled to the provider's reported usage after the
+call, so the estimate only has to be close, not exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+CHARS_PER_TOKEN = 4.0
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+
+
+def estimate_text_tokens(text: str) -> int:
+    if not text:
+        return 0
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multi-part content: count the text parts
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
+    return ""
+
+
+def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        total += estimate_text_tokens(_content_text(message.get("content")))
+        if message.get("name"):
+            total += 1
+        if message.get("tool_calls"):
+            total += estimate_text_tokens(str(message["tool_calls"]))
+    return total
+
+
+def estimate_input_tokens(value: str | list[str] | list[int] | list[list[int]]) -> int:
+    """Embeddings input: strings, or already-tokenised ids."""
+    if isinstance(value, str):
+        return estimate_text_tokens(value)
+    total = 0
+    for item in value:
+        if isinstance(item, str):
+            total += estimate_text_tokens(item)
+        elif isinstance(item, list):
+            total += len(item)
+        else:
+            total += 1
+    return total

@@ -1,0 +1,36 @@
+"""What the ingress knows about a request once it has been authenticated and
+validated: the value every stage receives (stages never see Starlette)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: resolved from the API key."""
+
+    key_id: str  # a stable, non-secret id of the API key (config name), never the key itself
+    tenant: str
+    user: str | None = None  # the key's own user, if the key belongs to one person
+    admin: bool = False
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    principal: Principal
+    route: str  # "chat" | "embeddings"
+    model: str  # the public model name the client asked for
+    body: dict[str, Any]  # the validated request body as a plain dict (upstream-bound)
+    stream: bool = False
+    end_user: str | None = None  # the body's `user` field
+    prompt_tokens_estimate: int = 0
+    max_tokens: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased request headers
+
+    @property
+    def user(self) -> str | None:
+        """The end user a quota or budget applies to: the body's user, else the key's."""
+        return self.end_user or self.principal.user
