@@ -1,0 +1,132 @@
+"""The mock provider's state: deterministic answers, latency, faults, stats.
+
+Kept apart from HTTP so the rules are testable directly. Answers and usage
+are a pure function of the request body, so the same request always gets the
+same answer (what cache and dedup tests rely on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.tokens import estimate_prompt_tokens
+
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+    "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+
+
+class Faults(BaseModel):
+    """What goes wrong, per model ("*" applies to every model without its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    error_status: int = Field(500, ge=400, le=599)
+    retry_after_s: float | None = Field(None, ge=0)  # sent with 429/503 errors
+    hang_s: float = Field(0.0, ge=0)  # sleep this long before answering (a hang or a slow call)
+    malformed_rate: float = Field(0.0, ge=0.0, le=1.0)  # 200 with a body that is not JSON
+    cut_stream_after: int | None = Field(None, ge=0)  # drop a stream after N chunks
+
+
+class Latency(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fixed_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)
+    per_token_ms: float = Field(0.0, ge=0)  # between stream chunks
+
+
+class MockConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latency: Latency = Latency()
+    faults: dict[str, Faults] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=lambda: ["mock-gpt", "mock-embed"])
+    seed: int = 0
+
+
+Decision = Literal["ok", "error", "malformed"]
+
+
+@dataclass
+class MockStats:
+    calls: int = 0
+    by_body: Counter[str] = field(default_factory=Counter)
+    by_model: Counter[str] = field(default_factory=Counter)
+    by_path: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "by_body_hash": dict(self.by_body),
+            "by_model": dict(self.by_model),
+            "by_path": dict(self.by_path),
+        }
+
+
+def body_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class MockBehaviour:
+    def __init__(self, config: MockConfig | None = None) -> None:
+        self.config = config or MockConfig()
+        self.stats = MockStats()
+        self._random = random.Random(self.config.seed)
+
+    def reset(self) -> None:
+        self.stats = MockStats()
+        self.config = MockConfig(models=self.config.models, seed=self.config.seed)
+        self._random = random.Random(self.config.seed)
+
+    def record(self, path: str, model: str, raw: bytes) -> None:
+        self.stats.calls += 1
+        self.stats.by_body[body_hash(raw)] += 1
+        self.stats.by_model[model] += 1
+        self.stats.by_path[path] += 1
+
+    def faults_for(self, model: str) -> Faults:
+        return self.config.faults.get(model) or self.config.faults.get("*") or Faults()
+
+    def decide(self, model: str) -> Decision:
+        faults = self.faults_for(model)
+        roll = self._random.random()
+        if roll < faults.error_rate:
+            return "error"
+        if roll < faults.error_rate + faults.malformed_rate:
+            return "malformed"
+        return "ok"
+
+    def delay_s(self, model: str) -> float:
+        latency = self.config.latency
+        jitter = self._random.uniform(0, latency.jitter_ms) if latency.jitter_ms else 0.0
+        return (latency.fixed_ms + jitter) / 1000 + self.faults_for(model).hang_s
+
+    def answer_words(self, body: dict[str, Any]) -> list[str]:
+        """A deterministic answer: seeded by the request, bounded by max_tokens."""
+        digest = hashlib.sha256(repr(body.get("messages")).encode()).digest()
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        count = max(1, min(int(limit), 8 + digest[0] % 9))
+        return [_WORDS[digest[i % len(digest)] % len(_WORDS)] for i in range(count)]
+
+    @staticmethod
+    def usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+        prompt = estimate_prompt_tokens(body.get("messages") or [])
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        }
+
+    @staticmethod
+    def embedding(text: str, dims: int = 16) -> list[float]:
+        digest = hashlib.sha256(text.encode()).digest()
+        return [round((digest[i % len(digest)] - 127.5) / 127.5, 6) for i in range(dims)]

@@ -1,0 +1,112 @@
+"""Typed settings: ``config.yaml``'s ``args:`` validate against ``GatewayArgs``.
+
+Secrets never live in the file: an upstream names the env var holding its API
+key, and a gateway key is either named by env var or stored as its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamSettings(_Strict):
+    """An OpenAI-compatible upstream: OpenAI, vLLM, Ollama, the built-in mock."""
+
+    base_url: HttpUrl  # up to and including the API version, e.g. https://api.openai.com/v1
+    api_key_env: str | None = None  # the NAME of the env var holding the upstream's key
+    transport: Literal["aiohttp", "httpx-http2"] = "aiohttp"
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0)  # whole non-streamed answer / gap between chunks
+    max_connections: int = Field(256, ge=1)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class ModelSettings(_Strict):
+    """A public model name and where it is served."""
+
+    name: str = Field(min_length=1)
+    upstream: str
+    upstream_model: str | None = None  # the name the upstream knows it by; default: `name`
+    kind: Literal["chat", "embeddings"] = "chat"
+    owned_by: str = "llm-gateway"
+
+    @property
+    def target_model(self) -> str:
+        return self.upstream_model or self.name
+
+
+class ApiKeySettings(_Strict):
+    """A gateway key: its secret is named by env var or stored as a sha256 hex digest."""
+
+    name: str = Field(min_length=1)  # non-secret id used in logs, quotas, the ledger
+    key_env: str | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    tenant: str = "default"
+    user: str | None = None
+    admin: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySettings:
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise ValueError(f"api key {self.name!r}: set exactly one of key_env or key_sha256")
+        return self
+
+    def digest(self) -> str | None:
+        if self.key_sha256:
+            return self.key_sha256
+        secret = os.environ.get(self.key_env or "")
+        return hash_key(secret) if secret else None
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class StoreSettings(_Strict):
+    """Where shared state lives. No url and no REDIS_URL: an embedded Valkey per cluster."""
+
+    url: str | None = None
+    data_dir: str = "~/.cache/llm-gateway/valkey"  # the embedded server's data (append-only file)
+    socket_timeout_s: float = Field(0.5, gt=0)
+    max_connections: int = Field(256, ge=1)
+
+    def resolved_url(self) -> str | None:
+        return os.environ.get("REDIS_URL") or self.url
+
+
+class GatewayArgs(_Strict):
+    upstreams: dict[str, UpstreamSettings]
+    models: list[ModelSettings] = Field(min_length=1)
+    api_keys: list[ApiKeySettings] = Field(min_length=1)
+    store: StoreSettings = StoreSettings()
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[ModelSettings]) -> list[ModelSettings]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique: {duplicates}")
+        return models
+
+    @model_validator(mode="after")
+    def _models_name_upstreams(self) -> GatewayArgs:
+        for model in self.models:
+            if model.upstream not in self.upstreams:
+                raise ValueError(
+                    f"model {model.name!r} names upstream {model.upstream!r}, "
+                    f"which is not among upstreams {sorted(self.upstreams)}"
+                )
+        return self
