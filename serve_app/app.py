@@ -1,0 +1,44 @@
+"""The app builders ``config.yaml`` points at, and the thin Ray wrappers.
+
+``serve run config.yaml`` imports ``serve_app.app:build_app`` with the
+``args:`` block, which Serve validates against ``GatewayArgs``.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+from starlette.applications import Starlette
+
+from serve_app.ingress import Gateway
+from serve_app.mock_provider import MockBehaviour, MockConfig, create_app
+from serve_app.settings import GatewayArgs
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=256)
+@serve.ingress()
+class GatewayIngress:
+    async def __init__(self, args: GatewayArgs) -> None:
+        self.gateway = Gateway(args)
+        await self.gateway.start()
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return self.gateway.asgi()
+
+
+@serve.deployment(name="MockProvider", max_ongoing_requests=1024)
+@serve.ingress()
+class MockProviderIngress:
+    def __init__(self, config: MockConfig) -> None:
+        self.behaviour = MockBehaviour(config)
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return create_app(self.behaviour)
+
+
+def build_app(args: GatewayArgs) -> Application:
+    return GatewayIngress.bind(args)  # type: ignore[attr-defined]
+
+
+def build_mock(args: MockConfig) -> Application:
+    return MockProviderIngress.bind(args)  # type: ignore[attr-defined]

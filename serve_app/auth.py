@@ -1,0 +1,39 @@
+"""API keys -> principals. Keys are compared by sha256 digest, so the config
+(and memory) holds no plaintext key."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from serve_app.context import Principal
+from serve_app.errors import AuthenticationError
+from serve_app.settings import ApiKeySettings, hash_key
+
+log = logging.getLogger(__name__)
+
+
+class KeyRing:
+    def __init__(self, keys: Iterable[ApiKeySettings]) -> None:
+        self._by_digest: dict[str, Principal] = {}
+        for key in keys:
+            digest = key.digest()
+            if digest is None:
+                log.warning("api key %r: env var %s is unset; key disabled", key.name, key.key_env)
+                continue
+            self._by_digest[digest] = Principal(
+                key_id=key.name, tenant=key.tenant, user=key.user, admin=key.admin
+            )
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise AuthenticationError(
+                "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.")
+        principal = self._by_digest.get(hash_key(secret.strip()))
+        if principal is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return principal

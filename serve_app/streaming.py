@@ -1,0 +1,78 @@
+"""Server-sent events between the upstream and the client.
+
+Upstream bytes are re-cut into whole events (an upstream may split an event
+across TCP reads) so the gateway can look at each one: the final usage chunk
+is kept for accounting and dropped when the client did not ask for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from serve_app.errors import GatewayError
+
+DONE = b"data: [DONE]\n\n"
+
+
+class EventSplitter:
+    """Feeds raw bytes, yields complete SSE events (without the blank line)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        self._buffer += chunk.replace(b"\r\n", b"\n")
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                return
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            if event.strip():
+                yield event
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The payload of an event's ``data:`` lines, or None for comments/other fields."""
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+@dataclass
+class StreamResult:
+    """What a relayed stream turned out to be, for the stages after it."""
+
+    done: bool = False
+    usage: dict[str, Any] | None = None
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    error: GatewayError | None = None
+
+
+def inspect_event(data: bytes, result: StreamResult) -> bool:
+    """Record what a data payload says; False when it is the usage-only chunk."""
+    if data == b"[DONE]":
+        result.done = True
+        return True
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return True
+    if not isinstance(chunk, dict):
+        return True
+    result.chunks.append(chunk)
+    if chunk.get("usage"):
+        result.usage = chunk["usage"]
+        return bool(chunk.get("choices"))
+    return True
+
+
+def encode_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def error_event(error: GatewayError) -> bytes:
+    """How a failure after the first byte reaches a streaming client (no [DONE])."""
+    return encode_event(error.to_dict())
