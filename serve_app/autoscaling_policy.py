@@ -58,7 +58,7 @@ class PolicySettings(BaseModel):
     max_step_factor: float = Field(2.0, ge=1)
     tolerance: float = Field(0.1, ge=0, lt=1)  # |ratio - 1| within this: hold
     sample_interval_s: float = Field(5.0, gt=0)  # how often a signal sample is recorded
-    redis_url_env: str = "GATEWAY_REDIS_URL"  # env var of the controller holding the Redis URL
+    redis_url_env: str = "REDIS_URL"  # env var (in the controller) naming the Redis URL
     record_maxlen: int = Field(10_000, gt=0)  # approximate cap per stream
 
 
@@ -157,24 +157,35 @@ class _RecordSink:
         self._url = url
         self._maxlen = maxlen
         self._loop = asyncio.new_event_loop()
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._run, name="gateway-scaling-record", daemon=True).start()
         self._ready.wait(timeout=5)
 
     def submit(self, key: str, payload: dict[str, Any]) -> None:
         if self._queue is not None:
-            self._loop.call_soon_threadsafe(self._offer, key, payload)
+            self._loop.call_soon_threadsafe(self._offer, (key, payload))
 
-    def _offer(self, key: str, payload: dict[str, Any]) -> None:
+    def wait_idle(self, timeout: float) -> None:
+        """Block until every submitted record was written or dropped (tests, shutdown)."""
+        if self._queue is not None:
+            asyncio.run_coroutine_threadsafe(self._queue.join(), self._loop).result(timeout)
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._loop.call_soon_threadsafe(self._offer, None)
+
+    def _offer(self, item: tuple[str, dict[str, Any]] | None) -> None:
         assert self._queue is not None
         if self._queue.full():
             self._queue.get_nowait()  # keep the newest records
-        self._queue.put_nowait((key, payload))
+            self._queue.task_done()
+        self._queue.put_nowait(item)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._drain())
+        self._loop.close()
 
     async def _drain(self) -> None:
         import redis.asyncio as aioredis
@@ -182,12 +193,17 @@ class _RecordSink:
         self._queue = asyncio.Queue(maxsize=1000)
         self._ready.set()
         client = aioredis.from_url(self._url, socket_timeout=2, socket_connect_timeout=2)
-        while True:
-            key, payload = await self._queue.get()
-            try:
-                await append_record(client, key, payload, self._maxlen)
-            except Exception as exc:  # recording is best effort; scaling goes on
-                logger.warning("scaling record to Redis failed: %r", exc)
+        try:
+            while (item := await self._queue.get()) is not None:
+                try:
+                    await append_record(client, item[0], item[1], self._maxlen)
+                except Exception as exc:  # recording is best effort; scaling goes on
+                    logger.warning("scaling record to Redis failed: %r", exc)
+                finally:
+                    self._queue.task_done()
+            self._queue.task_done()
+        finally:
+            await client.aclose()
 
 
 async def append_record(client: Any, key: str, payload: Mapping[str, Any], maxlen: int) -> None:
@@ -209,7 +225,7 @@ class MultiSignalPolicy:
         max_step_factor: float = 2.0,
         tolerance: float = 0.1,
         sample_interval_s: float = 5.0,
-        redis_url_env: str = "GATEWAY_REDIS_URL",
+        redis_url_env: str = "REDIS_URL",
         record_maxlen: int = 10_000,
     ) -> None:
         self.settings = PolicySettings(
