@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray import serve
 from ray.serve import Application
 from starlette.applications import Starlette
@@ -18,8 +20,9 @@ from serve_app.settings import GatewayArgs
 @serve.deployment(name="Gateway", max_ongoing_requests=256)
 @serve.ingress()
 class GatewayIngress:
-    async def __init__(self, args: GatewayArgs) -> None:
-        self.gateway = Gateway(args)
+    async def __init__(self, args: GatewayArgs | dict[str, Any]) -> None:
+        # Serve hands bound pydantic arguments over as plain dicts.
+        self.gateway = Gateway(GatewayArgs.model_validate(args))
         await self.gateway.start()
 
     def __serve_build_asgi_app__(self) -> Starlette:
@@ -29,8 +32,8 @@ class GatewayIngress:
 @serve.deployment(name="MockProvider", max_ongoing_requests=1024)
 @serve.ingress()
 class MockProviderIngress:
-    def __init__(self, config: MockConfig) -> None:
-        self.behaviour = MockBehaviour(config)
+    def __init__(self, config: MockConfig | dict[str, Any]) -> None:
+        self.behaviour = MockBehaviour(MockConfig.model_validate(config))
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return create_app(self.behaviour)
