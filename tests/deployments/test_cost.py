@@ -1,0 +1,164 @@
+"""Golden costs from the pinned genai-prices table, overrides, estimates, streams."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from deployments.cost import (
+    CostMeter,
+    CostSettings,
+    chunk_usage,
+    format_usd,
+    from_pico,
+    request_stream_usage,
+    to_pico,
+)
+from deployments.pricing import (
+    TABLE_SOURCE,
+    PriceBook,
+    PriceOverride,
+    PricingSettings,
+    UnknownModelPriceError,
+)
+
+AT = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def meter(**overrides: PriceOverride) -> CostMeter:
+    return CostMeter(CostSettings(pricing=PricingSettings(overrides=overrides)))
+
+
+@pytest.mark.parametrize(
+    ("model", "tokens", "expected"),
+    [
+        # gpt-4o $2.5 in / $1.25 cached / $10 out: 600*2.5 + 400*1.25 + 500*10 per 1e6
+        ("gpt-4o", usage(1000, 500, cached=400), Decimal("0.007")),
+        # gpt-4o-mini $0.15 / $0.6: 1234*0.15 + 567*0.6 per 1e6
+        ("gpt-4o-mini", usage(1234, 567), Decimal("0.0005253")),
+        # o1 $15 / $60, reasoning at the output rate: 1000*15 + (500 + 2500)*60 per 1e6
+        ("o1", usage(1000, 3000, reasoning=2500), Decimal("0.195")),
+        # o3-mini $1.1 / $0.55 cached / $4.4: 200*1.1 + 800*0.55 + 1500*4.4 per 1e6
+        ("o3-mini", usage(1000, 1500, cached=800, reasoning=1200), Decimal("0.00726")),
+        # claude sonnet 4 $3 / $0.3 cache read / $15: 500*3 + 1500*0.3 + 100*15 per 1e6
+        ("claude-sonnet-4-20250514", usage(2000, 100, cached=1500), Decimal("0.00345")),
+        # gemini 2.5 pro above 200k prompt tokens: every token at $2.5 / $15
+        ("gemini-2.5-pro", usage(300_000, 10), Decimal("0.75015")),
+        ("gemini-2.5-pro", usage(1000, 10), Decimal("0.00135")),
+    ],
+)
+def test_golden_costs_from_the_table(model: str, tokens: dict[str, Any], expected: Decimal) -> None:
+    charge = meter().charge(model, tokens, at=AT)
+    assert charge.cost == expected
+    assert charge.price.source == TABLE_SOURCE
+    assert not charge.estimated
+    assert charge.cost_pico == to_pico(expected)
+
+
+def test_negotiated_override_beats_the_table() -> None:
+    negotiated = PriceOverride(
+        input_per_mtok=Decimal(2), output_per_mtok=Decimal(8), cached_input_per_mtok=Decimal("0.5")
+    )
+    charge = meter(**{"gpt-4o": negotiated}).charge("gpt-4o", usage(1000, 500, cached=400), at=AT)
+    # 600*2 + 400*0.5 + 500*8 per 1e6
+    assert charge.cost == Decimal("0.0054")
+    assert charge.price.label == "config@config:gpt-4o"
+
+
+def test_reasoning_rate_override_and_self_hosted_zero() -> None:
+    m = meter(
+        thinker=PriceOverride(
+            input_per_mtok=Decimal(1), output_per_mtok=Decimal(2), reasoning_per_mtok=Decimal(5)
+        ),
+        llama=PriceOverride(input_per_mtok=Decimal(0), output_per_mtok=Decimal(0)),
+    )
+    # 100*1 + 300*2 + 700*5 per 1e6
+    assert m.charge("thinker", usage(100, 1000, reasoning=700)).cost == Decimal("0.0042")
+    free = m.charge("llama", usage(5000, 5000))
+    assert free.cost == 0
+    assert free.price.source == "config"
+
+
+def test_mock_model_priced_as_a_table_model() -> None:
+    m = meter(**{"mock-gpt": PriceOverride(price_as="gpt-4o-mini", provider="openai")})
+    charge = m.charge("mock-gpt", usage(1234, 567), at=AT)
+    assert charge.cost == Decimal("0.0005253")
+    assert charge.price.label.startswith(f"{TABLE_SOURCE}@") and "gpt-4o-mini" in charge.price.label
+
+
+def test_unknown_model_is_zero_or_refused() -> None:
+    charge = meter().charge("no-such-model-xyz", usage(10, 10))
+    assert charge.cost == 0 and charge.price.source == "unpriced"
+    strict = PriceBook(PricingSettings(on_unknown_model="error"))
+    with pytest.raises(UnknownModelPriceError):
+        strict.lookup("no-such-model-xyz")
+
+
+def test_missing_usage_is_estimated() -> None:
+    charge = meter().charge(
+        "gpt-4o-mini", None, prompt_tokens_estimate=100, completion_text="x" * 400, at=AT
+    )
+    assert charge.estimated
+    assert (charge.usage.prompt_tokens, charge.usage.completion_tokens) == (100, 100)
+    assert charge.cost == Decimal("0.000075")  # 100*0.15 + 100*0.6 per 1e6
+
+
+def test_cache_hit_costs_nothing_and_records_the_saving() -> None:
+    charge = meter().charge("gpt-4o", usage(1000, 500, cached=400), served_by="cache", at=AT)
+    assert charge.cost == 0
+    assert charge.savings == Decimal("0.007")
+    assert charge.header_value() == "0"
+
+
+def test_stream_costs_the_same_as_the_unstreamed_answer() -> None:
+    final = usage(812, 321, cached=256, reasoning=64)
+    body = {"id": "c1", "object": "chat.completion", "choices": [], "usage": final}
+    chunks: list[dict[str, Any]] = [
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hel"}}], "usage": None},
+        {"id": "c1", "choices": [{"index": 0, "delta": {"content": "lo"}}], "usage": None},
+        {"id": "c1", "choices": [], "usage": final},
+    ]
+    streamed_usage = None
+    for chunk in chunks:
+        streamed_usage = chunk_usage(chunk) or streamed_usage
+    m = meter()
+    plain = m.charge("o3", body["usage"], at=AT)
+    streamed = m.charge("o3", streamed_usage, at=AT)
+    assert streamed.cost == plain.cost > 0
+    assert streamed.usage_fields() == plain.usage_fields()
+
+
+def test_request_stream_usage_reports_whether_the_client_asked() -> None:
+    body: dict[str, Any] = {"stream": True}
+    assert request_stream_usage(body) is False
+    assert body["stream_options"] == {"include_usage": True}
+    assert request_stream_usage(body) is True
+
+
+def test_reservation_is_the_worst_case() -> None:
+    # o1: 100 prompt tokens at $15 + 1000 output tokens at $60, per 1e6
+    assert meter().reservation("o1", 100, 1000) == Decimal("0.0615")
+    default = CostMeter(CostSettings(default_max_tokens=10)).reservation("o1", 0, None)
+    assert default == Decimal("0.0006")
+
+
+def test_money_formats_and_picodollars() -> None:
+    assert format_usd(Decimal("1E-7")) == "0.0000001"
+    assert format_usd(Decimal("0.0070")) == "0.007"
+    assert format_usd(Decimal("12.50")) == "12.5"
+    assert format_usd(Decimal("1E+2")) == "100"
+    assert to_pico(Decimal("0.0005253")) == 525_300_000
+    assert from_pico(525_300_000) == Decimal("0.0005253")
