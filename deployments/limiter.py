@@ -1,0 +1,304 @@
+"""The limiter stage: request and token quotas per API key, end user, tenant
+and model, over several sliding windows at once, exact across replicas.
+
+Every applicable window, both dimensions, is checked and consumed in one Lua
+script, so one Redis round trip, atomically: nothing is recorded unless every
+enforced window admits (``limiter_acquire.lua``). Time is the Redis server's
+clock (``TIME``), so replicas agree; tests inject a clock instead.
+
+Algorithm: a sliding log per window, coarsened. A window of length W keeps
+entries for slices of W/precision: an entry sums the requests and tokens of
+the hits in its slice and is stamped with the time of the slice's latest hit.
+It counts while that stamp is within W, so
+
+* no interval of length W ever holds more admitted usage than the limit
+  (exact, never over-admitting; a settlement that charges more than was
+  reserved can push a window over, and it then rejects until it drains);
+* a hit is released at most W/precision after the exact moment it leaves
+  (only when a later hit shares its slice); hits in different slices are
+  released exactly, e.g. with precision 100 a minute window releases each hit
+  within 0.6 s of the exact time, a day window within 14.4 min;
+* memory is at most ``precision`` entries per window per key/user/tenant/model,
+  and a decision costs O(windows) plus the entries that expired since the
+  last one (each entry is removed once).
+
+Tokens are reserved before the call (prompt estimate + ``max_tokens`` or
+``default_max_tokens``) and settled to the reported usage afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Protocol
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from deployments.limiter_decision import (
+    DIMENSIONS,
+    NEVER,
+    LimitDecision,
+    LimitHit,
+    Outcome,
+    Scope,
+    WindowState,
+    rate_limit_headers,
+)
+from deployments.limiter_settings import LimiterSettings, Quota
+from serve_app.context import RequestContext
+from serve_app.errors import StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+STORE_ERRORS = (RedisError, OSError, TimeoutError)
+INCIDENT_QUIET_S = 5.0  # without a store failure for this long, an incident is over
+
+
+class LimiterObserver(Protocol):
+    """Where the ingress records metrics (the limiter creates none itself)."""
+
+    def on_decision(self, decision: LimitDecision) -> None: ...
+
+    def on_store_error(self, operation: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """One quota applied to one key/user/tenant/model."""
+
+    scope: Scope
+    name: str
+    quota: Quota
+    window_us: int
+    resolution_us: int
+    log_key: str
+    costs_key: str
+
+
+def _script(name: str) -> str:
+    package = resources.files("deployments")
+    common = package.joinpath("limiter_common.lua").read_text(encoding="utf-8")
+    return common + package.joinpath(name).read_text(encoding="utf-8")
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: LimiterSettings,
+        clock: Callable[[], float] | None = None,
+        observer: LimiterObserver | None = None,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock  # seconds; None = the Redis server's clock
+        self._observer = observer
+        self._acquire = redis.register_script(_script("limiter_acquire.lua"))
+        self._settle = redis.register_script(_script("limiter_settle.lua"))
+        self.settings = settings
+        self.incident_active = False  # the store is failing right now
+        self.incidents = 0  # separate outages seen (each logged once)
+        self.store_errors = 0  # failed store calls in all
+        self._last_failure = 0.0  # time.monotonic() of the latest failed call
+
+    def reconfigure(self, settings: LimiterSettings) -> None:
+        """New limits from the next decision on; usage recorded so far stays."""
+        self.settings = settings
+
+    def reservation(self, ctx: RequestContext) -> int:
+        if ctx.route == "embeddings":
+            return ctx.prompt_tokens_estimate
+        completion = self.settings.default_max_tokens if ctx.max_tokens is None else ctx.max_tokens
+        return ctx.prompt_tokens_estimate + completion
+
+    async def acquire(self, ctx: RequestContext) -> LimitDecision:
+        """Decide and record; raise ``RateLimitError`` (429) on a rejection and
+        ``StoreUnavailableError`` (503) when the store fails and failure_mode is closed."""
+        decision = await self.evaluate(ctx)
+        if not decision.allowed:
+            raise decision.error()
+        return decision
+
+    async def evaluate(self, ctx: RequestContext) -> LimitDecision:
+        """As ``acquire``, but a rejection is returned, not raised."""
+        started = time.perf_counter()
+        settings, tokens = self.settings, self.reservation(ctx)
+        checks = self._checks(ctx, settings) if settings.enabled else []
+        if not checks:
+            outcome: Outcome = "unlimited" if settings.enabled else "disabled"
+            decision = LimitDecision(True, outcome, tokens)
+        else:
+            try:
+                decision = await self._decide(checks, tokens, settings.store_timeout_s)
+            except STORE_ERRORS as exc:
+                self._store_failed("acquire", exc)
+                closed = settings.failure_mode == "closed"
+                decision = LimitDecision(not closed, "fail_closed" if closed else "fail_open", 0)
+        decision.latency_s = time.perf_counter() - started
+        if self._observer is not None:
+            self._observer.on_decision(decision)
+        if decision.outcome == "fail_closed":
+            raise StoreUnavailableError("The rate-limit store is unavailable; try again shortly.")
+        return decision
+
+    async def settle(self, decision: LimitDecision, actual_total_tokens: int | None) -> None:
+        """Settle the token reservation to the real usage: ``None`` (an upstream
+        error, no usage reported) refunds it all. Once per decision; never raises
+        for a store failure (the answer has gone out already)."""
+        if decision.settled or not decision.allowed:
+            return
+        decision.settled = True
+        windows = [w for w in decision.windows if w.recorded]
+        delta = (actual_total_tokens or 0) - decision.reserved_tokens
+        if not windows or delta == 0:
+            return
+        keys: list[str] = []
+        args: list[int | str] = [self._now_arg(), delta]
+        for window in windows:
+            keys += [window.log_key, window.costs_key]
+            args += [window.slice_us, window.window_us, window.resolution_us]
+        try:
+            async with asyncio.timeout(self.settings.store_timeout_s):
+                await self._settle(keys=keys, args=args)
+        except STORE_ERRORS as exc:
+            self._store_failed("settle", exc)
+            return
+        self._store_ok()
+
+    def headers(self, decision: LimitDecision) -> dict[str, str]:
+        return rate_limit_headers(decision)
+
+    def _checks(self, ctx: RequestContext, settings: LimiterSettings) -> list[_Check]:
+        tenant = ctx.principal.tenant
+        named: list[tuple[Scope, str | None, str]] = [
+            ("key", ctx.principal.key_id, ctx.principal.key_id),
+            # End users are named by the client, so one tenant's "alice" is not another's.
+            ("user", ctx.user, f"{tenant}/{ctx.user}"),
+            ("tenant", tenant, tenant),
+            ("model", ctx.model, ctx.model),
+        ]
+        scopes = {
+            "key": settings.per_key,
+            "user": settings.per_user,
+            "tenant": settings.per_tenant,
+            "model": settings.per_model,
+        }
+        checks: list[_Check] = []
+        for scope, name, ident in named:
+            if name is None:
+                continue
+            for quota in scopes[scope].for_name(name):
+                window_us = round(quota.window * 1_000_000)
+                key = f"{settings.key_prefix}:{scope}:{quote(ident, safe='')}:{window_us}"
+                key += ":shadow" if quota.shadow else ""
+                resolution = max(1, window_us // settings.precision)
+                checks.append(
+                    _Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost")
+                )
+        return checks
+
+    def _now_arg(self) -> str:
+        return "" if self._clock is None else str(round(self._clock() * 1_000_000))
+
+    async def _decide(self, checks: list[_Check], tokens: int, timeout_s: float) -> LimitDecision:
+        keys: list[str] = []
+        args: list[int | str] = [self._now_arg(), tokens]
+        for check in checks:
+            keys += [check.log_key, check.costs_key]
+            args += [
+                check.window_us,
+                check.resolution_us,
+                -1 if check.quota.requests is None else check.quota.requests,
+                -1 if check.quota.tokens is None else check.quota.tokens,
+                1 if check.quota.shadow else 0,
+            ]
+        async with asyncio.timeout(timeout_s):
+            reply = await self._acquire(keys=keys, args=args)
+        self._store_ok()
+        return _decision(checks, tokens, [int(value) for value in reply])
+
+    def _store_failed(self, operation: str, exc: BaseException) -> None:
+        self.store_errors += 1
+        self._last_failure = time.monotonic()
+        if not self.incident_active:
+            self.incident_active = True
+            self.incidents += 1
+            log.warning(
+                "rate-limit store failed (%s: %r); failing %s until it answers again",
+                operation,
+                exc,
+                self.settings.failure_mode,
+            )
+        if self._observer is not None:
+            self._observer.on_store_error(operation)
+
+    def _store_ok(self) -> None:
+        # Calls in flight when the store fails finish in any order: an incident
+        # ends only once the store has answered with no failure for a while, so
+        # a flapping store is still one incident and one log line.
+        if self.incident_active and time.monotonic() - self._last_failure >= INCIDENT_QUIET_S:
+            self.incident_active = False
+            log.warning(
+                "rate-limit store answers again (%d failed calls so far)", self.store_errors
+            )
+
+
+def _decision(checks: Sequence[_Check], tokens: int, reply: list[int]) -> LimitDecision:
+    now, enforced_ok, all_ok = reply[0], reply[1] == 1, reply[2] == 1
+    windows: list[WindowState] = []
+    for i, check in enumerate(checks):
+        used_r, used_t, oldest, wait_r, wait_t = reply[3 + 5 * i : 8 + 5 * i]
+        recorded = enforced_ok and (all_ok or not check.quota.shadow)
+        windows.append(
+            WindowState(
+                scope=check.scope,
+                name=check.name,
+                window_us=check.window_us,
+                shadow=check.quota.shadow,
+                requests_limit=check.quota.requests,
+                tokens_limit=check.quota.tokens,
+                requests_used=used_r + 1 if recorded else used_r,
+                tokens_used=used_t + tokens if recorded else used_t,
+                recorded=recorded,
+                reset_us=max(0, oldest + check.window_us - now) if oldest >= 0 else 0,
+                requests_wait_us=wait_r,
+                tokens_wait_us=wait_t,
+                log_key=check.log_key,
+                costs_key=check.costs_key,
+                slice_us=now - now % check.resolution_us,
+                resolution_us=check.resolution_us,
+            )
+        )
+    return _judge(tuple(windows), tokens, now, enforced_ok)
+
+
+def _judge(
+    windows: tuple[WindowState, ...], tokens: int, now: int, enforced_ok: bool
+) -> LimitDecision:
+    """Name the binding limit: the one whose wait is longest (a never-fit first)."""
+    enforced: list[tuple[int, LimitHit]] = []
+    shadow: list[LimitHit] = []
+    for window in windows:
+        for dimension in DIMENSIONS:
+            wait = window.wait_us(dimension)
+            if wait == 0:
+                continue
+            if window.shadow:
+                shadow.append(window.hit(dimension))
+            else:
+                rank = 2**62 if wait == NEVER else wait
+                enforced.append((rank, window.hit(dimension)))
+    if not enforced_ok:
+        rank, hit = max(enforced, key=lambda pair: pair[0])
+        retry = NEVER if rank == 2**62 else rank
+        return LimitDecision(
+            False, "rejected", tokens, 0.0, now, windows, hit, tuple(shadow), retry
+        )
+    outcome: Outcome = "shadow_rejected" if shadow else "allowed"
+    first = shadow[0] if shadow else None
+    return LimitDecision(True, outcome, tokens, 0.0, now, windows, first, tuple(shadow))

@@ -1,0 +1,108 @@
+-- Check every window of every quota that applies to a request, then record the
+-- request in all of them or in none (see deployments/limiter.py).
+--
+-- One window = a sliding log of entries. An entry holds the hits of one
+-- `resolution`-long slice of time: its score is the time of the slice's latest
+-- hit, so it leaves the window when that hit does (never early).
+--
+-- KEYS, two per window i (every key shares one {hash tag}):
+--   KEYS[2i-1]  ZSET  member = slice start (us), score = latest hit in the slice (us)
+--   KEYS[2i]    HASH  "r<member>" / "t<member>": requests / tokens of that entry;
+--                     "R" / "T": totals over the live entries
+-- ARGV:
+--   [1] now, microseconds since the epoch; "" = the server's clock (TIME)
+--   [2] tokens this request reserves (it is always 1 request)
+--   then 5 per window i, from 3 + 5(i-1): window (us), resolution (us),
+--   request limit, token limit (-1 = no limit), shadow (1 = report only)
+-- Returns {now, enforced_ok, all_ok, then 5 per window: requests used, tokens
+--   used (both before this request), oldest entry's score (-1 = empty),
+--   request wait, token wait (us; 0 = fits, -1 = can never fit)}.
+-- Enforced windows record the request when all of them admit; shadow windows
+-- when every window admits (as if they were enforced too).
+
+-- (limiter_common.lua, prepended, defines num() and now)
+local cost = tonumber(ARGV[2])
+local count = #KEYS / 2
+
+local function prune(log, costs, window)
+  local edge = num(now - window)
+  local freed_r, freed_t = 0, 0
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', log, '-inf', edge, 'LIMIT', 0, 500)
+    if #gone == 0 then break end
+    local fields = {}
+    for _, member in ipairs(gone) do
+      local c = redis.call('HMGET', costs, 'r' .. member, 't' .. member)
+      freed_r = freed_r + (tonumber(c[1]) or 0)
+      freed_t = freed_t + (tonumber(c[2]) or 0)
+      fields[#fields + 1] = 'r' .. member
+      fields[#fields + 1] = 't' .. member
+    end
+    redis.call('HDEL', costs, unpack(fields))
+    redis.call('ZREM', log, unpack(gone))
+  end
+  if freed_r > 0 then redis.call('HINCRBY', costs, 'R', -freed_r) end
+  if freed_t > 0 then redis.call('HINCRBY', costs, 'T', -freed_t) end
+end
+
+-- How long until the oldest entries holding `excess` units have left the window.
+local function wait_for(log, costs, window, field, excess)
+  local freed, start = 0, 0
+  while true do
+    local batch = redis.call('ZRANGE', log, start, start + 99, 'WITHSCORES')
+    if #batch == 0 then return window end -- totals out of step: a full window is safe
+    for j = 1, #batch, 2 do
+      freed = freed + (tonumber(redis.call('HGET', costs, field .. batch[j])) or 0)
+      if freed >= excess then return tonumber(batch[j + 1]) + window - now end
+    end
+    start = start + 100
+  end
+end
+
+local function wait(log, costs, window, field, used, need, limit)
+  if limit < 0 or used + need <= limit then return 0 end
+  if need > limit then return -1 end
+  return wait_for(log, costs, window, field, used + need - limit)
+end
+
+local out = {now, 1, 1}
+local enforced_ok, all_ok = true, true
+for i = 1, count do
+  local log, costs, base = KEYS[2 * i - 1], KEYS[2 * i], 3 + 5 * (i - 1)
+  local window = tonumber(ARGV[base])
+  prune(log, costs, window)
+  local totals = redis.call('HMGET', costs, 'R', 'T')
+  local used_r, used_t = tonumber(totals[1]) or 0, tonumber(totals[2]) or 0
+  local wait_r = wait(log, costs, window, 'r', used_r, 1, tonumber(ARGV[base + 2]))
+  local wait_t = wait(log, costs, window, 't', used_t, cost, tonumber(ARGV[base + 3]))
+  if wait_r ~= 0 or wait_t ~= 0 then
+    all_ok = false
+    if ARGV[base + 4] ~= '1' then enforced_ok = false end
+  end
+  local at = 4 + 5 * (i - 1)
+  out[at], out[at + 1], out[at + 3], out[at + 4] = used_r, used_t, wait_r, wait_t
+end
+
+for i = 1, count do
+  local log, costs, base = KEYS[2 * i - 1], KEYS[2 * i], 3 + 5 * (i - 1)
+  local shadow = ARGV[base + 4] == '1'
+  if enforced_ok and (all_ok or not shadow) then
+    local window, resolution = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
+    local member = num(now - now % resolution)
+    redis.call('ZADD', log, 'GT', num(now), member)
+    redis.call('HINCRBY', costs, 'r' .. member, 1)
+    redis.call('HINCRBY', costs, 'R', 1)
+    if cost > 0 then
+      redis.call('HINCRBY', costs, 't' .. member, cost)
+      redis.call('HINCRBY', costs, 'T', cost)
+    end
+    local ttl = num(math.ceil(window / 1000) + 1000)
+    redis.call('PEXPIRE', log, ttl)
+    redis.call('PEXPIRE', costs, ttl)
+  end
+  local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+  out[4 + 5 * (i - 1) + 2] = oldest[2] and tonumber(oldest[2]) or -1
+end
+out[2] = enforced_ok and 1 or 0
+out[3] = all_ok and 1 or 0
+return out
