@@ -1,0 +1,360 @@
+"""The cost ledger in Redis: one record per request, and daily aggregates that add up.
+
+Records are written off the answer's path: ``submit`` only puts the record on a
+queue, and a background task writes batches (every ``flush_interval_ms`` or
+``batch_size`` records) with one Lua call each. The script stores a record only
+if its request id is new (``SET NX``) and folds it into its aggregates (by key,
+user, tenant, model, and the whole day) in the same atomic step, so a replayed
+record or a retried batch never counts twice, and each aggregate equals the sum
+of its records. ``aclose`` flushes what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from importlib.resources import files
+from typing import Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from deployments.cost import Charge, from_pico
+from serve_app.context import RequestContext
+
+log = logging.getLogger(__name__)
+
+GroupBy = Literal["key", "user", "tenant", "model", "day"]
+DIMENSIONS: tuple[str, ...] = ("key", "user", "tenant", "model", "all")
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRecord:
+    request_id: str
+    ts_ms: int  # when the request arrived (epoch ms, UTC)
+    tenant: str
+    key_id: str
+    user: str | None
+    model: str  # the public model name asked for
+    upstream: str  # which upstream served it ("" when cache/coalesced)
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    cost_pico: int  # paid upstream, picodollars
+    savings_pico: int  # avoided by a cache hit or coalescing, picodollars
+    price: str  # source@version:model of the price used
+    estimated: bool  # tokens estimated: the provider reported no usage
+    cache: str = "miss"  # miss | hit | semantic_hit | bypass
+    coalesced: bool = False  # answered by another request's upstream call
+    latency_ms: int = 0
+    status: str = "ok"  # ok | error
+    attempts: int = 1  # upstream attempts (retries + 1)
+    stream: bool = False
+    prompt_fingerprint: str = ""  # normalised-prompt hash: near-duplicate detection
+
+    @property
+    def cost(self) -> Decimal:
+        return from_pico(self.cost_pico)
+
+    @property
+    def savings(self) -> Decimal:
+        return from_pico(self.savings_pico)
+
+    @property
+    def day(self) -> str:
+        return datetime.fromtimestamp(self.ts_ms / 1000, UTC).strftime("%Y-%m-%d")
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> LedgerRecord:
+        return cls(**orjson.loads(raw))
+
+    def increments(self) -> list[tuple[str, int]]:
+        """What one record adds to each of its aggregates."""
+        return [
+            ("requests", 1),
+            ("cost_pico", self.cost_pico),
+            ("savings_pico", self.savings_pico),
+            ("prompt_tokens", self.prompt_tokens),
+            ("completion_tokens", self.completion_tokens),
+            ("cached_tokens", self.cached_tokens),
+            ("reasoning_tokens", self.reasoning_tokens),
+            ("cache_hits", int(self.cache in ("hit", "semantic_hit"))),
+            ("coalesced", int(self.coalesced)),
+            ("estimated", int(self.estimated)),
+            ("errors", int(self.status != "ok")),
+            ("latency_ms", self.latency_ms),
+        ]
+
+    def members(self) -> tuple[str, ...]:
+        return (self.key_id, self.user or "-", self.tenant, self.model, "*")
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRow:
+    group: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    cost: Decimal
+    savings: Decimal
+    cache_hits: int
+    coalesced: int
+    estimated: int
+    errors: int
+    latency_ms_total: int
+
+    @property
+    def avg_latency_ms(self) -> float:
+        return self.latency_ms_total / self.requests if self.requests else 0.0
+
+
+class LedgerSettings(BaseModel):
+    """``args.cost.ledger`` in config.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_prefix: str = "ledger:{ledger}"
+    flush_interval_ms: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=200, ge=1)
+    queue_size: int = Field(default=50_000, ge=1)  # beyond this, records are dropped and logged
+    record_ttl_days: int = Field(default=90, ge=1)
+    aggregate_ttl_days: int = Field(default=400, ge=1)
+    write_retries: int = Field(default=5, ge=0)
+
+
+class Ledger:
+    """Writes and reads the ledger. ``start()`` the writer; ``aclose()`` flushes it."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: LedgerSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings or LedgerSettings()
+        self.clock = clock
+        self.dropped = 0
+        self._append = redis.register_script(
+            files("deployments").joinpath("ledger_append.lua").read_text()
+        )
+        self._queue: asyncio.Queue[LedgerRecord | None] = asyncio.Queue(self.settings.queue_size)
+        self._task: asyncio.Task[None] | None = None
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.settings.key_prefix, *parts))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    def submit(self, record: LedgerRecord) -> None:
+        """Queue a record for the writer; never blocks the answer."""
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.error("ledger queue full: dropped record %s", record.request_id)
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far has been written (or given up on)."""
+        await self._queue.join()
+
+    async def aclose(self) -> None:
+        if self._task is None:
+            return
+        await self._queue.put(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        interval = self.settings.flush_interval_ms / 1000
+        closing = False
+        while not closing:
+            first = await self._queue.get()
+            batch = [] if first is None else [first]
+            closing = first is None
+            if not closing and self._queue.qsize() < self.settings.batch_size - 1:
+                await asyncio.sleep(interval)  # the flush timer: let a batch gather
+            taken = 1
+            while len(batch) < self.settings.batch_size and not self._queue.empty():
+                item = self._queue.get_nowait()
+                taken += 1
+                if item is None:
+                    closing = True
+                else:
+                    batch.append(item)
+            try:
+                if batch:
+                    await self._write_retrying(batch)
+            finally:
+                for _ in range(taken):
+                    self._queue.task_done()
+
+    async def _write_retrying(self, batch: list[LedgerRecord]) -> None:
+        for attempt in range(self.settings.write_retries + 1):
+            try:
+                await self.write(batch)
+                return
+            except RedisError as exc:
+                if attempt == self.settings.write_retries:
+                    self.dropped += len(batch)
+                    log.error("ledger write failed, %d records lost: %s", len(batch), exc)
+                    return
+                # Safe to replay: the script skips request ids it already holds.
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+
+    async def write(self, records: Iterable[LedgerRecord]) -> int:
+        """Write records now, in one Lua call; returns how many were new."""
+        records = list(records)
+        keys = [self._key("recs"), self._key("days")]
+        args: list[str | int | bytes] = [
+            self.settings.record_ttl_days * _DAY_MS,
+            self.settings.aggregate_ttl_days * _DAY_MS,
+            int(self.clock() * 1000) - self.settings.record_ttl_days * _DAY_MS,
+            len(records),
+        ]
+        for rec in records:
+            day = rec.day
+            keys.append(self._key("rec", rec.request_id))
+            keys += [
+                self._key("agg", day, dim, m)
+                for dim, m in zip(DIMENSIONS, rec.members(), strict=True)
+            ]
+            keys += [self._key("idx", day, dim) for dim in DIMENSIONS]
+            incs = rec.increments()
+            args += [rec.request_id, rec.to_json(), rec.ts_ms, day, int(day.replace("-", ""))]
+            args += [len(DIMENSIONS), *rec.members(), len(incs)]
+            args += [v for pair in incs for v in pair]
+        return int(await self._append(keys=keys, args=args))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def get(self, request_id: str) -> LedgerRecord | None:
+        raw = await self.redis.get(self._key("rec", request_id))
+        return None if raw is None else LedgerRecord.from_json(raw)
+
+    async def records(
+        self, since_ms: int, until_ms: int, limit: int = 100_000
+    ) -> list[LedgerRecord]:
+        ids = await self.redis.zrangebyscore(
+            self._key("recs"), since_ms, until_ms, start=0, num=limit
+        )
+        out: list[LedgerRecord] = []
+        for i in range(0, len(ids), 500):
+            chunk = [self._key("rec", rid.decode()) for rid in ids[i : i + 500]]
+            out += [LedgerRecord.from_json(raw) for raw in await self.redis.mget(chunk) if raw]
+        return out
+
+    async def summary(self, group_by: GroupBy, since: date, until: date) -> list[SummaryRow]:
+        """Aggregates per group over the days ``since``..``until`` (inclusive), summed."""
+        dim = "all" if group_by == "day" else group_by
+        lo, hi = int(since.strftime("%Y%m%d")), int(until.strftime("%Y%m%d"))
+        days = [d.decode() for d in await self.redis.zrangebyscore(self._key("days"), lo, hi)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.smembers(self._key("idx", day, dim))
+            member_sets = await pipe.execute()
+        pairs = [
+            (day, m.decode())
+            for day, members in zip(days, member_sets, strict=True)
+            for m in members
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day, member in pairs:
+                pipe.hgetall(self._key("agg", day, dim, member))
+            hashes = await pipe.execute()
+        totals: dict[str, dict[str, int]] = {}
+        for (day, member), fields in zip(pairs, hashes, strict=True):
+            group = day if group_by == "day" else member
+            acc = totals.setdefault(group, {})
+            for name, value in fields.items():
+                acc[name.decode()] = acc.get(name.decode(), 0) + int(value)
+        return [_row(group, acc) for group, acc in sorted(totals.items())]
+
+
+def _row(group: str, acc: dict[str, Any]) -> SummaryRow:
+    return SummaryRow(
+        group=group,
+        requests=acc.get("requests", 0),
+        prompt_tokens=acc.get("prompt_tokens", 0),
+        completion_tokens=acc.get("completion_tokens", 0),
+        cached_tokens=acc.get("cached_tokens", 0),
+        reasoning_tokens=acc.get("reasoning_tokens", 0),
+        cost=from_pico(acc.get("cost_pico", 0)),
+        savings=from_pico(acc.get("savings_pico", 0)),
+        cache_hits=acc.get("cache_hits", 0),
+        coalesced=acc.get("coalesced", 0),
+        estimated=acc.get("estimated", 0),
+        errors=acc.get("errors", 0),
+        latency_ms_total=acc.get("latency_ms", 0),
+    )
+
+
+def prompt_fingerprint(messages: Iterable[Any]) -> str:
+    """A hash of the prompt's words, lower-cased, punctuation and spacing dropped: prompts
+    that differ only in those count as near-duplicates."""
+    words: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            words += "".join(ch.lower() if ch.isalnum() else " " for ch in content).split()
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).hexdigest() if words else ""
+
+
+def record_for(
+    ctx: RequestContext,
+    charge: Charge,
+    *,
+    ts_ms: int,
+    upstream: str = "",
+    cache: str = "miss",
+    latency_ms: int = 0,
+    status: str = "ok",
+    attempts: int = 1,
+) -> LedgerRecord:
+    """The ledger record of a finished request."""
+    usage = charge.usage
+    return LedgerRecord(
+        request_id=ctx.request_id,
+        ts_ms=ts_ms,
+        tenant=ctx.principal.tenant,
+        key_id=ctx.principal.key_id,
+        user=ctx.user,
+        model=ctx.model,
+        upstream=upstream,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        cost_pico=charge.cost_pico,
+        savings_pico=charge.savings_pico,
+        price=charge.price.label,
+        estimated=charge.estimated,
+        cache=cache,
+        coalesced=charge.served_by == "coalesced",
+        latency_ms=latency_ms,
+        status=status,
+        attempts=attempts,
+        stream=ctx.stream,
+        prompt_fingerprint=prompt_fingerprint(ctx.body.get("messages") or ()),
+    )

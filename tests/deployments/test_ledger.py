@@ -1,0 +1,164 @@
+"""The ledger: idempotent batched writes, exact aggregates, flush on close, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from deployments.cost import CostMeter
+from deployments.ledger import Ledger, LedgerRecord, LedgerSettings, prompt_fingerprint, record_for
+from serve_app.context import Principal, RequestContext
+from serve_app.embedded_store import EmbeddedStore
+
+pytestmark = pytest.mark.integration
+
+NOW_MS = int(time.time() * 1000)
+DAY_MS = 86_400_000
+
+
+def record(i: int, **changes: object) -> LedgerRecord:
+    base = LedgerRecord(
+        request_id=f"req-{i}",
+        ts_ms=NOW_MS - (i % 3) * DAY_MS,
+        tenant=("acme", "globex")[i % 2],
+        key_id=f"key-{i % 4}",
+        user=None if i % 5 == 0 else f"user-{i % 3}",
+        model=("gpt-4o", "gpt-4o-mini", "o3")[i % 3],
+        upstream="openai",
+        prompt_tokens=100 + i,
+        completion_tokens=50 + i,
+        cached_tokens=i % 7,
+        reasoning_tokens=i % 2,
+        cost_pico=1_234_567 * (i + 1),
+        savings_pico=0,
+        price="genai-prices@0.2.3:openai/gpt-4o",
+        estimated=i % 11 == 0,
+        cache="hit" if i % 9 == 0 else "miss",
+        latency_ms=10 + i,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def day_of(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
+
+
+async def test_every_grouping_adds_up_to_its_records(redis_client: aioredis.Redis) -> None:
+    ledger = Ledger(redis_client)
+    records = [record(i) for i in range(60)]
+    assert await ledger.write(records[:25]) == 25
+    assert await ledger.write(records[25:]) == 35
+    since = datetime.fromtimestamp((NOW_MS - 3 * DAY_MS) / 1000, UTC).date()
+    until = datetime.now(UTC).date()
+    group_of = {
+        "key": lambda r: r.key_id,
+        "user": lambda r: r.user or "-",
+        "tenant": lambda r: r.tenant,
+        "model": lambda r: r.model,
+        "day": lambda r: r.day,
+    }
+    for group_by, key in group_of.items():
+        expected: dict[str, list[LedgerRecord]] = defaultdict(list)
+        for r in records:
+            expected[key(r)].append(r)
+        rows = await ledger.summary(group_by, since, until)  # type: ignore[arg-type]
+        assert {row.group for row in rows} == set(expected), group_by
+        for row in rows:
+            mine = expected[row.group]
+            assert row.requests == len(mine)
+            assert row.cost == sum((r.cost for r in mine), Decimal(0))
+            assert row.prompt_tokens == sum(r.prompt_tokens for r in mine)
+            assert row.cache_hits == sum(r.cache == "hit" for r in mine)
+            assert row.estimated == sum(r.estimated for r in mine)
+
+
+async def test_a_replayed_record_is_not_counted_twice(redis_client: aioredis.Redis) -> None:
+    ledger = Ledger(redis_client)
+    first = record(1)
+    assert await ledger.write([first]) == 1
+    assert await ledger.write([first, record(2), replace(first, cost_pico=999)]) == 1
+    today = datetime.fromtimestamp(first.ts_ms / 1000, UTC).date()
+    [row] = await ledger.summary("day", today, today)
+    assert row.requests == 1 and row.cost == first.cost
+    assert await ledger.get("req-1") == first
+
+
+async def test_the_writer_batches_and_close_flushes(redis_client: aioredis.Redis) -> None:
+    settings = LedgerSettings(flush_interval_ms=5, batch_size=7)
+    ledger = Ledger(redis_client, settings)
+    ledger.start()
+    for i in range(20):
+        ledger.submit(record(i, ts_ms=NOW_MS))
+    await ledger.flush()
+    assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 20
+    for i in range(20, 45):
+        ledger.submit(record(i, ts_ms=NOW_MS))
+    await ledger.aclose()  # no flush first: closing must write what is queued
+    assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 45
+    assert ledger.dropped == 0
+
+
+async def test_a_full_queue_drops_instead_of_blocking(redis_client: aioredis.Redis) -> None:
+    ledger = Ledger(redis_client, LedgerSettings(queue_size=3))
+    for i in range(5):
+        ledger.submit(record(i))
+    assert ledger.dropped == 2
+
+
+async def test_records_survive_a_new_ledger_instance(redis_client: aioredis.Redis) -> None:
+    writer = Ledger(redis_client)
+    writer.start()
+    writer.submit(record(7, ts_ms=NOW_MS))
+    await writer.aclose()
+    reader = Ledger(redis_client)
+    assert await reader.get("req-7") == record(7, ts_ms=NOW_MS)
+
+
+async def test_records_survive_a_store_crash(tmp_path: Path) -> None:
+    store = EmbeddedStore(data_dir=tmp_path / "valkey")
+    url = await asyncio.to_thread(store.start)
+    try:
+        client = aioredis.from_url(url)
+        await Ledger(client).write([record(i, ts_ms=NOW_MS) for i in range(5)])
+        await client.aclose()
+        await asyncio.to_thread(store.kill)  # SIGKILL: no shutdown save, only the append-only file
+        await asyncio.to_thread(store.start)
+        client = aioredis.from_url(url)
+        ledger = Ledger(client)
+        assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 5
+        today = datetime.now(UTC).date()
+        [row] = await ledger.summary("day", today, today)
+        assert row.cost == sum((record(i).cost for i in range(5)), Decimal(0))
+        await client.aclose()
+    finally:
+        await asyncio.to_thread(store.stop)
+
+
+async def test_record_for_a_finished_request(redis_client: aioredis.Redis) -> None:
+    ctx = RequestContext(
+        request_id="abc",
+        principal=Principal(key_id="k1", tenant="acme"),
+        route="chat",
+        model="gpt-4o-mini",
+        body={"messages": [{"role": "user", "content": "Hello, World!"}]},
+        stream=True,
+        end_user="ann",
+    )
+    charge = CostMeter().charge("gpt-4o-mini", {"prompt_tokens": 10, "completion_tokens": 5})
+    rec = record_for(ctx, charge, ts_ms=NOW_MS, upstream="openai", latency_ms=12)
+    assert (rec.user, rec.tenant, rec.stream, rec.cost_pico) == (
+        "ann",
+        "acme",
+        True,
+        charge.cost_pico,
+    )
+    assert rec.prompt_fingerprint == prompt_fingerprint([{"content": "hello world"}])
+    assert await Ledger(redis_client).write([rec]) == 1
