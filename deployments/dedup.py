@@ -1,0 +1,265 @@
+"""Single-flight: identical requests in flight at once share one upstream call.
+
+``SingleFlight`` is the in-process layer (asyncio), after Go's
+``golang.org/x/sync/singleflight``:
+- ``flight(key, fn)`` runs ``fn`` once per key at a time; callers that arrive
+  while it runs get the leader's value, or the leader's exception;
+- nothing is remembered once the call completes (the next caller starts afresh);
+- ``forget(key)`` lets the next caller start a new call while one still runs;
+- the leader's call runs in its own task: neither the leader's caller nor any
+  follower can cancel it by going away (a disconnecting client must not fail
+  the others), and a cancelled call still releases every follower;
+- a follower waits at most ``deadline_s``, then calls upstream itself
+  (nginx's ``proxy_cache_lock_timeout``).
+
+Streams coalesce through a ``ChunkBuffer``: the leader's task appends chunks,
+and every reader, however late it joins, reads from the first chunk.
+
+The cross-replica layer on Redis is ``deployments.dedup_redis``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+from serve_app.errors import ServiceUnavailableError, UpstreamTimeoutError
+
+T = TypeVar("T")
+
+
+class Role(StrEnum):
+    """The ``x-dedup`` response header."""
+
+    LEADER = "LEADER"
+    FOLLOWER = "FOLLOWER"
+
+
+@dataclass(frozen=True, slots=True)
+class Flight(Generic[T]):
+    value: T
+    role: Role
+    shared: bool  # the value went to more than one caller (Go's ``shared``)
+    waited_out: bool = False  # joined a flight, then called upstream itself
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFlight:
+    role: Role
+    chunks: AsyncIterator[bytes]
+    waited_out: bool = False
+
+
+@dataclass(slots=True)
+class DedupStats:
+    """Counters for metrics; per replica, monotonic."""
+
+    flights: int = 0  # flights started in this process (each one call of its fn)
+    coalesced: int = 0  # requests that joined someone else's flight
+    upstream_calls_saved: int = 0  # followers served by the leader's result
+    waited_out: int = 0  # followers that passed their deadline and went upstream
+    takeovers: int = 0  # cross-replica: a follower took over a dead leader's lock
+    store_errors: int = 0  # cross-replica: Redis failed, degraded to local
+
+
+class FlightAbandonedError(ServiceUnavailableError):
+    """The shared call was cancelled (the replica is shutting down)."""
+
+    code = "flight_abandoned"
+
+
+class ChunkBuffer:
+    """An append-only list of chunks that any number of readers replay from 0."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._error: BaseException | None = None
+        self._closed = False
+        self._changed = asyncio.Event()
+
+    def append(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._wake()
+
+    def close(self, error: BaseException | None = None) -> None:
+        self._error = error
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # One event per generation: every waiter of the old one wakes at once.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def read(self, idle_s: float | None = None) -> AsyncIterator[bytes]:
+        """Every chunk from the first; raises the producer's error at the end,
+        ``UpstreamTimeoutError`` when no chunk arrives for ``idle_s``."""
+        index = 0
+        while True:
+            if index < len(self._chunks):
+                chunk = self._chunks[index]
+                index += 1
+                yield chunk
+            elif self._closed:
+                if self._error is not None:
+                    raise self._error
+                return
+            else:
+                changed = self._changed
+                try:
+                    await asyncio.wait_for(changed.wait(), idle_s)
+                except TimeoutError:
+                    raise UpstreamTimeoutError("the coalesced stream stalled") from None
+
+
+@dataclass(slots=True)
+class _Call(Generic[T]):
+    result: asyncio.Future[T]
+    dups: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    # A call nobody awaits any more must not log "exception never retrieved".
+    if not future.cancelled():
+        future.exception()
+
+
+class SingleFlight(Generic[T]):
+    """In-process single-flight over asyncio (one per replica)."""
+
+    def __init__(self, deadline_s: float | None = None) -> None:
+        self.deadline_s = deadline_s
+        self.stats = DedupStats()
+        self._calls: dict[str, _Call[T]] = {}  # single event loop: no lock needed
+        self._streams: dict[str, _Call[tuple[Role, ChunkBuffer]]] = {}
+
+    async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """Go's ``Do``: the value and whether it was shared."""
+        flight = await self.flight(key, fn)
+        return flight.value, flight.shared
+
+    def forget(self, key: str) -> None:
+        """The next call for ``key`` starts a new flight; current waiters are unaffected."""
+        self._calls.pop(key, None)
+        self._streams.pop(key, None)
+
+    def in_flight(self, key: str) -> bool:
+        return key in self._calls or key in self._streams
+
+    async def flight(
+        self,
+        key: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        fallback: Callable[[], Awaitable[T]] | None = None,
+        deadline_s: float | None = None,
+    ) -> Flight[T]:
+        """Run ``fn`` once for concurrent callers of ``key``.
+
+        A follower past its deadline calls ``fallback`` (default ``fn``) itself.
+        """
+        call = self._calls.get(key)
+        if call is None:
+            call = self._start(self._calls, key, lambda c: self._run(c, fn))
+            value = await asyncio.shield(call.result)
+            return Flight(value, Role.LEADER, call.dups > 0)
+        call.dups += 1
+        self.stats.coalesced += 1
+        if not await self._wait(call, deadline_s):
+            value = await (fallback or fn)()
+            return Flight(value, Role.LEADER, False, waited_out=True)
+        self.stats.upstream_calls_saved += 1
+        return Flight(call.result.result(), Role.FOLLOWER, True)
+
+    async def stream(
+        self,
+        key: str,
+        open_stream: Callable[[], Awaitable[StreamFlight]],
+        *,
+        fallback: Callable[[], Awaitable[StreamFlight]] | None = None,
+        deadline_s: float | None = None,
+        idle_s: float | None = None,
+    ) -> StreamFlight:
+        """Coalesce a stream: every caller reads the leader's chunks from the first.
+
+        ``open_stream`` returns the source (its role matters to the
+        cross-replica layer); a late joiner replays the buffered chunks.
+        """
+        call = self._streams.get(key)
+        if call is None:
+            call = self._start(self._streams, key, lambda c: self._run_stream(c, open_stream))
+            role, buffer = await asyncio.shield(call.result)
+            return StreamFlight(role, buffer.read(idle_s))
+        call.dups += 1
+        self.stats.coalesced += 1
+        if not await self._wait(call, deadline_s):
+            source = await (fallback or open_stream)()
+            return StreamFlight(Role.LEADER, source.chunks, waited_out=True)
+        self.stats.upstream_calls_saved += 1
+        return StreamFlight(Role.FOLLOWER, call.result.result()[1].read(idle_s))
+
+    def _start(
+        self, calls: dict[str, _Call[T]], key: str, run: Callable[[_Call[T]], Awaitable[None]]
+    ) -> _Call[T]:
+        call: _Call[T] = _Call(asyncio.get_running_loop().create_future())
+        call.result.add_done_callback(_retrieve)
+        calls[key] = call
+        call.task = asyncio.create_task(self._own(calls, key, call, run))
+        self.stats.flights += 1
+        return call
+
+    async def _own(
+        self,
+        calls: dict[str, _Call[T]],
+        key: str,
+        call: _Call[T],
+        run: Callable[[_Call[T]], Awaitable[None]],
+    ) -> None:
+        try:
+            await run(call)
+        except asyncio.CancelledError:
+            if not call.result.done():
+                call.result.set_exception(FlightAbandonedError("the coalesced call was cancelled"))
+            raise
+        except Exception as exc:
+            if not call.result.done():
+                call.result.set_exception(exc)
+        finally:
+            if calls.get(key) is call:  # forget() may have handed the key to a newer call
+                del calls[key]
+
+    @staticmethod
+    async def _run(call: _Call[T], fn: Callable[[], Awaitable[T]]) -> None:
+        call.result.set_result(await fn())
+
+    @staticmethod
+    async def _run_stream(
+        call: _Call[tuple[Role, ChunkBuffer]], open_stream: Callable[[], Awaitable[StreamFlight]]
+    ) -> None:
+        # The entry stays registered until the stream ends, so late joiners replay it.
+        source = await open_stream()
+        buffer = ChunkBuffer()
+        call.result.set_result((source.role, buffer))
+        try:
+            async for chunk in source.chunks:
+                buffer.append(chunk)
+        except asyncio.CancelledError:
+            buffer.close(FlightAbandonedError("the coalesced stream was cancelled"))
+            raise
+        except Exception as exc:  # every reader must see the producer's failure
+            buffer.close(exc)
+        else:
+            buffer.close()
+
+    async def _wait(self, call: _Call[T], deadline_s: float | None) -> bool:
+        """Wait for the leader; False when the deadline passed first."""
+        timeout = deadline_s if deadline_s is not None else self.deadline_s
+        done, _ = await asyncio.wait({call.result}, timeout=timeout)
+        if not done:
+            self.stats.waited_out += 1
+            return False
+        return True

@@ -1,0 +1,8 @@
+-- Release the lock if the caller still owns it.
+-- KEYS[1]  lock key
+-- ARGV[1]  token               (the owner's flight id)
+-- Returns 1 when released, 0 otherwise.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
