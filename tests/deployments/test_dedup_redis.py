@@ -19,9 +19,10 @@ FAST = DedupSettings(lock_ttl_s=0.3, poll_s=0.05, deadline_s=5.0, stream_block_m
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait for another replica's progress (it crosses the network, so poll)."""
+    """Wait for another replica's progress: it arrives over the network, so no
+    in-process event can signal it; poll the replica's counters instead."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
