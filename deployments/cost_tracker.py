@@ -1,0 +1,146 @@
+"""The cost stage as the ingress uses it: admit (reserve), finish (bill, settle, record).
+
+It runs inside the ingress replica, with no Ray hop: ``admit`` is one Redis
+round trip on the request's path; ``finish`` computes the charge at once (for the
+``x-request-cost`` header or the final stream chunk) and leaves the budget
+settle and the ledger write to background work, off the answer's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import Field
+
+from deployments.budget import BudgetEvent, BudgetGuard, BudgetSettings, BudgetStatus, Reservation
+from deployments.cost import Charge, CostMeter, CostSettings, ServedBy
+from deployments.ledger import GroupBy, Ledger, LedgerSettings, SummaryRow, record_for
+from deployments.recommendations import Recommendation, RecommendationSettings, recommendations
+from serve_app.context import RequestContext
+
+log = logging.getLogger(__name__)
+
+
+class CostArgs(CostSettings):
+    """``args.cost`` in config.yaml (budgets are ``args.budgets``: ``BudgetSettings``)."""
+
+    enabled: bool = True
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    recommendations: RecommendationSettings = Field(default_factory=RecommendationSettings)
+
+
+class CostTracker:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: CostArgs | None = None,
+        budgets: BudgetSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_threshold: Callable[[BudgetEvent], None] | None = None,
+    ) -> None:
+        self.settings = settings or CostArgs()
+        self.meter = CostMeter(self.settings)
+        self.guard = BudgetGuard(redis, budgets or BudgetSettings(), clock, on_threshold)
+        self.ledger = Ledger(redis, self.settings.ledger, clock)
+        self.clock = clock
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self.ledger.start()
+
+    async def aclose(self) -> None:
+        """Finish pending settles, then flush the ledger (call at replica shutdown)."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.ledger.aclose()
+
+    async def admit(self, ctx: RequestContext, *, provider: str | None = None) -> Reservation:
+        """Reserve the worst case; raises ``InsufficientQuotaError`` when a budget is spent."""
+        amount = self.meter.reservation(
+            ctx.model, ctx.prompt_tokens_estimate, ctx.max_tokens, provider=provider
+        )
+        return await self.guard.reserve(
+            ctx.request_id,
+            tenant=ctx.principal.tenant,
+            key_id=ctx.principal.key_id,
+            user=ctx.user,
+            amount=amount,
+        )
+
+    def finish(
+        self,
+        ctx: RequestContext,
+        reservation: Reservation,
+        usage: Mapping[str, Any] | None,
+        *,
+        started_ms: int,
+        completion_text: str = "",
+        served_by: ServedBy = "upstream",
+        cache: str = "miss",
+        upstream: str = "",
+        status: str = "ok",
+        attempts: int = 1,
+        provider: str | None = None,
+    ) -> Charge:
+        """Bill a finished request (also a failed one that reported usage); the settle and
+        the ledger record happen in the background."""
+        charge = self.meter.charge(
+            ctx.model,
+            usage,
+            prompt_tokens_estimate=ctx.prompt_tokens_estimate,
+            completion_text=completion_text,
+            served_by=served_by,
+            provider=provider,
+        )
+        now_ms = int(self.clock() * 1000)
+        self._background(self.guard.settle(reservation, charge.cost))
+        self.ledger.submit(
+            record_for(
+                ctx,
+                charge,
+                ts_ms=started_ms,
+                upstream=upstream,
+                cache=cache,
+                latency_ms=max(0, now_ms - started_ms),
+                status=status,
+                attempts=attempts,
+            )
+        )
+        return charge
+
+    def release(self, reservation: Reservation) -> None:
+        """The call failed without usage: give the hold back, in the background."""
+        self._background(self.guard.release(reservation))
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.create_task(self._quietly(work))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    @staticmethod
+    async def _quietly(work: Any) -> None:
+        try:
+            await work
+        except Exception:  # the answer has gone: log, never raise into nothing
+            log.exception("budget settle failed")
+
+    async def summary(self, group_by: GroupBy, since: date, until: date) -> list[SummaryRow]:
+        return await self.ledger.summary(group_by, since, until)
+
+    async def recommendations(self, since_ms: int, until_ms: int) -> list[Recommendation]:
+        records = await self.ledger.records(since_ms, until_ms)
+        statuses: dict[tuple[str, str, str], BudgetStatus] = {}
+        for tenant, key_id, user in {(r.tenant, r.key_id, r.user) for r in records}:
+            for s in await self.guard.status(tenant, key_id, user):
+                statuses[(s.scope, s.subject, s.period)] = s
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        return recommendations(
+            records, statuses.values(), self.meter.book, now, self.settings.recommendations
+        )
