@@ -57,6 +57,7 @@ from serve_app.errors import StoreUnavailableError
 log = logging.getLogger(__name__)
 
 STORE_ERRORS = (RedisError, OSError, TimeoutError)
+PLAN_CACHE_SIZE = 10_000  # keys/users/tenants/models whose checks are kept ready
 INCIDENT_QUIET_S = 5.0  # without a store failure for this long, an incident is over
 
 
@@ -101,6 +102,7 @@ class RateLimiter:
         self._acquire = redis.register_script(_script("limiter_acquire.lua"))
         self._settle = redis.register_script(_script("limiter_settle.lua"))
         self.settings = settings
+        self._plans: dict[tuple[Scope, str], tuple[_Check, ...]] = {}
         self.incident_active = False  # the store is failing right now
         self.incidents = 0  # separate outages seen (each logged once)
         self.store_errors = 0  # failed store calls in all
@@ -109,6 +111,7 @@ class RateLimiter:
     def reconfigure(self, settings: LimiterSettings) -> None:
         """New limits from the next decision on; usage recorded so far stays."""
         self.settings = settings
+        self._plans = {}
 
     def reservation(self, ctx: RequestContext) -> int:
         if ctx.route == "embeddings":
@@ -182,25 +185,33 @@ class RateLimiter:
             ("tenant", tenant, tenant),
             ("model", ctx.model, ctx.model),
         ]
-        scopes = {
-            "key": settings.per_key,
-            "user": settings.per_user,
-            "tenant": settings.per_tenant,
-            "model": settings.per_model,
-        }
         checks: list[_Check] = []
         for scope, name, ident in named:
-            if name is None:
-                continue
-            for quota in scopes[scope].for_name(name):
-                window_us = round(quota.window * 1_000_000)
-                key = f"{settings.key_prefix}:{scope}:{quote(ident, safe='')}:{window_us}"
-                key += ":shadow" if quota.shadow else ""
-                resolution = max(1, window_us // settings.precision)
-                checks.append(
-                    _Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost")
-                )
+            if name is not None:
+                checks += self._plan(settings, scope, name, ident)
         return checks
+
+    def _plan(
+        self, settings: LimiterSettings, scope: Scope, name: str, ident: str
+    ) -> tuple[_Check, ...]:
+        """The checks of one key/user/tenant/model, kept until the next reconfigure."""
+        plan = self._plans.get((scope, ident))
+        if plan is not None:
+            return plan
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.clear()
+        quotas = getattr(settings, f"per_{scope}").for_name(name)
+        base = f"{settings.key_prefix}:{scope}:{quote(ident, safe='')}"
+        checks: list[_Check] = []
+        for quota in quotas:
+            window_us = round(quota.window * 1_000_000)
+            key = f"{base}:{window_us}" + (":shadow" if quota.shadow else "")
+            resolution = max(1, window_us // settings.precision)
+            checks.append(
+                _Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost")
+            )
+        plan = self._plans[(scope, ident)] = tuple(checks)
+        return plan
 
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(round(self._clock() * 1_000_000))

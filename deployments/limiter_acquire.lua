@@ -20,7 +20,7 @@
 -- Enforced windows record the request when all of them admit; shadow windows
 -- when every window admits (as if they were enforced too).
 
--- (limiter_common.lua, prepended, defines num() and now)
+-- (limiter_common.lua, prepended, defines now, num() and record())
 local cost = tonumber(ARGV[2])
 local count = #KEYS / 2
 
@@ -87,18 +87,7 @@ for i = 1, count do
   local log, costs, base = KEYS[2 * i - 1], KEYS[2 * i], 3 + 5 * (i - 1)
   local shadow = ARGV[base + 4] == '1'
   if enforced_ok and (all_ok or not shadow) then
-    local window, resolution = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
-    local member = num(now - now % resolution)
-    redis.call('ZADD', log, 'GT', num(now), member)
-    redis.call('HINCRBY', costs, 'r' .. member, 1)
-    redis.call('HINCRBY', costs, 'R', 1)
-    if cost > 0 then
-      redis.call('HINCRBY', costs, 't' .. member, cost)
-      redis.call('HINCRBY', costs, 'T', cost)
-    end
-    local ttl = num(math.ceil(window / 1000) + 1000)
-    redis.call('PEXPIRE', log, ttl)
-    redis.call('PEXPIRE', costs, ttl)
+    record(log, costs, tonumber(ARGV[base]), tonumber(ARGV[base + 1]), 1, cost)
   end
   local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
   out[4 + 5 * (i - 1) + 2] = oldest[2] and tonumber(oldest[2]) or -1

@@ -13,7 +13,7 @@
 --   us), window (us), resolution (us)
 -- Returns the number of tokens refunded (< 0) or charged (> 0) over all windows.
 
--- (limiter_common.lua, prepended, defines num() and now)
+-- (limiter_common.lua, prepended, defines now, num() and record())
 local delta = tonumber(ARGV[2])
 local moved = 0
 
@@ -32,13 +32,7 @@ for i = 1, #KEYS / 2 do
       end
     end
   elseif delta > 0 then
-    local slice = num(now - now % tonumber(ARGV[base + 2]))
-    redis.call('ZADD', log, 'GT', num(now), slice)
-    redis.call('HINCRBY', costs, 't' .. slice, delta)
-    redis.call('HINCRBY', costs, 'T', delta)
-    local ttl = num(math.ceil(window / 1000) + 1000)
-    redis.call('PEXPIRE', log, ttl)
-    redis.call('PEXPIRE', costs, ttl)
+    record(log, costs, window, tonumber(ARGV[base + 2]), 0, delta)
     moved = moved + delta
   end
 end

@@ -298,3 +298,12 @@ async def test_the_observer_sees_every_decision(redis_client: aioredis.Redis) ->
     assert seen[1].hit is not None and seen[1].hit.label == "key:requests:1m"
     assert all(d.latency_s > 0 for d in seen)
     assert seen[1].retry_after_us not in (None, NEVER)
+
+
+async def test_idle_windows_expire(redis_client: aioredis.Redis) -> None:
+    settings = per_key({"window": "90s", "requests": 5}, precision=90)
+    decision = await RateLimiter(redis_client, settings).acquire(ctx())
+    (state,) = decision.windows
+    for key in (state.log_key, state.costs_key):
+        # The window, plus one slice (an entry's stamp moves up to a slice), plus 1 s.
+        assert 90_000 < await redis_client.pttl(key) <= 92_000
