@@ -1,0 +1,200 @@
+"""The exact cache tier: complete answers in Redis under their request key.
+
+Runs in the ingress replica (no Ray hop): a lookup or a store is one Lua call.
+Entries are hashes ``{b: body, t: stored-at ms}`` with a TTL, under
+``<prefix>:{<namespace>}:e:<digest>``; each namespace has a counter hash
+``<prefix>:{<namespace>}:stats`` (hits, misses, stores, and the semantic tier's
+``semantic_hits`` and ``guard_rejections``). Namespaces are percent-encoded, so
+a tenant name can neither break the hash tag nor act as a SCAN pattern.
+
+Only successful, complete ``chat.completion`` bodies are stored (every choice
+has a finish reason, no error): never an error, never a cut-off stream.
+
+Redis down or slow: a lookup is a miss and a store is skipped; the request
+never fails for the cache. After a failure the cache stays off for
+``down_backoff_s`` so requests do not each pay a timeout. Admin operations,
+by contrast, raise ``StoreUnavailableError``: an operator must know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import orjson
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+
+from deployments.dedup_wire import STORE_ERRORS
+from deployments.request_key import RequestKey
+from deployments.sse_replay import is_complete_completion
+from serve_app.errors import StoreUnavailableError
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+COUNTERS = ("hits", "misses", "stores", "semantic_hits", "guard_rejections")
+Counter = Literal["semantic_hits", "guard_rejections"]
+
+
+class ExactCacheSettings(BaseModel):
+    enabled: bool = True
+    key_prefix: str = "gw:cache"
+    max_entry_bytes: int = Field(2_000_000, gt=0)
+    op_timeout_s: float = Field(0.25, gt=0)  # a slow Redis is a miss, not a slow request
+    down_backoff_s: float = Field(1.0, ge=0)
+    stats_scan_count: int = Field(1000, gt=0)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    body: bytes
+    age_s: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    hits: int
+    misses: int
+    stores: int
+    semantic_hits: int
+    guard_rejections: int
+    entries: int
+    entry_bytes: int  # MEMORY USAGE summed over the entries
+    used_memory: int  # the whole server's, from INFO memory
+
+
+def _script(name: str) -> str:
+    return files("deployments").joinpath(name).read_text()
+
+
+class ExactCache:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: ExactCacheSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._clock = clock
+        self._down_until = 0.0
+        self._lookup = redis.register_script(_script("exact_cache_lookup.lua"))
+        self._store = redis.register_script(_script("exact_cache_store.lua"))
+
+    # -- keys ---------------------------------------------------------------------
+
+    def _tag(self, namespace: str) -> str:
+        return f"{self.settings.key_prefix}:{{{quote(namespace, safe='/')}}}"
+
+    def entry_key(self, namespace: str, digest: str) -> str:
+        return f"{self._tag(namespace)}:e:{digest}"
+
+    def stats_key(self, namespace: str) -> str:
+        return f"{self._tag(namespace)}:stats"
+
+    # -- request path (never raises) ------------------------------------------------
+
+    async def lookup(self, key: RequestKey, max_age_s: int | None = None) -> CacheHit | None:
+        """The stored answer, or None (a miss, also when Redis is unavailable)."""
+        max_age_ms = -1 if max_age_s is None else max_age_s * 1000
+        keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
+        reply = await self._guarded(lambda: self._lookup(keys=keys, args=[max_age_ms]))
+        if not reply:
+            return None
+        body, age_ms = reply
+        return CacheHit(bytes(body), int(age_ms) // 1000, key.digest)
+
+    async def store(self, key: RequestKey, body: bytes, ttl_s: int) -> bool:
+        """Store a complete answer; False when it is not one, or is not stored."""
+        if not self.settings.enabled or ttl_s <= 0 or len(body) > self.settings.max_entry_bytes:
+            return False
+        try:
+            completion = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        if not is_complete_completion(completion):
+            return False
+        keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
+        return bool(await self._guarded(lambda: self._store(keys=keys, args=[body, ttl_s * 1000])))
+
+    async def record(self, namespace: str, counter: Counter, amount: int = 1) -> None:
+        """Count a semantic-tier event in the namespace's stats (best effort)."""
+        await self._guarded(lambda: self.redis.hincrby(self.stats_key(namespace), counter, amount))
+
+    async def _guarded(self, call: Callable[[], Awaitable[R]]) -> R | None:
+        if not self.settings.enabled or self._clock() < self._down_until:
+            return None
+        try:
+            async with asyncio.timeout(self.settings.op_timeout_s):
+                return await call()
+        except STORE_ERRORS as exc:
+            self._down_until = self._clock() + self.settings.down_backoff_s
+            log.warning("exact cache: Redis unavailable, serving misses: %s", exc)
+            return None
+
+    # -- admin (raises StoreUnavailableError) ------------------------------------------
+
+    async def delete(self, namespace: str, digest: str) -> bool:
+        return bool(await self._admin(self.redis.unlink(self.entry_key(namespace, digest))))
+
+    async def delete_namespace(self, namespace: str) -> int:
+        """Remove every entry of one namespace (its counters stay)."""
+        return await self._admin(self._unlink_matching(f"{self._tag(namespace)}:e:*"))
+
+    async def flush(self) -> int:
+        """Remove every entry and counter of this tier (and nothing of other tiers)."""
+        prefix = self.settings.key_prefix
+        entries = await self._admin(self._unlink_matching(f"{prefix}:*:e:*"))
+        await self._admin(self._unlink_matching(f"{prefix}:*:stats"))
+        return entries
+
+    async def stats(self, namespace: str | None = None) -> CacheStats:
+        tag = self._tag(namespace) if namespace is not None else f"{self.settings.key_prefix}:*"
+        return await self._admin(self._collect_stats(tag))
+
+    async def _admin(self, call: Awaitable[R]) -> R:
+        try:
+            return await call
+        except STORE_ERRORS as exc:
+            raise StoreUnavailableError(f"the cache store is unavailable: {exc}") from exc
+
+    async def _scan(self, pattern: str) -> list[bytes]:
+        count = self.settings.stats_scan_count
+        return [key async for key in self.redis.scan_iter(match=pattern, count=count)]
+
+    async def _unlink_matching(self, pattern: str) -> int:
+        keys = await self._scan(pattern)
+        removed = 0
+        for start in range(0, len(keys), 500):
+            removed += int(await self.redis.unlink(*keys[start : start + 500]))
+        return removed
+
+    async def _collect_stats(self, tag: str) -> CacheStats:
+        totals = dict.fromkeys(COUNTERS, 0)
+        for stats_key in await self._scan(f"{tag}:stats"):
+            counters: dict[bytes, bytes] = await self.redis.hgetall(stats_key)
+            for name, value in counters.items():
+                if name.decode() in totals:
+                    totals[name.decode()] += int(value)
+        entries = await self._scan(f"{tag}:e:*")
+        entry_bytes = 0
+        for start in range(0, len(entries), 500):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry in entries[start : start + 500]:
+                    pipe.memory_usage(entry)
+                entry_bytes += sum(int(size or 0) for size in await pipe.execute())
+        info: dict[str, Any] = await self.redis.info("memory")
+        return CacheStats(
+            **totals,
+            entries=len(entries),
+            entry_bytes=entry_bytes,
+            used_memory=int(info.get("used_memory", 0)),
+        )
