@@ -114,10 +114,12 @@ class RateLimiter:
         self._plans = {}
 
     def reservation(self, ctx: RequestContext) -> int:
-        if ctx.route == "embeddings":
-            return ctx.prompt_tokens_estimate
+        """Tokens held for a request until it settles: its prompt estimate plus,
+        for chat, its max_tokens (or ``default_max_tokens``)."""
         completion = self.settings.default_max_tokens if ctx.max_tokens is None else ctx.max_tokens
-        return ctx.prompt_tokens_estimate + completion
+        if ctx.route == "embeddings":
+            completion = 0
+        return max(0, ctx.prompt_tokens_estimate) + max(0, completion)
 
     async def acquire(self, ctx: RequestContext) -> LimitDecision:
         """Decide and record; raise ``RateLimitError`` (429) on a rejection and
@@ -128,7 +130,8 @@ class RateLimiter:
         return decision
 
     async def evaluate(self, ctx: RequestContext) -> LimitDecision:
-        """As ``acquire``, but a rejection is returned, not raised."""
+        """As ``acquire``, but a rejection is returned, not raised (a store
+        failure with failure_mode closed still raises ``StoreUnavailableError``)."""
         started = time.perf_counter()
         settings, tokens = self.settings, self.reservation(ctx)
         checks = self._checks(ctx, settings) if settings.enabled else []
