@@ -1,0 +1,385 @@
+"""Breakers, bulkheads, retries and fallbacks around the provider client.
+
+For each target of a model's fallback chain, in order: ask the target's
+breaker for permission (one Redis round trip), take a bulkhead slot, call
+the upstream, record the outcome (one round trip; slow by measured duration),
+then retry the same target (safe failures only, within the deadline) or
+move on to the next. A 429/503 carrying ``retry-after`` opens the breaker for
+exactly that long. No lock is held across the upstream call.
+
+For a stream, ``attempt`` returns once the upstream's first chunk arrived:
+the breaker records the time to first chunk, nothing is retried after it,
+and the bulkhead slot is held until ``ResilienceResult.release()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.breaker import (
+    BreakerSettings,
+    BreakerSnapshot,
+    BreakerState,
+    BreakerStore,
+    Decision,
+    Outcome,
+    classify,
+    open_error,
+)
+from deployments.breaker_store import FailoverBreakerStore, RedisBreakerStore
+from deployments.bulkhead import Bulkhead, BulkheadSettings
+from deployments.retry import RetryPolicy, RetrySettings, retry_after_s, should_fall_back
+from serve_app.errors import (
+    GatewayError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+T = TypeVar("T")
+LEASE_GRACE_S = 1.0  # a probe's lease outlives its deadline a little
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    upstream: str
+    model: str  # the upstream's own model name
+
+
+class UpstreamPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    bulkhead: BulkheadSettings = Field(default_factory=BulkheadSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker_scope: Literal["upstream", "model"] = "model"  # one breaker per upstream, or per model
+
+
+class ResilienceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
+    upstreams: dict[str, UpstreamPolicy] = Field(default_factory=dict)
+    fallbacks: dict[str, list[Target]] = Field(default_factory=dict)  # public model -> chain
+    key_prefix: str = "breaker"
+    store_retry_after_s: float = Field(1.0, gt=0)  # re-try Redis this often while it is down
+
+    def policy(self, upstream: str) -> UpstreamPolicy:
+        return self.upstreams.get(upstream, self.default)
+
+
+@dataclass
+class ResilienceMetrics:
+    """Counters for a metrics collector to read (this replica's share)."""
+
+    transitions: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # breaker, from, to
+    refused: Counter[str] = field(default_factory=Counter)  # breaker
+    retries: Counter[str] = field(default_factory=Counter)  # upstream
+    fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)  # from, to breaker
+    bulkhead_rejected: Counter[str] = field(default_factory=Counter)  # upstream
+    states: dict[str, BreakerState] = field(default_factory=dict)  # last state seen
+
+
+@dataclass
+class ResilienceResult(Generic[T]):
+    value: T
+    target: Target
+    attempts: int  # upstream calls made, retries and fallbacks included
+    release: Callable[[], None] = lambda: None  # streams: call when the stream ends
+
+    def headers(self) -> dict[str, str]:
+        return {"x-upstream": self.target.upstream, "x-attempts": str(self.attempts)}
+
+
+class _NextTarget(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _Run:
+    deadline: float
+    clock: Callable[[], float]
+    attempts: int = 0
+    last_target: Target | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - self.clock()
+
+
+class Resilience:
+    """The orchestrator the ingress calls around the provider, plus admin operations."""
+
+    def __init__(
+        self,
+        settings: ResilienceSettings,
+        store: BreakerStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = ResilienceMetrics()
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._bulkheads: dict[str, Bulkhead] = {}
+        self._breakers: dict[str, BreakerSettings] = {}
+        self._background: set[asyncio.Task[Decision]] = set()
+        for chain in settings.fallbacks.values():
+            for target in chain:
+                self.breaker_name(target)
+
+    @classmethod
+    def with_redis(cls, settings: ResilienceSettings, client: aioredis.Redis) -> Resilience:
+        shared = RedisBreakerStore(client, prefix=settings.key_prefix)
+        store = FailoverBreakerStore(shared, retry_primary_after_s=settings.store_retry_after_s)
+        return cls(settings, store)
+
+    def chain(self, model: str) -> list[Target]:
+        return list(self.settings.fallbacks.get(model, ()))
+
+    def breaker_name(self, target: Target) -> str:
+        policy = self.settings.policy(target.upstream)
+        name = target.upstream
+        if policy.breaker_scope == "model":
+            name = f"{target.upstream}/{target.model}"
+        self._breakers.setdefault(name, policy.breaker)
+        return name
+
+    def bulkhead(self, upstream: str) -> Bulkhead:
+        found = self._bulkheads.get(upstream)
+        if found is None:
+            settings = self.settings.policy(upstream).bulkhead
+            found = self._bulkheads[upstream] = Bulkhead(upstream, settings)
+        return found
+
+    async def call(
+        self,
+        chain: Sequence[Target],
+        attempt: Callable[[Target], Awaitable[T]],
+        deadline_s: float,
+        *,
+        stream: bool = False,
+    ) -> ResilienceResult[T]:
+        """Serve from the first target that can; raise the most telling error if none can."""
+        run = _Run(self._clock() + deadline_s, self._clock)
+        errors: list[BaseException] = []
+        previous: str | None = None
+        try:
+            for target in chain:
+                name = self.breaker_name(target)
+                if previous is not None:
+                    self.metrics.fallbacks[(previous, name)] += 1
+                previous = name
+                try:
+                    return await self._serve(target, name, attempt, run, stream)
+                except _NextTarget as moved:
+                    errors.append(moved.error)
+                if run.remaining() <= 0:
+                    break
+            raise _final_error(errors)
+        except GatewayError as exc:
+            exc.headers["x-attempts"] = str(run.attempts)
+            if run.last_target is not None:
+                exc.headers["x-upstream"] = run.last_target.upstream
+            raise
+
+    async def _serve(
+        self,
+        target: Target,
+        name: str,
+        attempt: Callable[[Target], Awaitable[T]],
+        run: _Run,
+        stream: bool,
+    ) -> ResilienceResult[T]:
+        policy = self.settings.policy(target.upstream)
+        retry = RetryPolicy(policy.retry, self._rng)
+        calls = 0
+        while True:
+            remaining = run.remaining()
+            if remaining <= 0:
+                raise _NextTarget(UpstreamTimeoutError("The request's deadline passed."))
+            permit = await self.store.acquire(name, policy.breaker, remaining + LEASE_GRACE_S)
+            self._observe(name, permit)
+            if not permit.allowed:
+                self.metrics.refused[name] += 1
+                raise _NextTarget(open_error(name, permit))
+            calls += 1
+            result = await self._once(target, name, policy, permit, attempt, run, stream)
+            if isinstance(result, ResilienceResult):
+                return result
+            error, state = result
+            delay = None
+            if state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
+                delay = retry.delay_s(calls, error, run.remaining())
+            if delay is None:
+                if should_fall_back(error):
+                    raise _NextTarget(error)
+                raise error
+            self.metrics.retries[target.upstream] += 1
+            await self._sleep(delay)
+
+    async def _once(
+        self,
+        target: Target,
+        name: str,
+        policy: UpstreamPolicy,
+        permit: Decision,
+        attempt: Callable[[Target], Awaitable[T]],
+        run: _Run,
+        stream: bool,
+    ) -> ResilienceResult[T] | tuple[BaseException, BreakerState]:
+        """One call; its result, or its error and the breaker's state after recording it."""
+        bulkhead = self.bulkhead(target.upstream)
+        try:
+            await bulkhead.acquire(run.remaining())
+        except ServiceUnavailableError as full:
+            self.metrics.bulkhead_rejected[target.upstream] += 1
+            if permit.permit_id:  # give a probe's permit back
+                await self.store.record(name, policy.breaker, permit, Outcome.IGNORED)
+            return full, permit.state
+        run.attempts += 1
+        run.last_target = target
+        started = self._clock()
+        deadline = asyncio.timeout(max(0.0, run.remaining()))
+        try:
+            async with deadline:
+                value = await attempt(target)
+        except asyncio.CancelledError:
+            bulkhead.release()
+            self._record_later(name, policy.breaker, permit)  # the client went away
+            raise
+        except Exception as exc:
+            bulkhead.release()
+            took = self._clock() - started
+            outcome = _outcome(exc, took, policy.breaker, deadline.expired())
+            return exc, await self._record(name, policy.breaker, permit, exc, outcome)
+        took = self._clock() - started
+        await self._record(name, policy.breaker, permit, None, classify(None, took, policy.breaker))
+        if not stream:
+            bulkhead.release()
+            return ResilienceResult(value, target, run.attempts)
+        return ResilienceResult(value, target, run.attempts, _once_only(bulkhead.release))
+
+    async def _record(
+        self,
+        name: str,
+        cfg: BreakerSettings,
+        permit: Decision,
+        exc: Exception | None,
+        outcome: Outcome,
+    ) -> BreakerState:
+        open_for = 0.0
+        if isinstance(exc, UpstreamError) and exc.status_code in (429, 503):
+            open_for = retry_after_s(exc.headers) or 0.0
+        decision = await self.store.record(name, cfg, permit, outcome, open_for)
+        self._observe(name, decision)
+        return decision.state
+
+    def _record_later(self, name: str, cfg: BreakerSettings, permit: Decision) -> None:
+        # Give a probe's permit back without delaying the cancellation.
+        if not permit.permit_id:
+            return
+        task = asyncio.ensure_future(self.store.record(name, cfg, permit, Outcome.IGNORED))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for outcomes still being recorded in the background (shutdown, tests)."""
+        await asyncio.gather(*self._background)
+
+    def _observe(self, name: str, decision: Decision) -> None:
+        if decision.transition is not None:
+            old, new = decision.transition
+            self.metrics.transitions[(name, old.name, new.name)] += 1
+        self.metrics.states[name] = decision.state
+
+    # Admin operations (the ingress guards them with the admin key).
+
+    def _settings_of(self, name: str) -> BreakerSettings:
+        cfg = self._breakers.get(name)
+        if cfg is None:
+            raise NotFoundError(f"No breaker named '{name}'.")
+        return cfg
+
+    async def breakers(self) -> list[BreakerSnapshot]:
+        names = sorted(self._breakers)
+        return list(
+            await asyncio.gather(*(self.store.snapshot(n, self._breakers[n]) for n in names))
+        )
+
+    async def _force(self, name: str, state: BreakerState) -> BreakerSnapshot:
+        cfg = self._settings_of(name)
+        self._observe(name, await self.store.set_state(name, cfg, state))
+        return await self.store.snapshot(name, cfg)
+
+    async def force_open(self, name: str) -> BreakerSnapshot:
+        return await self._force(name, BreakerState.FORCED_OPEN)
+
+    async def force_close(self, name: str) -> BreakerSnapshot:
+        return await self._force(name, BreakerState.CLOSED)
+
+    async def disable(self, name: str) -> BreakerSnapshot:
+        return await self._force(name, BreakerState.DISABLED)
+
+    async def metrics_only(self, name: str) -> BreakerSnapshot:
+        return await self._force(name, BreakerState.METRICS_ONLY)
+
+    async def reset(self, name: str) -> BreakerSnapshot:
+        cfg = self._settings_of(name)
+        await self.store.reset(name)
+        self.metrics.states[name] = BreakerState.CLOSED
+        return await self.store.snapshot(name, cfg)
+
+
+def _outcome(exc: Exception, took_s: float, cfg: BreakerSettings, cut: bool) -> Outcome:
+    if not cut:
+        return classify(exc, took_s, cfg)
+    # Our own deadline cut the call: it proves slowness only past the slow-call
+    # threshold; a client's short deadline says nothing against the upstream.
+    return Outcome.SLOW_FAILURE if took_s > cfg.slow_call_duration_s else Outcome.IGNORED
+
+
+def _once_only(release: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            release()
+
+    return once
+
+
+def _final_error(errors: list[BaseException]) -> BaseException:
+    """The last upstream error; if no upstream was called, the soonest-retry refusal."""
+    called = [e for e in errors if not isinstance(e, ServiceUnavailableError)]
+    if called:
+        last = called[-1]
+        if isinstance(last, TimeoutError):
+            return UpstreamTimeoutError("The upstream did not answer before the deadline.")
+        return last
+    if not errors:
+        return ServiceUnavailableError("No upstream is configured for this model.")
+
+    def wait(error: BaseException) -> float:
+        headers = error.headers if isinstance(error, GatewayError) else {}
+        return retry_after_s(headers) or 0.0
+
+    return min(errors, key=wait)

@@ -1,0 +1,326 @@
+"""The orchestrator: breaker -> bulkhead -> call -> record -> retry or fall back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from deployments.breaker import BreakerSettings, BreakerSnapshot, BreakerState
+from deployments.breaker_store import MemoryBreakerStore
+from deployments.bulkhead import BulkheadSettings
+from deployments.resilience import Resilience, ResilienceSettings, Target, UpstreamPolicy
+from deployments.retry import RetrySettings
+from serve_app.errors import (
+    CircuitOpenError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+A = Target(upstream="a", model="m-a")
+B = Target(upstream="b", model="m-b")
+C = Target(upstream="c", model="m-c")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def error(status: int, **headers: str) -> UpstreamError:
+    return UpstreamError(f"status {status}", status_code=status, headers=headers)
+
+
+class Upstreams:
+    """Scripted upstreams: each call pops the next behaviour for that upstream."""
+
+    def __init__(self, clock: Clock, **scripts: list[object]) -> None:
+        self.clock = clock
+        self.scripts = scripts
+        self.calls: list[str] = []
+
+    async def __call__(self, target: Target) -> str:
+        self.calls.append(target.upstream)
+        script = self.scripts.get(target.upstream) or ["ok"]
+        step = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(step, float):  # a call that takes this long
+            self.clock.now += step
+            return f"{target.upstream}:{target.model}"
+        if isinstance(step, BaseException):
+            raise step
+        if callable(step):
+            return await step()
+        return f"{target.upstream}:{target.model}"
+
+
+def policy(**breaker: object) -> UpstreamPolicy:
+    cfg: dict[str, object] = {"window_size": 4, "minimum_calls": 4, "wait_in_open_s": 30}
+    return UpstreamPolicy(
+        breaker=BreakerSettings.model_validate(cfg | breaker),
+        retry=RetrySettings(max_attempts=2, jitter="none"),
+        bulkhead=BulkheadSettings(max_concurrent=1, max_queued=0),
+    )
+
+
+def resilience(clock: Clock, **breaker: object) -> Resilience:
+    settings = ResilienceSettings(default=policy(**breaker), fallbacks={"gpt": [A, B, C]})
+    return Resilience(settings, MemoryBreakerStore(clock), clock=clock, sleep=clock.sleep)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def test_the_primary_serves_when_healthy(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock)
+    result = await res.call(res.chain("gpt"), up, 30)
+    assert result.value == "a:m-a"
+    assert result.headers() == {"x-upstream": "a", "x-attempts": "1"}
+
+
+async def test_a_retryable_failure_is_retried_after_backoff(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(503), "ok"])
+    result = await res.call([A], up, 30)
+    assert (result.value, result.attempts, up.calls) == ("a:m-a", 2, ["a", "a"])
+    assert clock.slept == [pytest.approx(0.2)]
+    assert res.metrics.retries["a"] == 1
+
+
+async def test_fallbacks_follow_the_chain_in_order(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(500)], b=[error(502, **{"x-should-retry": "false"})])
+    result = await res.call(res.chain("gpt"), up, 30)
+    assert up.calls == ["a", "a", "b", "c"]
+    assert result.headers() == {"x-upstream": "c", "x-attempts": "4"}
+    assert res.metrics.fallbacks == {("a/m-a", "b/m-b"): 1, ("b/m-b", "c/m-c"): 1}
+
+
+async def test_a_client_error_is_neither_retried_nor_fallen_back(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(400)])
+    with pytest.raises(UpstreamError) as info:
+        await res.call(res.chain("gpt"), up, 30)
+    assert info.value.status_code == 400 and up.calls == ["a"]
+    assert info.value.headers["x-attempts"] == "1" and info.value.headers["x-upstream"] == "a"
+    snap = (await res.breakers())[0]
+    assert (snap.calls, snap.failed_calls) == (1, 0)  # the upstream answered: a success
+
+
+async def test_an_open_breaker_is_skipped_without_calling_the_upstream(clock: Clock) -> None:
+    res = resilience(clock)
+    await res.force_open("a/m-a")
+    up = Upstreams(clock)
+    result = await res.call(res.chain("gpt"), up, 30)
+    assert up.calls == ["b"] and result.headers() == {"x-upstream": "b", "x-attempts": "1"}
+    assert res.metrics.refused["a/m-a"] == 1
+
+
+async def test_failures_open_the_breaker_then_calls_are_refused(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(500)])
+    for _ in range(2):  # two calls, two attempts each: four failures
+        with pytest.raises(UpstreamError):
+            await res.call([A], up, 30)
+    assert res.metrics.transitions[("a/m-a", "CLOSED", "OPEN")] == 1
+    assert res.metrics.states["a/m-a"] == BreakerState.OPEN
+    clock.now += 10
+    with pytest.raises(CircuitOpenError) as info:
+        await res.call([A], up, 30)
+    assert info.value.headers["retry-after"] == "20"
+    assert info.value.headers["x-attempts"] == "0"
+    assert len(up.calls) == 4
+
+
+async def test_every_target_open_answers_with_the_soonest_retry_after(clock: Clock) -> None:
+    res = resilience(clock)
+    await res.store.open_for("a/m-a", res.settings.default.breaker, 40)
+    await res.store.open_for("b/m-b", res.settings.default.breaker, 7)
+    await res.force_open("c/m-c")
+    up = Upstreams(clock)
+    with pytest.raises(CircuitOpenError) as info:
+        await res.call(res.chain("gpt"), up, 30)
+    assert info.value.headers["retry-after"] == "7" and up.calls == []
+
+
+async def test_a_429_with_retry_after_opens_for_exactly_that_long(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(429, **{"retry-after": "2"}), "ok"])
+    with pytest.raises(UpstreamError) as info:
+        await res.call([A], up, 30)
+    assert info.value.status_code == 429 and up.calls == ["a"]  # not retried into the opening
+    with pytest.raises(CircuitOpenError) as refused:
+        await res.call([A], up, 30)
+    assert refused.value.headers["retry-after"] == "2"
+    clock.now += 2
+    result = await res.call([A], up, 30)
+    assert result.value == "a:m-a"
+    assert res.metrics.states["a/m-a"] == BreakerState.HALF_OPEN
+
+
+async def test_a_429_falls_back_to_the_next_target(clock: Clock) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(429, **{"retry-after": "2"})])
+    result = await res.call(res.chain("gpt"), up, 30)
+    assert up.calls == ["a", "b"] and result.target == B
+
+
+async def test_slow_successes_are_recorded_as_slow(clock: Clock) -> None:
+    res = resilience(clock, slow_call_duration_s=1, slow_call_rate_threshold=75)
+    up = Upstreams(clock, a=[2.0, 2.0, 0.1, 2.0])
+    for _ in range(4):
+        await res.call([A], up, 30)
+    snap = (await res.breakers())[0]
+    assert (snap.state, snap.slow_calls, snap.failed_calls) == (BreakerState.OPEN, 3, 0)
+
+
+async def test_no_retry_that_cannot_finish_before_the_deadline(clock: Clock) -> None:
+    res = resilience(clock)
+
+    async def slow_failure() -> str:
+        clock.now += 9.9
+        raise error(500)
+
+    up = Upstreams(clock, a=[slow_failure])
+    with pytest.raises(UpstreamError):
+        await res.call([A], up, 10)
+    assert up.calls == ["a"] and clock.slept == []
+
+
+async def test_the_deadline_cuts_a_hanging_upstream() -> None:
+    res = resilience(Clock())
+    res = Resilience(res.settings, MemoryBreakerStore())  # real time for asyncio.timeout
+    never = asyncio.Event()
+
+    async def hang() -> str:
+        await never.wait()
+        return "never"
+
+    with pytest.raises(UpstreamTimeoutError) as info:
+        await res.call([A], Upstreams(Clock(), a=[hang]), 0.05)
+    assert info.value.status_code == 504
+    snap = (await res.breakers())[0]
+    assert snap.calls == 0  # a short client deadline says nothing against the upstream
+
+
+async def test_bulkhead_overflow_falls_back_or_answers_503(clock: Clock) -> None:
+    res = resilience(clock)
+    entered, leave = asyncio.Event(), asyncio.Event()
+
+    async def busy() -> str:
+        entered.set()
+        await leave.wait()
+        return "busy"
+
+    up = Upstreams(clock, a=[busy])
+    first = asyncio.create_task(res.call([A], up, 30))
+    await entered.wait()
+    result = await res.call([A, B], up, 30)
+    assert result.target == B and res.metrics.bulkhead_rejected["a"] == 1
+    with pytest.raises(ServiceUnavailableError) as info:
+        await res.call([A], up, 30)
+    assert info.value.code == "bulkhead_full" and info.value.headers["retry-after"] == "1"
+    leave.set()
+    assert (await first).value == "busy"
+
+
+async def test_a_stream_holds_its_bulkhead_slot_until_released(clock: Clock) -> None:
+    res = resilience(clock)
+    result = await res.call([A], Upstreams(clock), 30, stream=True)
+    assert res.bulkhead("a").active == 1
+    result.release()
+    result.release()
+    assert res.bulkhead("a").active == 0
+
+
+async def test_a_cancelled_probe_gives_its_permit_back(clock: Clock) -> None:
+    res = resilience(clock, permitted_calls_in_half_open=1)
+    cfg = res.settings.default.breaker
+    await res.store.open_for("a/m-a", cfg, 1)
+    clock.now += 1
+    entered = asyncio.Event()
+
+    async def hang() -> str:
+        entered.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    task = asyncio.create_task(res.call([A], Upstreams(clock, a=[hang]), 30))
+    await entered.wait()
+    assert not (await res.store.acquire("a/m-a", cfg, 30)).allowed
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await res.drain()
+    assert (await res.store.acquire("a/m-a", cfg, 30)).allowed
+
+
+@pytest.mark.parametrize(
+    ("action", "state"),
+    [
+        (Resilience.force_open, BreakerState.FORCED_OPEN),
+        (Resilience.disable, BreakerState.DISABLED),
+        (Resilience.metrics_only, BreakerState.METRICS_ONLY),
+        (Resilience.force_close, BreakerState.CLOSED),
+        (Resilience.reset, BreakerState.CLOSED),
+    ],
+)
+async def test_admin_actions(
+    clock: Clock,
+    action: Callable[[Resilience, str], Awaitable[BreakerSnapshot]],
+    state: BreakerState,
+) -> None:
+    res = resilience(clock)
+    await res.store.open_for("b/m-b", res.settings.default.breaker, 30)
+    snap = await action(res, "b/m-b")
+    assert snap.state == state
+    listed = {s.name: s.state for s in await res.breakers()}
+    assert listed == {"a/m-a": BreakerState.CLOSED, "b/m-b": state, "c/m-c": BreakerState.CLOSED}
+
+
+async def test_admin_refuses_an_unknown_breaker(clock: Clock) -> None:
+    with pytest.raises(NotFoundError):
+        await resilience(clock).force_open("nope")
+
+
+async def test_one_breaker_per_upstream_when_so_scoped(clock: Clock) -> None:
+    settings = ResilienceSettings(
+        upstreams={"a": policy().model_copy(update={"breaker_scope": "upstream"})},
+        fallbacks={"x": [A, Target(upstream="a", model="other")]},
+    )
+    res = Resilience(settings, MemoryBreakerStore(clock), clock=clock, sleep=clock.sleep)
+    assert [s.name for s in await res.breakers()] == ["a"]
+
+
+@pytest.mark.integration
+async def test_replicas_sharing_redis_share_the_breaker(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    settings = ResilienceSettings(default=policy(), fallbacks={"gpt": [A, B]})
+    other_client = aioredis.from_url(redis_url)
+    one = Resilience.with_redis(settings, redis_client)
+    two = Resilience.with_redis(settings, other_client)
+    failing = Upstreams(Clock(), a=[error(500)])
+    for _ in range(2):
+        with pytest.raises(UpstreamError):
+            await one.call([A], failing, 30)
+    healthy = Upstreams(Clock())
+    result = await two.call(two.chain("gpt"), healthy, 30)
+    assert healthy.calls == ["b"] and result.headers()["x-upstream"] == "b"
+    assert two.metrics.refused["a/m-a"] == 1
+    assert {s.name: s.state for s in await two.breakers()}["a/m-a"] == BreakerState.OPEN
+    await other_client.aclose()
