@@ -217,7 +217,9 @@ class RedisSingleFlight:
         try:
             while True:
                 async with self._redis.pipeline(transaction=False) as pipe:  # type: ignore[union-attr]
-                    payload, current, pttl = await pipe.get(result).get(lock).pttl(lock).execute()
+                    # Lock before result: publishing writes the result before it drops
+                    # the lock, so a lock seen gone here means the result is readable.
+                    current, pttl, payload = await pipe.get(lock).pttl(lock).get(result).execute()
                 if payload is not None:
                     return bytes(payload)
                 remaining = deadline - loop.time()
