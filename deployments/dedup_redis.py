@@ -51,7 +51,7 @@ class DedupSettings(BaseModel):
     poll_s: float = Field(1.0, gt=0)  # safety net for lost notifications
     result_ttl_s: float = Field(30.0, gt=0)  # how long a published result stays readable
     stream_idle_s: float = Field(60.0, gt=0)  # longest gap between a stream's chunks
-    stream_block_ms: int = Field(500, gt=0)  # must stay below the client's socket timeout
+    stream_block_ms: int = Field(200, gt=0)  # must stay below store.socket_timeout_s
     key_prefix: str = "gw:dedup"
 
     def should_coalesce(self, cacheable: bool) -> bool:

@@ -30,6 +30,7 @@ from urllib.parse import quote
 import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.exceptions import MaxConnectionsError
 
 from deployments.dedup_wire import STORE_ERRORS
 from deployments.request_key import RequestKey
@@ -136,8 +137,10 @@ class ExactCache:
             async with asyncio.timeout(self.settings.op_timeout_s):
                 return await call()
         except STORE_ERRORS as exc:
-            self._down_until = self._clock() + self.settings.down_backoff_s
-            log.warning("exact cache: Redis unavailable, serving misses: %s", exc)
+            # An exhausted local pool is this replica's overload, not Redis down.
+            if not isinstance(exc, MaxConnectionsError):
+                self._down_until = self._clock() + self.settings.down_backoff_s
+            log.warning("exact cache: Redis unavailable, serving a miss: %s", exc)
             return None
 
     # -- admin (raises StoreUnavailableError) ------------------------------------------
