@@ -22,7 +22,7 @@ from serve_app.settings import GatewayArgs
 class GatewayIngress:
     async def __init__(self, args: GatewayArgs | dict[str, Any]) -> None:
         # Serve hands bound pydantic arguments over as plain dicts.
-        self.gateway = Gateway(GatewayArgs.model_validate(args))
+        self.gateway = Gateway(GatewayArgs.model_validate(args), stamp_request_id=False)
         await self.gateway.start()
 
     def __serve_build_asgi_app__(self) -> Starlette:

@@ -62,7 +62,10 @@ def error_response(error: GatewayError) -> Response:
     return Response(error.body(), error.status_code, error.headers, media_type="application/json")
 
 
-def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(handler: Handler, stamp: bool) -> Callable[[Request], Awaitable[Response]]:
+    """Renders errors as the envelope. ``stamp``: add ``x-request-id`` ourselves
+    (Serve's proxy and HAProxy already add it to every response under Ray)."""
+
     async def endpoint(request: Request) -> Response:
         supplied = request.headers.get("x-request-id", "")
         request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
@@ -73,7 +76,8 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         except Exception:
             log.exception("request %s failed unexpectedly", request_id)
             response = error_response(GatewayError("The gateway failed to handle the request."))
-        response.headers["x-request-id"] = request_id
+        if stamp:
+            response.headers["x-request-id"] = request_id
         return response
 
     return endpoint
@@ -86,8 +90,10 @@ class Gateway:
         *,
         store: Store | None = None,
         provider: ProviderClient | None = None,
+        stamp_request_id: bool = True,
     ) -> None:
         self.args = args
+        self.stamp_request_id = stamp_request_id
         self.keys = KeyRing(args.api_keys)
         self.models: dict[str, ModelSettings] = {m.name: m for m in args.models}
         self.provider = provider or ProviderClient(args.upstreams)
@@ -236,12 +242,15 @@ class Gateway:
         return json_response({"status": "ready", "store": "ok"})
 
     def asgi(self) -> Starlette:
+        def route(path: str, handler: Handler, method: str) -> Route:
+            return Route(path, _endpoint(handler, self.stamp_request_id), methods=[method])
+
         routes = [
-            Route("/v1/chat/completions", _endpoint(self.chat), methods=["POST"]),
-            Route("/v1/embeddings", _endpoint(self.embeddings), methods=["POST"]),
-            Route("/v1/models", _endpoint(self.list_models), methods=["GET"]),
-            Route("/healthz", _endpoint(self.healthz), methods=["GET"]),
-            Route("/readyz", _endpoint(self.readyz), methods=["GET"]),
+            route("/v1/chat/completions", self.chat, "POST"),
+            route("/v1/embeddings", self.embeddings, "POST"),
+            route("/v1/models", self.list_models, "GET"),
+            route("/healthz", self.healthz, "GET"),
+            route("/readyz", self.readyz, "GET"),
         ]
         return Starlette(
             routes=routes,

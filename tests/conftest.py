@@ -1,7 +1,7 @@
-"""Session-wide fixtures: one Redis and (for Ray tests) one Ray cluster.
+"""Session-wide fixtures: one Redis, one mock provider, one Ray cluster.
 
 Redis: the one at ``REDIS_URL`` when set, otherwise an embedded Valkey the
-session starts on a free port (and may kill/restart to test failures).
+session starts on a free port (tests may kill and restart it to test failures).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from serve_app.embedded_store import EmbeddedStore
+from serve_app.embedded_store import EmbeddedStore, free_port
+from serve_app.mock_provider import MockBehaviour
+from tests.support import MockServer
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +43,42 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def mock_server() -> Iterator[MockServer]:
+    server = MockServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mock_behaviour(mock_server: MockServer) -> Iterator[MockBehaviour]:
+    """The mock's behaviour, reset before and after each test that uses it."""
+    mock_server.behaviour.reset()
+    yield mock_server.behaviour
+    mock_server.behaviour.reset()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    """One Ray cluster and Serve instance for the whole session, shut down at its end."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(
+        address="local",  # a cluster of our own, never a developer's running one
+        num_cpus=4,  # logical CPUs: test replicas reserve none, the machine has 2 cores
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="llm_gateway_tests",
+    )
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        logging_config={"enable_access_log": False},
+    )
+    yield port
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Starts a local Ray head (dashboard on :8265, metrics on :8080) and the
+# gateway on it with `serve run config.yaml`. Uses Ray Serve's HAProxy
+# ingress when haproxy is on PATH (about 6x the default proxy's throughput).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+CONFIG=${CONFIG:-config.yaml}
+RAY_GCS_PORT=${RAY_GCS_PORT:-6380}  # not 6379: that is Redis's port on many laptops
+
+if command -v haproxy >/dev/null 2>&1; then
+  export RAY_SERVE_ENABLE_HA_PROXY=1
+  INGRESS="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, $(command -v haproxy))"
+else
+  INGRESS="Ray Serve default proxy (install haproxy for ~6x the throughput: apt-get install haproxy)"
+fi
+# Loopback-only dashboard on a laptop: no token, so a browser can open it.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+
+"$VENV/bin/ray" start --head --port="$RAY_GCS_PORT" \
+  --dashboard-host=127.0.0.1 --dashboard-port=8265 \
+  --metrics-export-port=8080 --disable-usage-stats >/dev/null
+trap '"$VENV/bin/serve" shutdown -y >/dev/null 2>&1 || true; "$VENV/bin/ray" stop >/dev/null 2>&1 || true' EXIT
+
+cat <<MSG
+--------------------------------------------------------------------------
+ llm-gateway starting ($CONFIG)
+ ingress:    $INGRESS
+ gateway:    http://127.0.0.1:8000/v1   (try: curl http://127.0.0.1:8000/v1/models -H 'Authorization: Bearer sk-local')
+ mock:       http://127.0.0.1:8000/mock/_mock/stats
+ dashboard:  http://127.0.0.1:8265      (Serve tab: the app's deployments)
+ metrics:    http://127.0.0.1:8080/metrics  (Prometheus: Ray, Serve and gateway metrics)
+ Ctrl-C stops the gateway and the local Ray.
+--------------------------------------------------------------------------
+MSG
+RAY_ADDRESS=auto "$VENV/bin/serve" run "$CONFIG"

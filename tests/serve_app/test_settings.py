@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.auth import KeyRing
+from serve_app.errors import AuthenticationError
+from serve_app.mock_provider import MockConfig
+from serve_app.settings import GatewayArgs, hash_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _apps() -> dict[str, dict]:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    return {app["name"]: app for app in config["applications"]}
+
+
+def test_config_yaml_validates_and_has_the_local_key() -> None:
+    args = GatewayArgs.model_validate(_apps()["gateway"]["args"])
+    principal = KeyRing(args.api_keys).authenticate("Bearer sk-local")
+    assert principal.tenant == "local"
+    MockConfig.model_validate(_apps()["mock"]["args"])
+
+
+def test_config_yaml_deployments_fit_two_cores() -> None:
+    total = sum(
+        d["ray_actor_options"]["num_cpus"] * d.get("num_replicas", 1)
+        for app in _apps().values()
+        for d in app["deployments"]
+    )
+    assert total < 2
+
+
+def _base() -> dict:
+    return {
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}},
+        "models": [{"name": "m", "upstream": "u"}],
+        "api_keys": [{"name": "k", "key_sha256": hash_key("s")}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"models": [{"name": "m", "upstream": "nope"}]}, "upstream 'nope'"),
+        ({"models": [{"name": "m", "upstream": "u"}] * 2}, "unique"),
+        ({"api_keys": [{"name": "k"}]}, "exactly one of key_env or key_sha256"),
+        ({"api_keys": [{"name": "k", "key_sha256": "plaintext"}]}, "key_sha256"),
+        ({"max_body_bytes": 10}, "max_body_bytes"),
+        ({"unknown_section": {}}, "unknown_section"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_clear_message(patch: dict, needle: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        GatewayArgs.model_validate({**_base(), **patch})
+    assert needle in str(raised.value)
+
+
+def test_keys_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEAM_KEY", "sk-team")
+    args = GatewayArgs.model_validate(
+        {**_base(), "api_keys": [{"name": "team", "key_env": "TEAM_KEY", "tenant": "t"}]}
+    )
+    ring = KeyRing(args.api_keys)
+    assert ring.authenticate("Bearer sk-team").tenant == "t"
+    with pytest.raises(AuthenticationError):
+        ring.authenticate("Bearer sk-local")

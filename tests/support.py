@@ -1,0 +1,105 @@
+"""Helpers the test modules share: the mock provider in a thread, gateway
+settings for tests, and deploying the gateway on the session's Ray."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import uvicorn
+
+from serve_app.embedded_store import free_port
+from serve_app.mock_provider import MockBehaviour, create_app
+from serve_app.settings import GatewayArgs, hash_key
+
+LOCAL_KEY = "sk-local"
+OTHER_KEY = "sk-other-tenant"
+
+
+class MockServer:
+    """The mock provider on a free loopback port, in a thread of this process,
+    so tests can both call it over HTTP and inspect ``behaviour`` directly."""
+
+    def __init__(self) -> None:
+        self.behaviour = MockBehaviour()
+        self.port = free_port()
+        config = uvicorn.Config(
+            create_app(self.behaviour),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> None:
+        self._thread.start()
+        wait_until(lambda: self._server.started, timeout_s=10)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def gateway_args(mock_url: str, redis_url: str, **overrides: Any) -> GatewayArgs:
+    """The test profile: the mock upstream, a dead upstream, two tenants' keys."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    config: dict[str, Any] = {
+        "upstreams": {
+            "mock": {"base_url": mock_url, "read_timeout_s": 2.0},
+            "dead": {"base_url": dead, "connect_timeout_s": 1.0},
+        },
+        "models": [
+            {"name": "mock-gpt", "upstream": "mock"},
+            {"name": "mock-embed", "upstream": "mock", "kind": "embeddings"},
+            {"name": "dead-gpt", "upstream": "dead"},
+        ],
+        "api_keys": [
+            {"name": "local", "key_sha256": hash_key(LOCAL_KEY), "tenant": "local", "admin": True},
+            {"name": "other", "key_sha256": hash_key(OTHER_KEY), "tenant": "other"},
+        ],
+        "store": {"url": redis_url},
+        "max_body_bytes": 64 * 1024,
+    }
+    config.update(overrides)
+    return GatewayArgs.model_validate(config)
+
+
+def deploy_gateway(args: GatewayArgs, name: str, route_prefix: str, replicas: int = 2) -> None:
+    from ray import serve
+
+    from serve_app.app import GatewayIngress
+
+    app = GatewayIngress.options(  # type: ignore[attr-defined]
+        num_replicas=replicas, ray_actor_options={"num_cpus": 0}
+    ).bind(args)
+    serve.run(app, name=name, route_prefix=route_prefix)
+
+
+def chat_body(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def auth(key: str = LOCAL_KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def client(base_url: str) -> httpx.Client:
+    return httpx.Client(base_url=base_url, timeout=30)
