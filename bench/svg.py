@@ -71,10 +71,10 @@ def _segments(points: Sequence[tuple[float, float | None]]) -> list[list[tuple[f
 def render_chart(chart: Chart) -> str:
     values = [y for s in chart.series for _, y in s.points if y is not None]
     data_top = max(values, default=0.0)
-    hline = chart.hline
+    hline, title = chart.hline, chart.title
     if hline and values and hline[0] > 3 * data_top:
         # A limit far above the data would flatten the lines: say where it is instead.
-        chart.title += f"  ({hline[1]}: above the chart)"
+        title += f"  ({hline[1]}: above the chart)"
         hline = None
     top = max([data_top, chart.y_floor or 0.0, hline[0] if hline else 0.0, 1e-9])
     ticks = nice_ticks(1.0 if chart.percent and top <= 1 else top * 1.05)
@@ -90,7 +90,7 @@ def render_chart(chart: Chart) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(chart.title)}">',
-        f'<text x="{LEFT}" y="18" class="ct">{escape(chart.title)}</text>',
+        f'<text x="{LEFT}" y="18" class="ct">{escape(title)}</text>',
     ]
     for x0, x1, label in chart.bands:
         parts.append(
