@@ -11,8 +11,9 @@ Only successful, complete ``chat.completion`` bodies are stored (every choice
 has a finish reason, no error): never an error, never a cut-off stream.
 
 Redis down or slow: a lookup is a miss and a store is skipped; the request
-never fails for the cache. After a failure the cache stays off for
-``down_backoff_s`` so requests do not each pay a timeout. Admin operations,
+never fails for the cache. When Redis is unreachable the cache stays off for
+``down_backoff_s`` so requests do not each pay a connection attempt; a slow
+answer (``op_timeout_s``) is a miss for that request only. Admin operations,
 by contrast, raise ``StoreUnavailableError``: an operator must know.
 """
 
@@ -30,6 +31,7 @@ from urllib.parse import quote
 import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from deployments.dedup_wire import STORE_ERRORS
@@ -137,8 +139,12 @@ class ExactCache:
             async with asyncio.timeout(self.settings.op_timeout_s):
                 return await call()
         except STORE_ERRORS as exc:
-            # An exhausted local pool is this replica's overload, not Redis down.
-            if not isinstance(exc, MaxConnectionsError):
+            # Back off only when Redis is unreachable: a timeout or a full local pool
+            # is this replica's overload, and turning the cache off would add load.
+            if isinstance(exc, RedisConnectionError | OSError) and not isinstance(
+                exc,
+                MaxConnectionsError | TimeoutError,  # TimeoutError is an OSError
+            ):
                 self._down_until = self._clock() + self.settings.down_backoff_s
             log.warning("exact cache: Redis unavailable, serving a miss: %s", exc)
             return None

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import MaxConnectionsError
 
 from deployments.cache_policy import CachePolicySettings, decide, parse_controls
 from deployments.exact_cache import ExactCache, ExactCacheSettings
@@ -152,3 +153,18 @@ async def test_redis_down_is_a_miss_and_stores_are_skipped(dead_redis: aioredis.
     assert await cache.lookup(key) is None
     with pytest.raises(StoreUnavailableError):
         await cache.stats()
+
+
+async def test_slow_redis_is_a_miss_without_backing_off(dead_redis: aioredis.Redis) -> None:
+    cache = ExactCache(dead_redis, ExactCacheSettings(op_timeout_s=0.01), clock=lambda: 0.0)
+
+    async def slow(**_: object) -> None:
+        await asyncio.Event().wait()  # never answers: the op timeout must cut it
+
+    async def overloaded(**_: object) -> None:
+        raise MaxConnectionsError("Too many connections")
+
+    for script in (slow, overloaded):
+        cache._lookup = script  # type: ignore[assignment]
+        assert await cache.lookup(rkey()) is None
+        assert cache._down_until == 0.0
