@@ -15,6 +15,7 @@ and the bulkhead slot is held until ``ResilienceResult.release()``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
@@ -48,6 +49,8 @@ from serve_app.errors import (
 
 T = TypeVar("T")
 LEASE_GRACE_S = 1.0  # a probe's lease outlives its deadline a little
+MAX_BACKGROUND = 32  # outcomes recorded off the response path at once (pool connections)
+log = logging.getLogger(__name__)
 
 
 class Target(BaseModel):
@@ -74,6 +77,10 @@ class ResilienceSettings(BaseModel):
     fallbacks: dict[str, list[Target]] = Field(default_factory=dict)  # public model -> chain
     key_prefix: str = "breaker"
     store_retry_after_s: float = Field(1.0, gt=0)  # re-try Redis this often while it is down
+    # An open breaker cannot close before its wait ends (only an admin can), so a
+    # replica may refuse from memory for this long without asking Redis again;
+    # an admin's force-close reaches the other replicas within this delay.
+    refusal_cache_s: float = Field(1.0, ge=0)
 
     def policy(self, upstream: str) -> UpstreamPolicy:
         return self.upstreams.get(upstream, self.default)
@@ -139,7 +146,8 @@ class Resilience:
         self._rng = rng or random.Random()
         self._bulkheads: dict[str, Bulkhead] = {}
         self._breakers: dict[str, BreakerSettings] = {}
-        self._background: set[asyncio.Task[Decision]] = set()
+        self._background: set[asyncio.Task[BreakerState]] = set()
+        self._refusing: dict[str, tuple[float, float, Decision]] = {}  # name -> (at, until, it)
         for chain in settings.fallbacks.values():
             for target in chain:
                 self.breaker_name(target)
@@ -214,8 +222,7 @@ class Resilience:
             remaining = run.remaining()
             if remaining <= 0:
                 raise _NextTarget(UpstreamTimeoutError("The request's deadline passed."))
-            permit = await self.store.acquire(name, policy.breaker, remaining + LEASE_GRACE_S)
-            self._observe(name, permit)
+            permit = await self._acquire(name, policy.breaker, remaining + LEASE_GRACE_S)
             if not permit.allowed:
                 self.metrics.refused[name] += 1
                 raise _NextTarget(open_error(name, permit))
@@ -233,6 +240,26 @@ class Resilience:
                 raise error
             self.metrics.retries[target.upstream] += 1
             await self._sleep(delay)
+
+    async def _acquire(self, name: str, cfg: BreakerSettings, lease_s: float) -> Decision:
+        now = self._clock()
+        cached = self._refusing.get(name)
+        if cached is not None and now < cached[1]:
+            fetched, _, refusal = cached
+            if refusal.state == BreakerState.OPEN:
+                left = refusal.retry_after_ms - round((now - fetched) * 1000)
+                refusal = refusal._replace(retry_after_ms=max(0, left))
+            return refusal._replace(transition=None)
+        permit = await self.store.acquire(name, cfg, lease_s)
+        self._observe(name, permit)
+        if permit.allowed or permit.state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
+            self._refusing.pop(name, None)
+            return permit
+        keep = self.settings.refusal_cache_s
+        if permit.state == BreakerState.OPEN:
+            keep = min(keep, permit.retry_after_ms / 1000)
+        self._refusing[name] = (now, now + keep, permit)
+        return permit
 
     async def _once(
         self,
@@ -262,7 +289,8 @@ class Resilience:
                 value = await attempt(target)
         except asyncio.CancelledError:
             bulkhead.release()
-            self._record_later(name, policy.breaker, permit)  # the client went away
+            if permit.permit_id:  # give a probe's permit back; the client went away
+                self._record_later(name, policy.breaker, permit, None, Outcome.IGNORED)
             raise
         except Exception as exc:
             bulkhead.release()
@@ -270,7 +298,12 @@ class Resilience:
             outcome = _outcome(exc, took, policy.breaker, deadline.expired())
             return exc, await self._record(name, policy.breaker, permit, exc, outcome)
         took = self._clock() - started
-        await self._record(name, policy.breaker, permit, None, classify(None, took, policy.breaker))
+        # A success never changes what this request does next: record it off the response path.
+        outcome = classify(None, took, policy.breaker)
+        if len(self._background) < MAX_BACKGROUND:
+            self._record_later(name, policy.breaker, permit, None, outcome)
+        else:  # Redis is slower than the traffic: push back rather than pile up
+            await self._record(name, policy.breaker, permit, None, outcome)
         if not stream:
             bulkhead.release()
             return ResilienceResult(value, target, run.attempts)
@@ -291,17 +324,26 @@ class Resilience:
         self._observe(name, decision)
         return decision.state
 
-    def _record_later(self, name: str, cfg: BreakerSettings, permit: Decision) -> None:
-        # Give a probe's permit back without delaying the cancellation.
-        if not permit.permit_id:
-            return
-        task = asyncio.ensure_future(self.store.record(name, cfg, permit, Outcome.IGNORED))
+    def _record_later(
+        self,
+        name: str,
+        cfg: BreakerSettings,
+        permit: Decision,
+        exc: Exception | None,
+        outcome: Outcome,
+    ) -> None:
+        task = asyncio.ensure_future(self._record(name, cfg, permit, exc, outcome))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[BreakerState]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("breaker outcome not recorded: %s", task.exception())
 
     async def drain(self) -> None:
         """Wait for outcomes still being recorded in the background (shutdown, tests)."""
-        await asyncio.gather(*self._background)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     def _observe(self, name: str, decision: Decision) -> None:
         if decision.transition is not None:
@@ -325,6 +367,7 @@ class Resilience:
 
     async def _force(self, name: str, state: BreakerState) -> BreakerSnapshot:
         cfg = self._settings_of(name)
+        self._refusing.pop(name, None)
         self._observe(name, await self.store.set_state(name, cfg, state))
         return await self.store.snapshot(name, cfg)
 
@@ -342,6 +385,7 @@ class Resilience:
 
     async def reset(self, name: str) -> BreakerSnapshot:
         cfg = self._settings_of(name)
+        self._refusing.pop(name, None)
         await self.store.reset(name)
         self.metrics.states[name] = BreakerState.CLOSED
         return await self.store.snapshot(name, cfg)

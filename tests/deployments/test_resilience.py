@@ -184,6 +184,7 @@ async def test_slow_successes_are_recorded_as_slow(clock: Clock) -> None:
     up = Upstreams(clock, a=[2.0, 2.0, 0.1, 2.0])
     for _ in range(4):
         await res.call([A], up, 30)
+    await res.drain()
     snap = (await res.breakers())[0]
     assert (snap.state, snap.slow_calls, snap.failed_calls) == (BreakerState.OPEN, 3, 0)
 
@@ -324,3 +325,53 @@ async def test_replicas_sharing_redis_share_the_breaker(
     assert two.metrics.refused["a/m-a"] == 1
     assert {s.name: s.state for s in await two.breakers()}["a/m-a"] == BreakerState.OPEN
     await other_client.aclose()
+
+
+async def test_a_refusal_is_repeated_from_memory_for_a_second(clock: Clock) -> None:
+    res = resilience(clock)
+    cfg = res.settings.default.breaker
+    await res.store.open_for("a/m-a", cfg, 30)
+    up = Upstreams(clock)
+    with pytest.raises(CircuitOpenError):
+        await res.call([A], up, 30)
+    clock.now += 0.5
+    with pytest.raises(CircuitOpenError) as cached:
+        await res.call([A], up, 30)
+    assert cached.value.headers["retry-after-ms"] == "29500"
+    assert (await res.store.snapshot("a/m-a", cfg)).not_permitted == 1  # Redis not asked
+    clock.now += 0.5
+    with pytest.raises(CircuitOpenError):
+        await res.call([A], up, 30)
+    assert (await res.store.snapshot("a/m-a", cfg)).not_permitted == 2
+    assert res.metrics.refused["a/m-a"] == 3 and up.calls == []
+
+
+async def test_the_refusal_memory_never_outlives_the_opening(clock: Clock) -> None:
+    res = resilience(clock)
+    await res.store.open_for("a/m-a", res.settings.default.breaker, 0.3)
+    up = Upstreams(clock)
+    with pytest.raises(CircuitOpenError):
+        await res.call([A], up, 30)
+    clock.now += 0.3
+    assert (await res.call([A], up, 30)).value == "a:m-a"
+
+
+async def test_an_admin_close_clears_the_refusal_memory(clock: Clock) -> None:
+    res = resilience(clock)
+    await res.force_open("a/m-a")
+    up = Upstreams(clock)
+    with pytest.raises(CircuitOpenError):
+        await res.call([A], up, 30)
+    await res.force_close("a/m-a")
+    assert (await res.call([A], up, 30)).value == "a:m-a"
+
+
+async def test_a_successful_probe_closes_the_breaker_off_the_response_path(clock: Clock) -> None:
+    res = resilience(clock, permitted_calls_in_half_open=1)
+    await res.store.open_for("a/m-a", res.settings.default.breaker, 1)
+    clock.now += 1
+    result = await res.call([A], Upstreams(clock), 30)
+    await res.drain()
+    assert result.value == "a:m-a"
+    assert res.metrics.transitions[("a/m-a", "HALF_OPEN", "CLOSED")] == 1
+    assert res.metrics.states["a/m-a"] == BreakerState.CLOSED
