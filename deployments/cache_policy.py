@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import InvalidRequestError
 
@@ -40,6 +40,8 @@ SHARED_DEFAULT = "default"
 
 
 class CachePolicySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     enabled: bool = True
     default_ttl_s: int = Field(3600, gt=0)
     max_ttl_s: int = Field(86_400, gt=0)

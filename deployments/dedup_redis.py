@@ -32,7 +32,7 @@ from importlib.resources import files
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.dedup import Flight, Role, SingleFlight, StreamFlight
 from deployments.dedup_stream import follow_stream, lead_stream
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class DedupSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     enabled: bool = True
     # Which requests coalesce: those the cache may serve, all, or none.
     coalesce: Literal["cacheable", "all", "none"] = "cacheable"

@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
@@ -47,6 +47,8 @@ Counter = Literal["semantic_hits", "guard_rejections"]
 
 
 class ExactCacheSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     enabled: bool = True
     key_prefix: str = "gw:cache"
     max_entry_bytes: int = Field(2_000_000, gt=0)
