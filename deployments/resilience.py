@@ -158,8 +158,12 @@ class Resilience:
         store = FailoverBreakerStore(shared, retry_primary_after_s=settings.store_retry_after_s)
         return cls(settings, store)
 
-    def chain(self, model: str) -> list[Target]:
-        return list(self.settings.fallbacks.get(model, ()))
+    def chain(self, model: str, primary: Target | None = None) -> list[Target]:
+        """The model's configured chain (primary first), else just ``primary``."""
+        configured = self.settings.fallbacks.get(model)
+        if configured:
+            return list(configured)
+        return [] if primary is None else [primary]
 
     def breaker_name(self, target: Target) -> str:
         policy = self.settings.policy(target.upstream)

@@ -375,3 +375,10 @@ async def test_a_successful_probe_closes_the_breaker_off_the_response_path(clock
     assert result.value == "a:m-a"
     assert res.metrics.transitions[("a/m-a", "HALF_OPEN", "CLOSED")] == 1
     assert res.metrics.states["a/m-a"] == BreakerState.CLOSED
+
+
+def test_a_model_without_fallbacks_uses_its_primary_alone(clock: Clock) -> None:
+    res = resilience(clock)
+    assert res.chain("gpt", primary=C) == [A, B, C]
+    assert res.chain("other", primary=C) == [C]
+    assert res.chain("other") == []
