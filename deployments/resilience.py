@@ -284,6 +284,10 @@ class Resilience:
             if permit.permit_id:  # give a probe's permit back
                 await self.store.record(name, policy.breaker, permit, Outcome.IGNORED)
             return full, permit.state
+        except asyncio.CancelledError:
+            if permit.permit_id:
+                self._record_later(name, policy.breaker, permit, None, Outcome.IGNORED)
+            raise
         run.attempts += 1
         run.last_target = target
         started = self._clock()

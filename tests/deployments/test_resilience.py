@@ -382,3 +382,27 @@ def test_a_model_without_fallbacks_uses_its_primary_alone(clock: Clock) -> None:
     assert res.chain("gpt", primary=C) == [A, B, C]
     assert res.chain("other", primary=C) == [C]
     assert res.chain("other") == []
+
+
+async def test_a_probe_cancelled_in_the_bulkhead_queue_gives_its_permit_back(
+    clock: Clock,
+) -> None:
+    settings = ResilienceSettings(
+        default=policy(permitted_calls_in_half_open=1).model_copy(
+            update={"bulkhead": BulkheadSettings(max_concurrent=1, max_queued=1)}
+        )
+    )
+    res = Resilience(settings, MemoryBreakerStore(clock), clock=clock, sleep=clock.sleep)
+    cfg = settings.default.breaker
+    await res.bulkhead("a").acquire(30)  # another call holds the only slot
+    await res.store.open_for("a/m-a", cfg, 1)
+    clock.now += 1
+    task = asyncio.create_task(res.call([A], Upstreams(clock), 30))
+    for _ in range(5):  # let the call reach the bulkhead queue
+        await asyncio.sleep(0)
+    assert res.bulkhead("a").queued == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await res.drain()
+    assert (await res.store.acquire("a/m-a", cfg, 30)).allowed
