@@ -1,11 +1,13 @@
 """Breakers, bulkheads, retries and fallbacks around the provider client.
 
 For each target of a model's fallback chain, in order: ask the target's
-breaker for permission (one Redis round trip), take a bulkhead slot, call
-the upstream, record the outcome (one round trip; slow by measured duration),
-then retry the same target (safe failures only, within the deadline) or
-move on to the next. A 429/503 carrying ``retry-after`` opens the breaker for
-exactly that long. No lock is held across the upstream call.
+breaker for permission (one Redis round trip; while it is open, a refusal is
+repeated from memory for up to ``refusal_cache_s``), take a bulkhead slot,
+call the upstream, record the outcome (one round trip; slow by measured
+duration; a success is recorded off the response path), then retry the same
+target (safe failures only, within the deadline) or move on to the next.
+A 429/503 carrying ``retry-after`` opens the breaker for exactly that long.
+No lock is held across the upstream call.
 
 For a stream, ``attempt`` returns once the upstream's first chunk arrived:
 the breaker records the time to first chunk, nothing is retried after it,
@@ -21,10 +23,9 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.breaker import (
     BreakerSettings,
@@ -37,8 +38,9 @@ from deployments.breaker import (
     open_error,
 )
 from deployments.breaker_store import FailoverBreakerStore, RedisBreakerStore
-from deployments.bulkhead import Bulkhead, BulkheadSettings
-from deployments.retry import RetryPolicy, RetrySettings, retry_after_s, should_fall_back
+from deployments.bulkhead import Bulkhead
+from deployments.resilience_settings import ResilienceSettings, Target, UpstreamPolicy
+from deployments.retry import RetryPolicy, retry_after_s, should_fall_back
 from serve_app.errors import (
     GatewayError,
     NotFoundError,
@@ -52,38 +54,14 @@ LEASE_GRACE_S = 1.0  # a probe's lease outlives its deadline a little
 MAX_BACKGROUND = 32  # outcomes recorded off the response path at once (pool connections)
 log = logging.getLogger(__name__)
 
-
-class Target(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    upstream: str
-    model: str  # the upstream's own model name
-
-
-class UpstreamPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
-    bulkhead: BulkheadSettings = Field(default_factory=BulkheadSettings)
-    retry: RetrySettings = Field(default_factory=RetrySettings)
-    breaker_scope: Literal["upstream", "model"] = "model"  # one breaker per upstream, or per model
-
-
-class ResilienceSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    default: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
-    upstreams: dict[str, UpstreamPolicy] = Field(default_factory=dict)
-    fallbacks: dict[str, list[Target]] = Field(default_factory=dict)  # public model -> chain
-    key_prefix: str = "breaker"
-    store_retry_after_s: float = Field(1.0, gt=0)  # re-try Redis this often while it is down
-    # An open breaker cannot close before its wait ends (only an admin can), so a
-    # replica may refuse from memory for this long without asking Redis again;
-    # an admin's force-close reaches the other replicas within this delay.
-    refusal_cache_s: float = Field(1.0, ge=0)
-
-    def policy(self, upstream: str) -> UpstreamPolicy:
-        return self.upstreams.get(upstream, self.default)
+__all__ = [
+    "Resilience",
+    "ResilienceMetrics",
+    "ResilienceResult",
+    "ResilienceSettings",
+    "Target",
+    "UpstreamPolicy",
+]
 
 
 @dataclass
