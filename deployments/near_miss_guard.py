@@ -1,0 +1,221 @@
+"""The check a semantic hit must pass beyond the cosine threshold.
+
+Bi-encoders score "same question reworded" and "same template, one slot
+changed" alike ("convert 100 F to C" vs "100 C to F" is 0.99), so a hit is
+verified lexically: two prompts whose content words differ by a number, a
+negation, an opposite, a reordering, or a one/two-word slot are different
+questions however close their vectors are. Each rule rejects; passing all of
+them accepts. The rules were chosen by measuring, on labelled question pairs,
+how many wrong hits each removes against how many right ones it costs
+(see bench/cache_eval.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import lru_cache
+
+from pydantic import BaseModel
+
+_CONTRACTIONS = (
+    (re.compile(r"\bcan'?t\b"), "can not"),
+    (re.compile(r"\bwon'?t\b"), "will not"),
+    (re.compile(r"n't\b"), " not"),
+    (re.compile(r"'(s|re|ve|ll|d|m)\b"), ""),
+)
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+")
+_NEGATIONS = frozenset(
+    "not no never without cannot nor none nobody nothing neither nowhere".split()
+)
+_WH = frozenset("what who whom whose where when why how which".split())
+# Function words carry the grammar, not the question; rewording changes them freely.
+_STOPWORDS = (
+    frozenset(
+        """a an the is are was were be been being am do does did doing done have has had having
+    i me my mine we us our you your yours he him his she her it its they them their this that
+    these those there here of in on at by for with about as into onto from up out over under
+    again then once so than too very just also only own same such some any all each every both
+    few more most other can could will would shall should may might must to and or but if
+    while because until whether what who whom whose where when why how which way ways get
+    one someone something anyone anything thing things really actually possible please
+    good best better""".split()
+    )
+    - _NEGATIONS
+)
+# Generic opposites ("antonym-ish" slots); prefix opposites (un-, dis-, ...) are derived.
+_OPPOSITES = (
+    ("more", "less"),
+    ("increase", "decrease"),
+    ("before", "after"),
+    ("max", "min"),
+    ("maximum", "minimum"),
+    ("hot", "cold"),
+    ("soft", "hard"),
+    ("up", "down"),
+    ("buy", "sell"),
+    ("best", "worst"),
+    ("good", "bad"),
+    ("better", "worse"),
+    ("pros", "cons"),
+    ("start", "stop"),
+    ("open", "close"),
+    ("add", "remove"),
+    ("win", "lose"),
+    ("male", "female"),
+    ("old", "new"),
+    ("high", "low"),
+    ("ascending", "descending"),
+    ("import", "export"),
+    ("encrypt", "decrypt"),
+    ("encode", "decode"),
+    ("upload", "download"),
+    ("first", "last"),
+    ("in", "out"),
+    ("on", "off"),
+    ("true", "false"),
+    ("positive", "negative"),
+    ("rich", "poor"),
+    ("fast", "slow"),
+    ("big", "small"),
+    ("long", "short"),
+    ("love", "hate"),
+    ("always", "never"),
+    ("accept", "reject"),
+    ("allow", "deny"),
+    ("include", "exclude"),
+    ("inside", "outside"),
+    ("left", "right"),
+    ("north", "south"),
+    ("east", "west"),
+    ("summer", "winter"),
+    ("day", "night"),
+)
+_OPPOSITE_OF = {a: b for a, b in _OPPOSITES} | {b: a for a, b in _OPPOSITES}
+_NEG_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "de", "anti", "mis")
+
+
+class GuardSettings(BaseModel):
+    """``args.semantic_cache.guard``: each rule can be switched off."""
+
+    enabled: bool = True
+    numbers: bool = True
+    negation: bool = True
+    opposites: bool = True
+    swapped_span: bool = True
+    substitution: bool = True
+    max_substitution_words: int = 2
+    question_word: bool = False  # measured: costs three right hits per wrong one removed
+
+
+@dataclass(frozen=True, slots=True)
+class GuardVerdict:
+    ok: bool
+    reason: str | None = None  # the rule that rejected
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    words: tuple[str, ...]  # every word, lower-cased
+    names: frozenset[str]  # stems of words written as names (capitalised mid-sentence) or symbols
+    content: tuple[str, ...]  # stems of content words, in order
+    numbers: tuple[str, ...]
+    negations: int
+    wh: frozenset[str]
+
+
+def _stem(word: str) -> str:
+    """A crude stemmer: enough to see "learn"/"learning" and "city"/"cities" as one."""
+    for suffix, repl, min_len in (
+        ("ies", "y", 5),
+        ("ing", "", 6),
+        ("ed", "", 5),
+        ("es", "", 5),
+        ("s", "", 4),
+    ):
+        if len(word) >= min_len and word.endswith(suffix) and not word.endswith("ss"):
+            return word[: -len(suffix)] + repl
+    return word
+
+
+@lru_cache(maxsize=8192)
+def _parse(text: str) -> _Parsed:
+    low = text.lower().replace("\u2019", "'")
+    for pattern, repl in _CONTRACTIONS:
+        low = pattern.sub(repl, low)
+    words = tuple(_TOKEN.findall(low))
+    raw = _TOKEN.findall(text)
+    names = frozenset(
+        _stem(w.lower()) for k, w in enumerate(raw) if (k > 0 and w[0].isupper()) or len(w) == 1
+    )
+    numbers = tuple(sorted(w.replace(",", "") for w in words if w[0].isdigit()))
+    content = tuple(
+        _stem(w)
+        for w in words
+        if w not in _STOPWORDS and w not in _NEGATIONS and not w[0].isdigit()
+    )
+    negations = sum(1 for w in words if w in _NEGATIONS)
+    return _Parsed(
+        words, names, content, numbers, negations, frozenset(w for w in words if w in _WH)
+    )
+
+
+def _is_opposite(a: str, b: str) -> bool:
+    if _OPPOSITE_OF.get(a) == b:
+        return True
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_ == p + short for p in _NEG_PREFIXES) and len(short) >= 3
+
+
+def _opposite_words(qa: _Parsed, qb: _Parsed) -> bool:
+    only_a = set(qa.words) - set(qb.words)
+    only_b = set(qb.words) - set(qa.words)
+    return any(
+        _is_opposite(w, v) or _is_opposite(_stem(w), _stem(v)) for w in only_a for v in only_b
+    )
+
+
+def _slot_changed(qa: _Parsed, qb: _Parsed, max_words: int) -> bool:
+    """Same template with a name or symbol slot swapped ("in Ohio" -> "in Texas", "F" -> "C").
+
+    Only names count: swapping an ordinary word is as often a rewording ("really" for
+    "actually") as a new question, and measured so on labelled pairs.
+    """
+    a, b = qa.content, qb.content
+    ops = [op for op in SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if len(ops) != 1 or ops[0][0] != "replace":
+        return False
+    _, i1, i2, j1, j2 = ops[0]
+    if len(a) - (i2 - i1) < 1 or (i2 - i1) > max_words or (j2 - j1) > max_words:
+        return False
+    swapped = set(a[i1:i2]) | set(b[j1:j2])
+    return bool(swapped & (qa.names | qb.names))
+
+
+class NearMissGuard:
+    """``verify(query, cached)`` accepts a candidate hit or names the rule that rejects it."""
+
+    def __init__(self, settings: GuardSettings | None = None) -> None:
+        self._cfg = settings or GuardSettings()
+
+    def verify(self, query: str, cached: str) -> GuardVerdict:
+        cfg = self._cfg
+        if not cfg.enabled or query == cached:
+            return GuardVerdict(True)
+        qa, qb = _parse(query), _parse(cached)
+        if cfg.numbers and Counter(qa.numbers) != Counter(qb.numbers):
+            return GuardVerdict(False, "numbers")
+        if cfg.negation and (qa.negations % 2) != (qb.negations % 2):
+            return GuardVerdict(False, "negation")
+        if cfg.opposites and _opposite_words(qa, qb):
+            return GuardVerdict(False, "opposites")
+        if cfg.swapped_span and qa.content != qb.content:
+            if Counter(qa.content) == Counter(qb.content):
+                return GuardVerdict(False, "swapped_span")
+        if cfg.substitution and _slot_changed(qa, qb, cfg.max_substitution_words):
+            return GuardVerdict(False, "substitution")
+        if cfg.question_word and qa.wh and qb.wh and not (qa.wh & qb.wh):
+            return GuardVerdict(False, "question_word")
+        return GuardVerdict(True)

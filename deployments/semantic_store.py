@@ -1,0 +1,215 @@
+"""Where semantic-cache entries live beyond one replica.
+
+``RedisSemanticStore`` is the production store; ``MemorySemanticStore`` serves
+the offline evaluation and unit tests. Both pass one contract test.
+
+Redis keys share the ``{sc}`` hash tag so that an entry and its change record
+are written in one MULTI:
+``{sc}:e:<id>``: hash {vec (float32 bytes), text, body, created (unix s), ttl (s or ""),
+scope, ns}, expiring with the entry (PEXPIRE, so the server's clock decides);
+``{sc}:changes``: stream {op: add|del|flush, id, ns}, capped, tailed by every replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from deployments.semantic_index import SemanticEntry
+from serve_app.errors import StoreUnavailableError
+
+ENTRY_PREFIX = "{sc}:e:"
+CHANGES_KEY = "{sc}:changes"
+_STREAM_MAXLEN = 100_000
+_SCAN_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    op: str  # add | del | flush
+    entry_id: str = ""
+    namespace: str = ""  # flush: "" means every namespace
+
+
+class SemanticStore(Protocol):
+    async def put(self, entry: SemanticEntry, body: bytes) -> None: ...
+    async def body(self, entry_id: str) -> bytes | None: ...
+    async def load(self, entry_id: str) -> SemanticEntry | None: ...
+    async def delete(self, entry_id: str) -> bool: ...
+    async def flush(self, namespace: str | None) -> int: ...
+    def scan(self) -> AsyncIterator[SemanticEntry]: ...
+    async def change_mark(self) -> str: ...
+    def follow(self, mark: str) -> AsyncIterator[Change]: ...
+
+
+def _encode(entry: SemanticEntry, body: bytes) -> dict[str, bytes | str]:
+    return {
+        "vec": entry.vector.astype(np.float32).tobytes(),
+        "text": entry.text,
+        "body": body,
+        "created": repr(entry.created),
+        "ttl": "" if entry.ttl is None else repr(entry.ttl),
+        "scope": entry.scope,
+        "ns": entry.namespace,
+    }
+
+
+def _decode(eid: str, raw: dict[bytes, bytes]) -> SemanticEntry | None:
+    if not raw or b"vec" not in raw:
+        return None
+    ttl = raw.get(b"ttl", b"")
+    return SemanticEntry(
+        id=eid,
+        namespace=raw[b"ns"].decode(),
+        scope=raw[b"scope"].decode(),
+        text=raw[b"text"].decode(),
+        vector=np.frombuffer(raw[b"vec"], dtype=np.float32).copy(),
+        created=float(raw[b"created"]),
+        ttl=float(ttl) if ttl else None,
+    )
+
+
+class RedisSemanticStore:
+    """Redis errors become ``StoreUnavailableError`` here; the cache turns them into misses."""
+
+    def __init__(self, client: aioredis.Redis, block_ms: int = 1000) -> None:
+        self._r = client
+        self._block_ms = block_ms
+
+    async def put(self, entry: SemanticEntry, body: bytes) -> None:
+        key = ENTRY_PREFIX + entry.id
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                pipe.hset(key, mapping=_encode(entry, body))
+                if entry.ttl is not None:
+                    pipe.pexpire(key, max(1, int(entry.ttl * 1000)))
+                pipe.xadd(
+                    CHANGES_KEY,
+                    {"op": "add", "id": entry.id, "ns": entry.namespace},
+                    maxlen=_STREAM_MAXLEN,
+                    approximate=True,
+                )
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailableError(f"semantic store: {exc}") from exc
+
+    async def body(self, entry_id: str) -> bytes | None:
+        try:
+            return await self._r.hget(ENTRY_PREFIX + entry_id, "body")
+        except RedisError as exc:
+            raise StoreUnavailableError(f"semantic store: {exc}") from exc
+
+    async def load(self, entry_id: str) -> SemanticEntry | None:
+        try:
+            raw = await self._r.hgetall(ENTRY_PREFIX + entry_id)
+        except RedisError as exc:
+            raise StoreUnavailableError(f"semantic store: {exc}") from exc
+        return _decode(entry_id, raw)
+
+    async def delete(self, entry_id: str) -> bool:
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.delete(ENTRY_PREFIX + entry_id)
+                pipe.xadd(CHANGES_KEY, {"op": "del", "id": entry_id, "ns": ""})
+                deleted, _ = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailableError(f"semantic store: {exc}") from exc
+        return bool(deleted)
+
+    async def flush(self, namespace: str | None) -> int:
+        """Delete every entry (of one namespace): an admin operation, O(entries)."""
+        doomed = [e.id async for e in self.scan() if namespace is None or e.namespace == namespace]
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                for eid in doomed:
+                    pipe.delete(ENTRY_PREFIX + eid)
+                pipe.xadd(CHANGES_KEY, {"op": "flush", "id": "", "ns": namespace or ""})
+                await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailableError(f"semantic store: {exc}") from exc
+        return len(doomed)
+
+    async def scan(self) -> AsyncIterator[SemanticEntry]:
+        try:
+            keys: list[bytes] = []
+            async for key in self._r.scan_iter(match=ENTRY_PREFIX + "*", count=_SCAN_BATCH):
+                keys.append(key)
+                if len(keys) == _SCAN_BATCH:
+                    for entry in await self._load_many(keys):
+                        yield entry
+                    keys = []
+            for entry in await self._load_many(keys):
+                yield entry
+        except RedisError as exc:
+            raise StoreUnavailableError(f"semantic store: {exc}") from exc
+
+    async def _load_many(self, keys: list[bytes]) -> list[SemanticEntry]:
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            raws = await pipe.execute()
+        prefix = len(ENTRY_PREFIX)
+        found = (_decode(k.decode()[prefix:], raw) for k, raw in zip(keys, raws, strict=True))
+        return [e for e in found if e is not None]
+
+    async def change_mark(self) -> str:
+        """The id of the last change so far: a replica tails the stream from here."""
+        last = await self._r.xrevrange(CHANGES_KEY, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def follow(self, mark: str) -> AsyncIterator[Change]:
+        while True:
+            batches = await self._r.xread({CHANGES_KEY: mark}, count=500, block=self._block_ms)
+            for _stream, records in batches or []:
+                for rec_id, fields in records:
+                    mark = rec_id.decode()
+                    yield Change(
+                        op=fields[b"op"].decode(),
+                        entry_id=fields[b"id"].decode(),
+                        namespace=fields[b"ns"].decode(),
+                    )
+
+
+class MemorySemanticStore:
+    """One process's store, no expiry of its own (the cache checks TTL on every hit)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[SemanticEntry, bytes]] = {}
+
+    async def put(self, entry: SemanticEntry, body: bytes) -> None:
+        self._rows[entry.id] = (entry, body)
+
+    async def body(self, entry_id: str) -> bytes | None:
+        row = self._rows.get(entry_id)
+        return row[1] if row else None
+
+    async def load(self, entry_id: str) -> SemanticEntry | None:
+        row = self._rows.get(entry_id)
+        return row[0] if row else None
+
+    async def delete(self, entry_id: str) -> bool:
+        return self._rows.pop(entry_id, None) is not None
+
+    async def flush(self, namespace: str | None) -> int:
+        doomed = [k for k, (e, _) in self._rows.items() if namespace in (None, e.namespace)]
+        for k in doomed:
+            del self._rows[k]
+        return len(doomed)
+
+    async def scan(self) -> AsyncIterator[SemanticEntry]:
+        for entry, _ in list(self._rows.values()):
+            yield entry
+
+    async def change_mark(self) -> str:
+        return ""
+
+    async def follow(self, mark: str) -> AsyncIterator[Change]:
+        # A single process has no other writer to hear from.
+        return
+        yield  # pragma: no cover
