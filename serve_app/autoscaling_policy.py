@@ -58,7 +58,7 @@ class PolicySettings(BaseModel):
     max_step_factor: float = Field(2.0, ge=1)
     tolerance: float = Field(0.1, ge=0, lt=1)  # |ratio - 1| within this: hold
     sample_interval_s: float = Field(5.0, gt=0)  # how often a signal sample is recorded
-    redis_url_env: str = "REDIS_URL"  # env var (in the controller) naming the Redis URL
+    redis_url_env: str | None = "REDIS_URL"  # env var (controller) with the URL; None: off
     record_maxlen: int = Field(10_000, gt=0)  # approximate cap per stream
 
 
@@ -129,6 +129,11 @@ def read_signals(
     return tuple(readings)
 
 
+# Not proportional to load (a replica's baseline memory, the upstream's share of latency): they
+# may ask for more replicas, but a low reading is no reason to keep replicas.
+UP_ONLY = frozenset({"memory", "p95_latency"})
+
+
 def decide(
     current: int, readings: tuple[SignalReading, ...], settings: PolicySettings
 ) -> ScalingDecision:
@@ -136,11 +141,13 @@ def decide(
     if current <= 0 or not readings:
         return ScalingDecision(current, current, "none", "hold", readings)
     top = max(readings, key=lambda r: r.ratio)
-    if abs(top.ratio - 1.0) <= settings.tolerance:
-        return ScalingDecision(current, current, top.name, "hold", readings)
-    if top.ratio > 1.0:
+    if top.ratio > 1.0 + settings.tolerance:
         desired = max(current + 1, math.ceil(current * top.ratio))
         return ScalingDecision(current, desired, top.name, "up", readings)
+    if top.ratio >= 1.0 - settings.tolerance:
+        return ScalingDecision(current, current, top.name, "hold", readings)
+    load = [r for r in readings if r.name not in UP_ONLY] or list(readings)
+    top = max(load, key=lambda r: r.ratio)
     desired = max(1, math.ceil(current * top.ratio))
     action = "down" if desired < current else "hold"
     return ScalingDecision(current, desired, top.name, action, readings)
@@ -225,7 +232,7 @@ class MultiSignalPolicy:
         max_step_factor: float = 2.0,
         tolerance: float = 0.1,
         sample_interval_s: float = 5.0,
-        redis_url_env: str = "REDIS_URL",
+        redis_url_env: str | None = "REDIS_URL",
         record_maxlen: int = 10_000,
     ) -> None:
         self.settings = PolicySettings(
@@ -295,7 +302,8 @@ class MultiSignalPolicy:
     def _emit(self, key: str, payload: dict[str, Any]) -> None:
         if not self._sink_checked:
             self._sink_checked = True
-            url = os.environ.get(self.settings.redis_url_env)
+            env = self.settings.redis_url_env
+            url = os.environ.get(env) if env else None
             if url:
                 self._sink = _RecordSink(url, self.settings.record_maxlen)
         if self._sink is not None:

@@ -205,3 +205,15 @@ def test_upscale_waits_for_serves_delay_then_change_is_recorded(
     assert (events[0]["from"], events[0]["to"], events[0]["driver"]) == (1, 3, "request_rate")
     samples = [p for k, p in emitted if k.endswith(":samples")]
     assert [s["t"] for s in samples] == [0.0]  # one sample per interval
+
+
+def test_memory_and_latency_scale_up_but_never_hold_replicas() -> None:
+    hot = decide(2, readings(current=2, custom=per_replica(METRIC_MEMORY, 96.0, 96.0)), SETTINGS)
+    assert (hot.driver, hot.desired) == ("memory", 3)
+    baseline = {
+        **per_replica(METRIC_MEMORY, 60.0, 60.0, 60.0, 60.0),  # 0.75: a load-independent floor
+        **per_replica(METRIC_P95_LATENCY, 0.7, 0.7, 0.7, 0.7),  # the upstream's share
+        **per_replica(METRIC_REQUEST_RATE, 3.0, 3.0, 3.0, 3.0),  # 0.2
+    }
+    quiet = decide(4, readings(current=4, custom=baseline), SETTINGS)
+    assert (quiet.action, quiet.driver, quiet.desired) == ("down", "request_rate", 1)
