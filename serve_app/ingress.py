@@ -11,20 +11,22 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from deployments.provider import ProviderClient, UpstreamStream
-from deployments.tokens import estimate_prompt_tokens
+from deployments.provider import ProviderClient
+from deployments.resilience import Target
+from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
 from serve_app import store as store_module
 from serve_app.auth import KeyRing
+from serve_app.completion import ChatPipeline, require_json
 from serve_app.context import RequestContext
 from serve_app.errors import (
     GatewayError,
@@ -33,18 +35,13 @@ from serve_app.errors import (
     NotFoundError,
     PayloadTooLargeError,
     StoreUnavailableError,
-    UpstreamError,
 )
+from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.schemas import ChatCompletionRequest, EmbeddingsRequest, validate
 from serve_app.settings import GatewayArgs, ModelSettings
+from serve_app.stages import SemanticCacheClient, Stages
 from serve_app.store import Store
-from serve_app.streaming import (
-    EventSplitter,
-    StreamResult,
-    error_event,
-    event_data,
-    inspect_event,
-)
+from serve_app.ticket import Ticket
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +88,13 @@ class Gateway:
         store: Store | None = None,
         provider: ProviderClient | None = None,
         stamp_request_id: bool = True,
+        metrics: MetricSink | None = None,
+        semantic: SemanticCacheClient | None = None,
     ) -> None:
         self.args = args
         self.stamp_request_id = stamp_request_id
+        self.metrics = metrics or NullMetrics()
+        self.semantic = semantic
         self.keys = KeyRing(args.api_keys)
         self.models: dict[str, ModelSettings] = {m.name: m for m in args.models}
         self.provider = provider or ProviderClient(args.upstreams)
@@ -102,8 +103,12 @@ class Gateway:
     async def start(self) -> None:
         if self.store is None:
             self.store = await store_module.connect(self.args.store)
+        self.stages = Stages.build(self.args, self.store, self.metrics, self.semantic)
+        await self.stages.start()
+        self.pipeline = ChatPipeline(self.args, self.stages, self.provider)
 
     async def aclose(self) -> None:
+        await self.stages.aclose()
         await self.provider.aclose()
         if self.store is not None:
             await self.store.aclose()
@@ -156,6 +161,7 @@ class Gateway:
         body = await self._read_json(request)
         parsed = validate(ChatCompletionRequest, body)
         model = self._model(parsed.model, "chat")
+        request.state.model = model.name
         ctx = RequestContext(
             request_id=request_id,
             principal=principal,
@@ -166,64 +172,56 @@ class Gateway:
             end_user=parsed.user,
             prompt_tokens_estimate=estimate_prompt_tokens(body["messages"]),
             max_tokens=parsed.max_completion_tokens or parsed.max_tokens,
+            headers={"cache-control": request.headers.get("cache-control", "")},
         )
-        upstream_body = {**body, "model": model.target_model}
-        if ctx.stream:
-            return await self._stream_chat(ctx, model, upstream_body)
-        response = await self.provider.post(
-            model.upstream, "/chat/completions", orjson.dumps(upstream_body), request_id
-        )
-        _require_json(response.body)
-        return Response(response.body, 200, ctx.response_headers, media_type="application/json")
-
-    async def _stream_chat(
-        self, ctx: RequestContext, model: ModelSettings, upstream_body: dict[str, Any]
-    ) -> Response:
-        # Always ask the upstream for usage (accounting needs it); the client
-        # only sees the usage chunk when it asked for one.
-        client_options = upstream_body.get("stream_options") or {}
-        want_usage = bool(client_options.get("include_usage"))
-        upstream_body["stream_options"] = {**client_options, "include_usage": True}
-        stream = await self.provider.open_stream(
-            model.upstream, "/chat/completions", orjson.dumps(upstream_body), ctx.request_id
-        )
-        headers = {**ctx.response_headers, "cache-control": "no-cache"}
-        return StreamingResponse(
-            self._relay(stream, want_usage), media_type="text/event-stream", headers=headers
-        )
-
-    async def _relay(self, stream: UpstreamStream, want_usage: bool) -> AsyncIterator[bytes]:
-        result = StreamResult()
-        splitter = EventSplitter()
-        try:
-            async for raw in stream.chunks():
-                for event in splitter.feed(raw):
-                    data = event_data(event)
-                    if data is None:
-                        continue
-                    if inspect_event(data, result) or want_usage:
-                        yield event + b"\n\n"
-            if not result.done:
-                raise UpstreamError("The upstream stream ended before [DONE].")
-        except GatewayError as exc:
-            result.error = exc
-            yield error_event(exc)
-        finally:
-            await stream.aclose()
+        return await self.pipeline.run(ctx, model)
 
     async def embeddings(self, request: Request, request_id: str) -> Response:
-        self.keys.authenticate(request.headers.get("authorization"))
+        principal = self.keys.authenticate(request.headers.get("authorization"))
         body = await self._read_json(request)
         parsed = validate(EmbeddingsRequest, body)
         model = self._model(parsed.model, "embeddings")
-        response = await self.provider.post(
-            model.upstream,
-            "/embeddings",
-            orjson.dumps({**body, "model": model.target_model}),
-            request_id,
+        request.state.model = model.name
+        ctx = RequestContext(
+            request_id=request_id,
+            principal=principal,
+            route="embeddings",
+            model=parsed.model,
+            body=body,
+            end_user=parsed.user,
+            prompt_tokens_estimate=estimate_input_tokens(parsed.input),
         )
-        _require_json(response.body)
-        return Response(response.body, 200, media_type="application/json")
+        ticket = await Ticket.admit(ctx, self.stages)
+        try:
+
+            async def attempt(target: Target) -> bytes:
+                payload = orjson.dumps({**body, "model": target.model})
+                answer = await self.provider.post(
+                    target.upstream, "/embeddings", payload, request_id
+                )
+                require_json(answer.body)
+                return answer.body
+
+            primary = Target(upstream=model.upstream, model=model.target_model)
+            chain = self.stages.resilience.chain(model.name, primary=primary)
+            result = await self.stages.resilience.call(chain, attempt, self.args.request_timeout_s)
+        except BaseException as exc:
+            ticket.fail()
+            if isinstance(exc, GatewayError):
+                exc.headers = {**ctx.response_headers, **exc.headers}
+            raise
+        usage = orjson.loads(result.value).get("usage")
+        charge = ticket.finish(
+            usage,
+            served_by="upstream",
+            cache="bypass",
+            upstream=result.target.upstream,
+            attempts=result.attempts,
+        )
+        headers = {**ctx.response_headers, **result.headers()}
+        if charge is not None:
+            headers["x-request-cost"] = charge.header_value()
+        return Response(result.value, 200, headers, media_type="application/json")
 
     async def list_models(self, request: Request, request_id: str) -> Response:
         self.keys.authenticate(request.headers.get("authorization"))
@@ -256,15 +254,6 @@ class Gateway:
             routes=routes,
             exception_handlers={HTTPException: _http_exception},
         )
-
-
-def _require_json(body: bytes) -> None:
-    try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(
-            "The upstream returned a malformed (non-JSON) body.", code="upstream_malformed_response"
-        ) from None
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -12,6 +12,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from deployments.budget import BudgetSettings
+from deployments.cache_policy import CachePolicySettings
+from deployments.cost_tracker import CostArgs
+from deployments.dedup_redis import DedupSettings
+from deployments.exact_cache import ExactCacheSettings
+from deployments.limiter_settings import LimiterSettings
+from deployments.resilience_settings import ResilienceSettings
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -85,12 +93,26 @@ class StoreSettings(_Strict):
         return os.environ.get("REDIS_URL") or self.url
 
 
+class CacheArgs(_Strict):
+    """``args.cache``: the policy both tiers share, and the exact tier's store."""
+
+    policy: CachePolicySettings = CachePolicySettings()
+    exact: ExactCacheSettings = ExactCacheSettings()
+
+
 class GatewayArgs(_Strict):
     upstreams: dict[str, UpstreamSettings]
     models: list[ModelSettings] = Field(min_length=1)
     api_keys: list[ApiKeySettings] = Field(min_length=1)
     store: StoreSettings = StoreSettings()
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(300.0, gt=0)  # a request's whole deadline, retries included
+    limits: LimiterSettings = LimiterSettings()
+    cache: CacheArgs = CacheArgs()
+    dedup: DedupSettings = DedupSettings()
+    resilience: ResilienceSettings = ResilienceSettings()
+    cost: CostArgs = CostArgs()
+    budgets: BudgetSettings = BudgetSettings()
 
     @field_validator("models")
     @classmethod

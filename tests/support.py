@@ -77,6 +77,14 @@ def gateway_args(mock_url: str, redis_url: str, **overrides: Any) -> GatewayArgs
         ],
         "store": {"url": redis_url},
         "max_body_bytes": 64 * 1024,
+        # Issue 2's tests look at single upstream calls: no retries, and a breaker
+        # that neither trips on a handful of faults nor stays open after a 429.
+        "resilience": {
+            "default": {
+                "retry": {"max_attempts": 1},
+                "breaker": {"minimum_calls": 1000, "max_open_for_s": 0.001},
+            }
+        },
     }
     config.update(overrides)
     return GatewayArgs.model_validate(config)

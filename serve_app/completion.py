@@ -1,0 +1,434 @@
+"""The chat-completion path through the DAG, after admission:
+
+    exact cache -> dedup (single flight) -> semantic cache -> breaker/provider -> cost
+
+Only the leader of a flight runs the semantic lookup and the upstream call;
+followers, here or on another replica, get the leader's bytes. The value a
+flight carries is ``meta-json \\n body`` so followers also learn how the
+answer was served (MISS or SEMANTIC_HIT).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from deployments.cache_policy import (
+    CacheDecision,
+    CacheStatus,
+    cache_headers,
+    decide,
+    parse_controls,
+)
+from deployments.dedup import Role
+from deployments.provider import ProviderClient, UpstreamStream
+from deployments.request_key import RequestKey, request_key
+from deployments.resilience import ResilienceResult, Target
+from deployments.sse_replay import StreamAssembler, replay_sse
+from serve_app.context import RequestContext
+from serve_app.errors import GatewayError, UpstreamError
+from serve_app.settings import GatewayArgs, ModelSettings
+from serve_app.stages import Stages
+from serve_app.streaming import (
+    EventSplitter,
+    StreamResult,
+    encode_event,
+    error_event,
+    event_data,
+    inspect_event,
+)
+from serve_app.ticket import Ticket, in_background
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    decision: CacheDecision
+    key: RequestKey
+    coalesce: bool
+
+
+def pack(meta: dict[str, Any], body: bytes) -> bytes:
+    return orjson.dumps(meta) + b"\n" + body
+
+
+def unpack(value: bytes) -> tuple[dict[str, Any], bytes]:
+    meta, _, body = value.partition(b"\n")
+    return orjson.loads(meta), body
+
+
+def require_json(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise UpstreamError(
+            "The upstream returned a malformed (non-JSON) body.", code="upstream_malformed_response"
+        )
+    return parsed
+
+
+def _usage(body: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+class ChatPipeline:
+    def __init__(self, args: GatewayArgs, stages: Stages, provider: ProviderClient) -> None:
+        self.args = args
+        self.stages = stages
+        self.provider = provider
+
+    def plan(self, ctx: RequestContext, model: ModelSettings) -> Plan:
+        controls = parse_controls(ctx.body.pop("cache", None), ctx.headers.get("cache-control"))
+        decision = decide(ctx.body, controls, ctx.principal.tenant, self.args.cache.policy)
+        key = request_key(ctx.body, namespace=decision.namespace, model=model.target_model)
+        coalesce = self.args.dedup.enabled and self.args.dedup.should_coalesce(decision.cacheable)
+        return Plan(decision, key, coalesce)
+
+    async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
+        ticket = await Ticket.admit(ctx, self.stages)
+        try:
+            plan = self.plan(ctx, model)
+            if ctx.stream:
+                return await self._stream(ctx, model, plan, ticket)
+            return await self._complete(ctx, model, plan, ticket)
+        except BaseException as exc:
+            ticket.fail()
+            if isinstance(exc, GatewayError):
+                exc.headers = {**ctx.response_headers, **exc.headers}
+            raise
+
+    # -- shared steps ----------------------------------------------------
+
+    def _chain(self, ctx: RequestContext, model: ModelSettings) -> list[Target]:
+        primary = Target(upstream=model.upstream, model=model.target_model)
+        return self.stages.resilience.chain(ctx.model, primary=primary)
+
+    async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
+        if not plan.decision.lookup:
+            return None
+        hit = await self.stages.exact.lookup(plan.key, plan.decision.max_age_s)
+        if hit is None:
+            return None
+        return hit.body, cache_headers(CacheStatus.HIT, plan.key.digest, age_s=hit.age_s)
+
+    async def _semantic_hit(self, plan: Plan) -> tuple[bytes, dict[str, Any]] | None:
+        semantic, key = self.stages.semantic, plan.key
+        if semantic is None or not plan.decision.lookup or key.final_user_text is None:
+            return None
+        started = time.perf_counter()
+        try:
+            hit = await semantic.check(key.scope, key.final_user_text, plan.decision.namespace)
+        except Exception:  # the semantic tier is an optimisation: any failure is a miss
+            log.warning("semantic cache lookup failed", exc_info=True)
+            return None
+        finally:
+            self.stages.metrics.observe(
+                "gateway_stage_duration_seconds",
+                time.perf_counter() - started,
+                {"stage": "semantic"},
+            )
+        if hit is None:
+            return None
+        meta = {"cache": "SEMANTIC_HIT", "similarity": hit.similarity, "created": hit.created}
+        return hit.body, meta
+
+    async def _remember(self, plan: Plan, body: bytes) -> None:
+        """Store a complete answer in both tiers (before the flight ends, so a
+        request arriving right after finds it)."""
+        if not plan.decision.store:
+            return
+        await self.stages.exact.store(plan.key, body, plan.decision.ttl_s)
+        semantic, key = self.stages.semantic, plan.key
+        if semantic is not None and key.final_user_text is not None:
+            in_background(
+                semantic.store(key.scope, key.final_user_text, plan.decision.namespace, body)
+            )
+
+    def _served(self, role: Role | None, meta: dict[str, Any]) -> tuple[str, CacheStatus]:
+        if meta.get("cache") == "SEMANTIC_HIT":
+            return (
+                "coalesced" if role is Role.FOLLOWER else "semantic_cache"
+            ), CacheStatus.SEMANTIC_HIT
+        status = CacheStatus(meta.get("cache", "MISS"))
+        return ("coalesced" if role is Role.FOLLOWER else "upstream"), status
+
+    def _headers(
+        self,
+        ctx: RequestContext,
+        plan: Plan,
+        status: CacheStatus,
+        meta: dict[str, Any],
+        role: Role | None,
+    ) -> dict[str, str]:
+        age = None
+        if status is CacheStatus.SEMANTIC_HIT and meta.get("created"):
+            age = max(0, int(time.time() - float(meta["created"])))
+        headers = {
+            **ctx.response_headers,
+            **cache_headers(status, plan.key.digest, age_s=age, similarity=meta.get("similarity")),
+        }
+        if role is not None:
+            headers["x-dedup"] = role.value
+        if role is not Role.FOLLOWER and meta.get("upstream"):
+            headers["x-upstream"] = meta["upstream"]
+            headers["x-attempts"] = str(meta.get("attempts", 1))
+        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": status.value})
+        if role is not None:
+            self.stages.metrics.inc("gateway_dedup_requests_total", 1, {"role": role.value})
+        return headers
+
+    # -- non-streamed ----------------------------------------------------
+
+    async def _complete(
+        self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
+    ) -> Response:
+        if (hit := await self._exact_hit(plan)) is not None:
+            body, headers = hit
+            charge = ticket.finish(_usage(body), served_by="cache", cache="hit")
+            self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
+            headers = {**ctx.response_headers, **headers}
+            if charge is not None:
+                headers["x-request-cost"] = charge.header_value()
+            return Response(body, 200, headers, media_type=JSON)
+
+        async def fetch() -> bytes:
+            return await self._fetch(ctx, model, plan)
+
+        role: Role | None = None
+        if plan.coalesce:
+            flight = await self.stages.dedup.flight(plan.key.digest, fetch)
+            value, role = flight.value, flight.role
+        else:
+            value = await fetch()
+        meta, body = unpack(value)
+        served_by, status = self._served(role, meta)
+        charge = ticket.finish(
+            _usage(body),
+            served_by=served_by,  # type: ignore[arg-type]
+            cache=status.value.lower(),
+            upstream=meta.get("upstream", ""),
+            attempts=meta.get("attempts", 0) if served_by == "upstream" else 0,
+        )
+        headers = self._headers(ctx, plan, status, meta, role)
+        if charge is not None:
+            headers["x-request-cost"] = charge.header_value()
+        return Response(body, 200, headers, media_type=JSON)
+
+    async def _fetch(self, ctx: RequestContext, model: ModelSettings, plan: Plan) -> bytes:
+        if (semantic := await self._semantic_hit(plan)) is not None:
+            body, meta = semantic
+            return pack(meta, body)
+
+        async def attempt(target: Target) -> bytes:
+            payload = orjson.dumps({**ctx.body, "model": target.model})
+            started = time.perf_counter()
+            response = await self.provider.post(
+                target.upstream, "/chat/completions", payload, ctx.request_id
+            )
+            self.stages.metrics.observe(
+                "gateway_upstream_duration_seconds",
+                time.perf_counter() - started,
+                {"upstream": target.upstream},
+            )
+            require_json(response.body)
+            return response.body
+
+        result = await self.stages.resilience.call(
+            self._chain(ctx, model), attempt, self.args.request_timeout_s
+        )
+        await self._remember(plan, result.value)
+        status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
+        meta = {
+            "cache": status.value,
+            "upstream": result.target.upstream,
+            "attempts": result.attempts,
+        }
+        return pack(meta, result.value)
+
+    # -- streamed --------------------------------------------------------
+
+    async def _stream(
+        self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
+    ) -> Response:
+        want_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
+        sse = {"cache-control": "no-cache"}
+        hit: tuple[bytes, dict[str, Any]] | None = None
+        if (exact := await self._exact_hit(plan)) is not None:
+            hit = (exact[0], {"cache": "HIT"})
+            status, served_by, headers = CacheStatus.HIT, "cache", exact[1]
+        elif (semantic := await self._semantic_hit(plan)) is not None:
+            hit = semantic
+            status, served_by = CacheStatus.SEMANTIC_HIT, "semantic_cache"
+            headers = self._headers(ctx, plan, status, semantic[1], None)
+        if hit is not None:
+            body = hit[0]
+            ticket.finish(_usage(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
+            if status is CacheStatus.HIT:
+                self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
+            replay = _iterate(replay_sse(body, include_usage=want_usage))
+            return StreamingResponse(
+                replay,
+                headers={**ctx.response_headers, **headers, **sse},
+                media_type="text/event-stream",
+            )
+
+        holder: dict[str, ResilienceResult[UpstreamStream]] = {}
+        upstream_body = {**ctx.body}
+        upstream_body["stream_options"] = {
+            **(ctx.body.get("stream_options") or {}),
+            "include_usage": True,
+        }
+        open_upstream = self._upstream_bytes(ctx, model, upstream_body, holder)
+        role: Role | None = None
+        if plan.coalesce:
+            flight = await self.stages.dedup.stream(plan.key.digest + ":stream", open_upstream)
+            chunks, role = flight.chunks, flight.role
+        else:
+            chunks = open_upstream()
+        iterator = aiter(chunks)
+        try:
+            first = await anext(iterator)  # errors before the first byte stay HTTP errors
+        except StopAsyncIteration:
+            raise UpstreamError("The upstream stream ended before any data.") from None
+        meta: dict[str, Any] = {"cache": "MISS" if plan.decision.lookup else "BYPASS"}
+        if (result := holder.get("result")) is not None:
+            meta.update(upstream=result.target.upstream, attempts=result.attempts)
+        headers = {**self._headers(ctx, plan, CacheStatus(meta["cache"]), meta, role), **sse}
+        relay = _StreamRelay(self, ctx, plan, ticket, role, want_usage, meta)
+        return StreamingResponse(
+            relay.run(first, iterator), headers=headers, media_type="text/event-stream"
+        )
+
+    def _upstream_bytes(
+        self,
+        ctx: RequestContext,
+        model: ModelSettings,
+        body: dict[str, Any],
+        holder: dict[str, ResilienceResult[UpstreamStream]],
+    ) -> Callable[[], AsyncIterator[bytes]]:
+        async def attempt(target: Target) -> UpstreamStream:
+            payload = orjson.dumps({**body, "model": target.model})
+            started = time.perf_counter()
+            stream = await self.provider.open_stream(
+                target.upstream, "/chat/completions", payload, ctx.request_id
+            )
+            self.stages.metrics.observe(
+                "gateway_upstream_ttft_seconds",
+                time.perf_counter() - started,
+                {"upstream": target.upstream},
+            )
+            return stream
+
+        async def generate() -> AsyncIterator[bytes]:
+            result = await self.stages.resilience.call(
+                self._chain(ctx, model), attempt, self.args.request_timeout_s, stream=True
+            )
+            holder["result"] = result
+            try:
+                async for chunk in result.value.chunks():
+                    yield chunk
+            finally:
+                await result.value.aclose()
+                result.release()
+
+        return generate
+
+
+async def _iterate(events: Any) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+class _StreamRelay:
+    """Passes a (possibly shared) upstream stream to one client, event by event:
+    bills from the usage chunk, stores a complete answer, reports a broken one."""
+
+    def __init__(
+        self,
+        pipeline: ChatPipeline,
+        ctx: RequestContext,
+        plan: Plan,
+        ticket: Ticket,
+        role: Role | None,
+        want_usage: bool,
+        meta: dict[str, Any],
+    ) -> None:
+        self.pipeline, self.ctx, self.plan, self.ticket = pipeline, ctx, plan, ticket
+        self.role, self.want_usage, self.meta = role, want_usage, meta
+        self.result = StreamResult()
+        self.assembler = StreamAssembler()
+
+    @property
+    def served_by(self) -> str:
+        return "coalesced" if self.role is Role.FOLLOWER else "upstream"
+
+    def _bill(self, status: str) -> Any:
+        text = (
+            "".join(
+                str((choice.get("delta") or {}).get("content") or "")
+                for chunk in self.result.chunks
+                for choice in chunk.get("choices") or []
+            )
+            if self.result.usage is None
+            else ""
+        )
+        return self.ticket.finish(
+            self.result.usage,
+            served_by=self.served_by,  # type: ignore[arg-type]
+            cache=self.meta["cache"].lower(),
+            upstream=self.meta.get("upstream", ""),
+            attempts=self.meta.get("attempts", 0) if self.served_by == "upstream" else 0,
+            status=status,
+            completion_text=text,
+        )
+
+    def _event(self, data: bytes) -> bytes | None:
+        """What the client gets for one upstream event (None: nothing)."""
+        if inspect_event(data, self.result):
+            return b"data: " + data + b"\n\n"
+        # The usage-only chunk: bill now, show it (with the cost) only if asked.
+        charge = self._bill("ok")
+        if not self.want_usage:
+            return None
+        chunk = self.result.chunks[-1]
+        if charge is not None:
+            chunk["usage"] = {**chunk["usage"], **charge.usage_fields()}
+        return encode_event(chunk)
+
+    async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        splitter = EventSplitter()
+        try:
+            raw: bytes | None = first
+            while raw is not None:
+                self.assembler.feed(raw)
+                for event in splitter.feed(raw):
+                    data = event_data(event)
+                    if data is not None and (out := self._event(data)) is not None:
+                        yield out
+                raw = await anext(rest, None)
+            if not self.result.done:
+                raise UpstreamError("The upstream stream ended before [DONE].")
+            if self.role is not Role.FOLLOWER and (body := self.assembler.body()) is not None:
+                await self.pipeline._remember(self.plan, body)
+        except GatewayError as exc:
+            self.result.error = exc
+            yield error_event(exc)
+        finally:
+            self._bill("ok" if self.result.done and self.result.error is None else "error")
+
+
+__all__ = ["ChatPipeline", "Plan", "pack", "require_json", "unpack"]

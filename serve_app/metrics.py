@@ -1,0 +1,196 @@
+"""The gateway's Prometheus metrics, through ``ray.serve.metrics`` so that Ray's
+metrics agent exports them with deployment/replica/application labels (Ray
+prefixes each name with ``ray_``: ``gateway_requests_total`` is scraped as
+``ray_gateway_requests_total``). Units are seconds and USD; counters end in
+``_total``.
+
+Outside a Serve replica (unit tests, a plain ``Gateway``) every call is a
+no-op. Counters the stages keep themselves (breaker transitions, dedup
+savings) are exported as deltas by ``sync``, called on a timer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as CounterType
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+_FAST_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
+
+# name -> (kind, description, tag keys, buckets)
+DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
+    "gateway_requests_total": (
+        "counter",
+        "Requests by route, model and status.",
+        ("route", "model", "status"),
+        None,
+    ),
+    "gateway_request_duration_seconds": (
+        "histogram",
+        "End-to-end request latency.",
+        ("route", "model"),
+        _LATENCY_BUCKETS,
+    ),
+    "gateway_stage_duration_seconds": (
+        "histogram",
+        "Time spent in each DAG stage.",
+        ("stage",),
+        _LATENCY_BUCKETS,
+    ),
+    "gateway_upstream_duration_seconds": (
+        "histogram",
+        "Upstream call latency (whole answer).",
+        ("upstream",),
+        _LATENCY_BUCKETS,
+    ),
+    "gateway_upstream_ttft_seconds": (
+        "histogram",
+        "Upstream time to first streamed byte.",
+        ("upstream",),
+        _LATENCY_BUCKETS,
+    ),
+    "gateway_cache_results_total": (
+        "counter",
+        "Cache outcomes (HIT, SEMANTIC_HIT, MISS, BYPASS).",
+        ("result",),
+        None,
+    ),
+    "gateway_dedup_requests_total": ("counter", "Requests by single-flight role.", ("role",), None),
+    "gateway_upstream_calls_saved_total": (
+        "counter",
+        "Upstream calls saved by coalescing.",
+        (),
+        None,
+    ),
+    "gateway_ratelimit_decisions_total": (
+        "counter",
+        "Rate-limit decisions by outcome and limit.",
+        ("outcome", "limit"),
+        None,
+    ),
+    "gateway_ratelimit_decision_seconds": (
+        "histogram",
+        "Rate-limit decision latency.",
+        (),
+        _FAST_BUCKETS,
+    ),
+    "gateway_ratelimit_store_errors_total": (
+        "counter",
+        "Limiter store errors.",
+        ("operation",),
+        None,
+    ),
+    "gateway_breaker_state": (
+        "gauge",
+        "Breaker state: 0 closed, 1 open, 2 half-open, 3 forced-open, 4 disabled, 5 metrics-only.",
+        ("breaker",),
+        None,
+    ),
+    "gateway_breaker_transitions_total": (
+        "counter",
+        "Breaker state transitions.",
+        ("breaker", "from_state", "to_state"),
+        None,
+    ),
+    "gateway_breaker_refused_total": (
+        "counter",
+        "Calls refused by an open breaker.",
+        ("breaker",),
+        None,
+    ),
+    "gateway_retries_total": ("counter", "Upstream retries.", ("upstream",), None),
+    "gateway_fallbacks_total": (
+        "counter",
+        "Fallbacks to the next target.",
+        ("from_breaker", "to_breaker"),
+        None,
+    ),
+    "gateway_bulkhead_rejected_total": (
+        "counter",
+        "Calls refused by a full bulkhead.",
+        ("upstream",),
+        None,
+    ),
+    "gateway_spend_usd_total": ("counter", "Spend in USD.", ("model", "tenant"), None),
+    "gateway_savings_usd_total": (
+        "counter",
+        "Cost avoided by cache hits and coalescing.",
+        ("model", "served_by"),
+        None,
+    ),
+    "gateway_tokens_total": ("counter", "Tokens by kind.", ("model", "kind"), None),
+    "gateway_budget_threshold_events_total": (
+        "counter",
+        "Budget soft-threshold crossings.",
+        ("scope", "period"),
+        None,
+    ),
+}
+
+
+class MetricSink(Protocol):
+    def inc(self, name: str, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None: ...
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None: ...
+
+    def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None: ...
+
+
+class NullMetrics:
+    def inc(self, name: str, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+    def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+
+class ServeMetrics:
+    """The real thing, for use inside a Serve replica."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._metrics: dict[str, Any] = {}
+        for name, (kind, description, tags, buckets) in DEFINITIONS.items():
+            if kind == "counter":
+                self._metrics[name] = metrics.Counter(name, description, tag_keys=tags)
+            elif kind == "gauge":
+                self._metrics[name] = metrics.Gauge(name, description, tag_keys=tags)
+            else:
+                self._metrics[name] = metrics.Histogram(
+                    name, description, boundaries=buckets, tag_keys=tags
+                )
+
+    def inc(self, name: str, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
+        if value > 0:
+            self._metrics[name].inc(value, tags=dict(tags or {}))
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._metrics[name].observe(value, tags=dict(tags or {}))
+
+    def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._metrics[name].set(value, tags=dict(tags or {}))
+
+
+class DeltaExporter:
+    """Turns a stage's cumulative counters into counter increments."""
+
+    def __init__(self, sink: MetricSink) -> None:
+        self._sink = sink
+        self._seen: dict[tuple[str, Any], float] = {}
+
+    def export(self, name: str, counts: Mapping[Any, float], tag_keys: tuple[str, ...]) -> None:
+        for key, total in counts.items():
+            previous = self._seen.get((name, key), 0.0)
+            if total > previous:
+                parts = key if isinstance(key, tuple) else (key,)
+                tags = dict(zip(tag_keys, (str(p) for p in parts), strict=False))
+                self._sink.inc(name, total - previous, tags)
+                self._seen[(name, key)] = total
+
+    def export_total(self, name: str, total: float) -> None:
+        self.export(name, CounterType({(): total}), ())

@@ -1,0 +1,151 @@
+"""The DAG's stages as one replica holds them, built from ``GatewayArgs``.
+
+Stages never call each other: the ingress runs them in order. All but the
+semantic cache run in the ingress replica against Redis (one round trip
+each); the semantic cache is its own deployment, reached through a handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from deployments.budget import BudgetEvent
+from deployments.cost_tracker import CostTracker
+from deployments.dedup_redis import RedisSingleFlight
+from deployments.exact_cache import ExactCache
+from deployments.limiter import RateLimiter
+from deployments.limiter_decision import LimitDecision
+from deployments.resilience import Resilience
+from serve_app.metrics import DeltaExporter, MetricSink, NullMetrics
+from serve_app.settings import GatewayArgs
+from serve_app.store import Store
+
+log = logging.getLogger(__name__)
+SYNC_INTERVAL_S = 5.0
+
+
+class SemanticCacheClient(Protocol):
+    """What the ingress needs of the semantic tier (a Serve handle or a local object)."""
+
+    async def check(self, scope: str, text: str, namespace: str) -> Any: ...
+
+    async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None: ...
+
+
+class _LimiterMetrics:
+    def __init__(self, sink: MetricSink) -> None:
+        self._sink = sink
+
+    def on_decision(self, decision: LimitDecision) -> None:
+        label = decision.hit.label if decision.hit else ""
+        self._sink.inc(
+            "gateway_ratelimit_decisions_total", 1, {"outcome": decision.outcome, "limit": label}
+        )
+        self._sink.observe("gateway_ratelimit_decision_seconds", decision.latency_s)
+        for hit in decision.shadow_hits:
+            self._sink.inc(
+                "gateway_ratelimit_decisions_total",
+                1,
+                {"outcome": "shadow_hit", "limit": hit.label},
+            )
+
+    def on_store_error(self, operation: str) -> None:
+        self._sink.inc("gateway_ratelimit_store_errors_total", 1, {"operation": operation})
+
+
+@dataclass
+class Stages:
+    limiter: RateLimiter
+    exact: ExactCache
+    dedup: RedisSingleFlight
+    resilience: Resilience
+    cost: CostTracker
+    metrics: MetricSink
+    semantic: SemanticCacheClient | None = None
+    _deltas: DeltaExporter | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        args: GatewayArgs,
+        store: Store,
+        metrics: MetricSink | None = None,
+        semantic: SemanticCacheClient | None = None,
+    ) -> Stages:
+        sink = metrics or NullMetrics()
+        redis = store.redis
+
+        def on_threshold(event: BudgetEvent) -> None:
+            log.warning(
+                "budget %s %s (%s) crossed %.0f%%: spent %s of %s",
+                event.scope,
+                event.subject,
+                event.period,
+                event.threshold * 100,
+                event.spent,
+                event.limit,
+            )
+            sink.inc(
+                "gateway_budget_threshold_events_total",
+                1,
+                {"scope": str(event.scope), "period": str(event.period)},
+            )
+
+        return cls(
+            limiter=RateLimiter(redis, args.limits, observer=_LimiterMetrics(sink)),
+            exact=ExactCache(redis, args.cache.exact),
+            dedup=RedisSingleFlight(redis, args.dedup),
+            resilience=Resilience.with_redis(args.resilience, redis),
+            cost=CostTracker(redis, args.cost, args.budgets, on_threshold=on_threshold),
+            metrics=sink,
+            semantic=semantic,
+            _deltas=DeltaExporter(sink),
+        )
+
+    async def start(self) -> None:
+        self.cost.start()
+        await self.dedup.start()
+        self._tasks.append(asyncio.create_task(self._sync_forever()))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.resilience.drain()
+        await self.dedup.close()
+        await self.cost.aclose()
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            try:
+                self.sync_metrics()
+            except Exception:
+                log.exception("metrics sync failed")
+
+    def sync_metrics(self) -> None:
+        """Export the stages' own cumulative counters as metric deltas."""
+        deltas = self._deltas
+        if deltas is None:
+            return
+        m = self.resilience.metrics
+        deltas.export(
+            "gateway_breaker_transitions_total",
+            m.transitions,
+            ("breaker", "from_state", "to_state"),
+        )
+        deltas.export("gateway_breaker_refused_total", m.refused, ("breaker",))
+        deltas.export("gateway_retries_total", m.retries, ("upstream",))
+        deltas.export("gateway_fallbacks_total", m.fallbacks, ("from_breaker", "to_breaker"))
+        deltas.export("gateway_bulkhead_rejected_total", m.bulkhead_rejected, ("upstream",))
+        for breaker, state in m.states.items():
+            self.metrics.set("gateway_breaker_state", float(int(state)), {"breaker": breaker})
+        deltas.export_total(
+            "gateway_upstream_calls_saved_total", float(self.dedup.stats.upstream_calls_saved)
+        )

@@ -1,0 +1,128 @@
+"""An admitted request's reservations (rate-limit tokens, budget), settled once.
+
+Hits and coalesced followers keep their request slot but give their reserved
+tokens back: they cost the upstream nothing. A failed call refunds both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.budget import Reservation
+from deployments.cost import Charge, ServedBy
+from deployments.limiter_decision import LimitDecision
+from deployments.tokens import estimate_text_tokens
+from serve_app.context import RequestContext
+from serve_app.errors import GatewayError
+from serve_app.stages import Stages
+
+log = logging.getLogger(__name__)
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def in_background(work: Coroutine[Any, Any, Any]) -> None:
+    """Fire and forget, keeping a reference so the task is not collected mid-flight."""
+    task = asyncio.create_task(_quietly(work))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def _quietly(work: Coroutine[Any, Any, Any]) -> None:
+    try:
+        await work
+    except Exception:
+        log.exception("background work failed")
+
+
+@dataclass
+class Ticket:
+    ctx: RequestContext
+    stages: Stages
+    decision: LimitDecision
+    reservation: Reservation
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    settled: bool = False
+
+    @classmethod
+    async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
+        decision = await stages.limiter.acquire(ctx)  # raises 429 with its headers
+        ctx.response_headers.update(stages.limiter.headers(decision))
+        try:
+            reservation = await stages.cost.admit(ctx)
+        except GatewayError as exc:
+            in_background(stages.limiter.settle(decision, None))
+            exc.headers = {**ctx.response_headers, **exc.headers}
+            raise
+        return cls(ctx, stages, decision, reservation)
+
+    def finish(
+        self,
+        usage: Mapping[str, Any] | None,
+        *,
+        served_by: ServedBy,
+        cache: str,
+        upstream: str = "",
+        attempts: int = 0,
+        status: str = "ok",
+        completion_text: str = "",
+    ) -> Charge | None:
+        if self.settled:
+            return None
+        self.settled = True
+        stages, ctx = self.stages, self.ctx
+        tokens = 0
+        if served_by == "upstream":
+            if usage and isinstance(usage.get("total_tokens"), int):
+                tokens = usage["total_tokens"]
+            else:
+                tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
+        in_background(stages.limiter.settle(self.decision, tokens))
+        charge = stages.cost.finish(
+            ctx,
+            self.reservation,
+            usage,
+            started_ms=self.started_ms,
+            completion_text=completion_text,
+            served_by=served_by,
+            cache=cache,
+            upstream=upstream,
+            status=status,
+            attempts=attempts,
+        )
+        self._record(charge)
+        return charge
+
+    def fail(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        in_background(self.stages.limiter.settle(self.decision, None))
+        self.stages.cost.release(self.reservation)
+
+    def _record(self, charge: Charge) -> None:
+        sink, model = self.stages.metrics, self.ctx.model
+        sink.inc(
+            "gateway_spend_usd_total",
+            float(charge.cost),
+            {"model": model, "tenant": self.ctx.principal.tenant},
+        )
+        if charge.savings:
+            sink.inc(
+                "gateway_savings_usd_total",
+                float(charge.savings),
+                {"model": model, "served_by": charge.served_by},
+            )
+        usage = charge.usage
+        sink.inc(
+            "gateway_tokens_total", float(usage.prompt_tokens), {"model": model, "kind": "prompt"}
+        )
+        sink.inc(
+            "gateway_tokens_total",
+            float(usage.completion_tokens),
+            {"model": model, "kind": "completion"},
+        )
