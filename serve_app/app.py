@@ -12,7 +12,9 @@ from ray import serve
 from ray.serve import Application
 from starlette.applications import Starlette
 
+from deployments.limiter_settings import LimiterSettings
 from serve_app.ingress import Gateway
+from serve_app.metrics import ServeMetrics
 from serve_app.mock_provider import MockBehaviour, MockConfig, create_app
 from serve_app.settings import GatewayArgs
 
@@ -20,13 +22,30 @@ from serve_app.settings import GatewayArgs
 @serve.deployment(name="Gateway", max_ongoing_requests=256)
 @serve.ingress()
 class GatewayIngress:
-    async def __init__(self, args: GatewayArgs | dict[str, Any]) -> None:
+    async def __init__(self, args: GatewayArgs | dict[str, Any], semantic: Any = None) -> None:
         # Serve hands bound pydantic arguments over as plain dicts.
-        self.gateway = Gateway(GatewayArgs.model_validate(args), stamp_request_id=False)
+        self.gateway = Gateway(
+            GatewayArgs.model_validate(args),
+            stamp_request_id=False,
+            metrics=ServeMetrics(),
+            semantic=semantic,
+        )
         await self.gateway.start()
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return self.gateway.asgi()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config: {limits: {...}}`` changes limits without a restart."""
+        if "limits" in user_config:
+            limits = LimiterSettings.model_validate(user_config["limits"])
+            self.gateway.stages.limiter.reconfigure(limits)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return self.gateway.replica_stats.snapshot()
+
+    async def __del__(self) -> None:
+        await self.gateway.aclose()
 
 
 @serve.deployment(name="MockProvider", max_ongoing_requests=1024)

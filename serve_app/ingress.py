@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from deployments.provider import ProviderClient
 from deployments.resilience import Target
 from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
 from serve_app import store as store_module
+from serve_app.admin import Admin
 from serve_app.auth import KeyRing
 from serve_app.completion import ChatPipeline, require_json
 from serve_app.context import RequestContext
@@ -37,6 +39,7 @@ from serve_app.errors import (
     StoreUnavailableError,
 )
 from serve_app.metrics import MetricSink, NullMetrics
+from serve_app.replica_stats import ReplicaStats
 from serve_app.schemas import ChatCompletionRequest, EmbeddingsRequest, validate
 from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import SemanticCacheClient, Stages
@@ -59,27 +62,6 @@ def error_response(error: GatewayError) -> Response:
     return Response(error.body(), error.status_code, error.headers, media_type="application/json")
 
 
-def _endpoint(handler: Handler, stamp: bool) -> Callable[[Request], Awaitable[Response]]:
-    """Renders errors as the envelope. ``stamp``: add ``x-request-id`` ourselves
-    (Serve's proxy and HAProxy already add it to every response under Ray)."""
-
-    async def endpoint(request: Request) -> Response:
-        supplied = request.headers.get("x-request-id", "")
-        request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        try:
-            response = await handler(request, request_id)
-        except GatewayError as exc:
-            response = error_response(exc)
-        except Exception:
-            log.exception("request %s failed unexpectedly", request_id)
-            response = error_response(GatewayError("The gateway failed to handle the request."))
-        if stamp:
-            response.headers["x-request-id"] = request_id
-        return response
-
-    return endpoint
-
-
 class Gateway:
     def __init__(
         self,
@@ -94,6 +76,7 @@ class Gateway:
         self.args = args
         self.stamp_request_id = stamp_request_id
         self.metrics = metrics or NullMetrics()
+        self.replica_stats = ReplicaStats()
         self.semantic = semantic
         self.keys = KeyRing(args.api_keys)
         self.models: dict[str, ModelSettings] = {m.name: m for m in args.models}
@@ -106,8 +89,11 @@ class Gateway:
         self.stages = Stages.build(self.args, self.store, self.metrics, self.semantic)
         await self.stages.start()
         self.pipeline = ChatPipeline(self.args, self.stages, self.provider)
+        self.admin = Admin(self)
+        self.admin.start()
 
     async def aclose(self) -> None:
+        await self.admin.stop()
         await self.stages.aclose()
         await self.provider.aclose()
         if self.store is not None:
@@ -239,9 +225,45 @@ class Gateway:
             raise StoreUnavailableError("The state store (Redis) is not reachable.")
         return json_response({"status": "ready", "store": "ok"})
 
+    def _endpoint(self, path: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Renders errors as the envelope, counts the request, feeds the autoscaler's
+        replica stats. ``x-request-id`` is added here only outside Serve (its proxy
+        and HAProxy already add it to every response)."""
+        route_label = path.removeprefix("/v1/")
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            self.replica_stats.begin()
+            supplied = request.headers.get("x-request-id", "")
+            request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+            try:
+                response = await handler(request, request_id)
+            except GatewayError as exc:
+                response = error_response(exc)
+            except Exception:
+                log.exception("request %s failed unexpectedly", request_id)
+                response = error_response(GatewayError("The gateway failed to handle the request."))
+            finally:
+                elapsed = time.perf_counter() - started
+                self.replica_stats.end(elapsed)
+            if self.stamp_request_id:
+                response.headers["x-request-id"] = request_id
+            model = getattr(request.state, "model", "")
+            self.metrics.inc(
+                "gateway_requests_total",
+                1,
+                {"route": route_label, "model": model, "status": str(response.status_code)},
+            )
+            self.metrics.observe(
+                "gateway_request_duration_seconds", elapsed, {"route": route_label, "model": model}
+            )
+            return response
+
+        return endpoint
+
     def asgi(self) -> Starlette:
         def route(path: str, handler: Handler, method: str) -> Route:
-            return Route(path, _endpoint(handler, self.stamp_request_id), methods=[method])
+            return Route(path, self._endpoint(path, handler), methods=[method])
 
         routes = [
             route("/v1/chat/completions", self.chat, "POST"),
@@ -250,6 +272,20 @@ class Gateway:
             route("/healthz", self.healthz, "GET"),
             route("/readyz", self.readyz, "GET"),
         ]
+        admin = self.admin
+        for path, handler, method in (
+            ("/admin/limits", admin.get_limits, "GET"),
+            ("/admin/limits", admin.put_limits, "PUT"),
+            ("/admin/breakers", admin.breakers, "GET"),
+            ("/admin/breakers/{action}", admin.breaker_action, "POST"),
+            ("/admin/cache/stats", admin.cache_stats, "GET"),
+            ("/admin/cache", admin.cache_delete, "DELETE"),
+            ("/admin/cache/flush", admin.cache_flush, "POST"),
+            ("/admin/scaling", admin.scaling, "GET"),
+            ("/v1/cost/summary", admin.cost_summary, "GET"),
+            ("/v1/cost/recommendations", admin.cost_recommendations, "GET"),
+        ):
+            routes.append(route(path, admin.guarded(handler), method))
         return Starlette(
             routes=routes,
             exception_handlers={HTTPException: _http_exception},

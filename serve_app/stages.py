@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import redis.asyncio as aioredis
+
 from deployments.budget import BudgetEvent
 from deployments.cost_tracker import CostTracker
 from deployments.dedup_redis import RedisSingleFlight
@@ -34,6 +36,8 @@ class SemanticCacheClient(Protocol):
     async def check(self, scope: str, text: str, namespace: str) -> Any: ...
 
     async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None: ...
+
+    async def invalidate_namespace(self, namespace: str | None) -> int: ...
 
 
 class _LimiterMetrics:
@@ -65,6 +69,7 @@ class Stages:
     resilience: Resilience
     cost: CostTracker
     metrics: MetricSink
+    redis: aioredis.Redis
     semantic: SemanticCacheClient | None = None
     _deltas: DeltaExporter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -103,6 +108,7 @@ class Stages:
             resilience=Resilience.with_redis(args.resilience, redis),
             cost=CostTracker(redis, args.cost, args.budgets, on_threshold=on_threshold),
             metrics=sink,
+            redis=redis,
             semantic=semantic,
             _deltas=DeltaExporter(sink),
         )

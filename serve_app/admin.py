@@ -1,0 +1,192 @@
+"""Admin and analytics routes (admin key required): limits at run time,
+breakers, the cache, scaling, and cost summaries and recommendations.
+
+Limits changed here are written to Redis; every replica picks them up within
+``LIMITS_POLL_S`` (Serve's ``user_config`` reaches ``reconfigure`` as well).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any, get_args
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from deployments.ledger import GroupBy
+from deployments.limiter_settings import LimiterSettings
+from deployments.recommendations import summary_csv, summary_json
+from serve_app.errors import InvalidRequestError, PermissionDeniedError
+from serve_app.scaling_record import ScalingRecord
+
+if TYPE_CHECKING:
+    from serve_app.ingress import Gateway
+
+log = logging.getLogger(__name__)
+LIMITS_KEY = "gw:config:limits"
+LIMITS_POLL_S = 2.0
+BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload, default=str), status, media_type="application/json")
+
+
+def _day(value: str | None, default: date) -> date:
+    if not value:
+        return default
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"'{value}' is not a date (YYYY-MM-DD).", param="since") from None
+
+
+class Admin:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._limits_version: bytes | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def _require_admin(self, request: Request) -> None:
+        principal = self.gateway.keys.authenticate(request.headers.get("authorization"))
+        if not principal.admin:
+            raise PermissionDeniedError("This endpoint needs an admin key.")
+
+    def guarded(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request, str], Awaitable[Response]]:
+        async def run(request: Request, request_id: str) -> Response:
+            self._require_admin(request)
+            return await handler(request)
+
+        return run
+
+    # -- limits ----------------------------------------------------------
+
+    async def get_limits(self, request: Request) -> Response:
+        return _json(self.gateway.stages.limiter.settings.model_dump(mode="json"))
+
+    async def put_limits(self, request: Request) -> Response:
+        try:
+            settings = LimiterSettings.model_validate_json(await request.body())
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise InvalidRequestError(f"Invalid limits: {first['msg']}", param=param) from None
+        payload = settings.model_dump_json().encode()
+        await self.gateway.stages.redis.set(LIMITS_KEY, payload)
+        self._apply_limits(payload)
+        return _json(settings.model_dump(mode="json"))
+
+    def _apply_limits(self, payload: bytes) -> None:
+        if payload == self._limits_version:
+            return
+        self.gateway.stages.limiter.reconfigure(LimiterSettings.model_validate_json(payload))
+        self._limits_version = payload
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch_limits())
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch_limits(self) -> None:
+        redis = self.gateway.stages.redis
+        while True:
+            try:
+                payload = await redis.get(LIMITS_KEY)
+                if payload is not None:
+                    self._apply_limits(payload)
+            except Exception:  # a store outage must not stop the watcher
+                log.debug("limits watcher: store unavailable", exc_info=True)
+            await asyncio.sleep(LIMITS_POLL_S)
+
+    # -- breakers --------------------------------------------------------
+
+    async def breakers(self, request: Request) -> Response:
+        snapshots = await self.gateway.stages.resilience.breakers()
+        return _json([{**s._asdict(), "state": s.state.name} for s in snapshots])
+
+    async def breaker_action(self, request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in BREAKER_ACTIONS:
+            raise InvalidRequestError(f"Unknown action; use one of {BREAKER_ACTIONS}.")
+        body = orjson.loads(await request.body() or b"{}")
+        name = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequestError('Body must be {"name": <breaker name>}.', param="name")
+        resilience = self.gateway.stages.resilience
+        verbs = {
+            "open": resilience.force_open,
+            "close": resilience.force_close,
+            "reset": resilience.reset,
+            "disable": resilience.disable,
+            "metrics_only": resilience.metrics_only,
+        }
+        snapshot = await verbs[action](name)
+        return _json({**snapshot._asdict(), "state": snapshot.state.name})
+
+    # -- cache -----------------------------------------------------------
+
+    async def cache_stats(self, request: Request) -> Response:
+        stats = await self.gateway.stages.exact.stats(request.query_params.get("namespace"))
+        return _json(asdict(stats))
+
+    async def cache_delete(self, request: Request) -> Response:
+        namespace = request.query_params.get("namespace")
+        if not namespace:
+            raise InvalidRequestError("Give ?namespace= (and optionally &key=).", param="namespace")
+        exact, key = self.gateway.stages.exact, request.query_params.get("key")
+        if key:
+            return _json({"deleted": int(await exact.delete(namespace, key))})
+        deleted = await exact.delete_namespace(namespace)
+        semantic = self.gateway.stages.semantic
+        if semantic is not None:
+            deleted += int(await semantic.invalidate_namespace(namespace))
+        return _json({"deleted": deleted})
+
+    async def cache_flush(self, request: Request) -> Response:
+        deleted = await self.gateway.stages.exact.flush()
+        semantic = self.gateway.stages.semantic
+        if semantic is not None:
+            deleted += int(await semantic.invalidate_namespace(None))
+        return _json({"deleted": deleted})
+
+    # -- scaling and cost ------------------------------------------------
+
+    async def scaling(self, request: Request) -> Response:
+        return _json(await ScalingRecord(self.gateway.stages.redis).report())
+
+    async def cost_summary(self, request: Request) -> Response:
+        query = request.query_params
+        group_by = query.get("group_by", "model")
+        if group_by not in get_args(GroupBy):
+            raise InvalidRequestError(
+                f"group_by must be one of {get_args(GroupBy)}.", param="group_by"
+            )
+        today = datetime.now(UTC).date()
+        since = _day(query.get("since"), today - timedelta(days=30))
+        until = _day(query.get("until"), today)
+        rows = await self.gateway.stages.cost.summary(group_by, since, until)  # type: ignore[arg-type]
+        if query.get("format") == "csv":
+            return Response(summary_csv(rows), media_type="text/csv")
+        return _json(
+            {"group_by": group_by, "since": since, "until": until, "rows": summary_json(rows)}
+        )
+
+    async def cost_recommendations(self, request: Request) -> Response:
+        days = int(request.query_params.get("days", "30"))
+        now_ms = int(time.time() * 1000)
+        found = await self.gateway.stages.cost.recommendations(now_ms - days * 86_400_000, now_ms)
+        return _json({"recommendations": [asdict(r) for r in found]})
