@@ -4,7 +4,10 @@ A metric is called a regression only when both hold:
 
 * its point value moved the wrong way by more than the tolerance, and
 * a one-sided Mann-Whitney U test on the per-window samples (pooled over every
-  run given) says the shift is unlikely to be noise (p < alpha).
+  run given) says the shift is unlikely to be noise (p < alpha), and
+* with two or more baseline runs, the value is also worse than the worst baseline
+  run by more than the tolerance (windows of one run share its machine's mood,
+  so run-to-run spread is the honest noise floor; save several baseline runs).
 
 A move beyond tolerance that the test does not back is reported as ``noise``;
 with too few windows to test, as ``inconclusive``. Neither fails the
@@ -138,7 +141,7 @@ def load_runs(path: Path) -> RunSet:
     return RunSet(summaries, windows, sources)
 
 
-def _point(runs: RunSet, path: tuple[str, ...]) -> float | None:
+def _run_values(runs: RunSet, path: tuple[str, ...]) -> list[float]:
     values = []
     for summary in runs.summaries:
         node: Any = summary
@@ -146,7 +149,22 @@ def _point(runs: RunSet, path: tuple[str, ...]) -> float | None:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, int | float):
             values.append(float(node))
-    return statistics.median(values) if values else None
+    return values
+
+
+def _within_run_spread(spec: MetricSpec, runs: list[float], value: float, tol: Tolerance) -> bool:
+    """Whether ``value`` is no worse than the worst baseline run plus the tolerance.
+
+    Windows of one run share that run's machine conditions, so the window test alone
+    over-trusts a single run; with 2+ baseline runs their spread is the noise floor.
+    """
+    if len(runs) < 2:
+        return False
+    if spec.absolute:
+        return value <= max(runs) + tol.absolute_error_rate
+    if spec.higher_is_worse:
+        return value <= max(runs) * (1 + tol.relative)
+    return value >= min(runs) * (1 - tol.relative)
 
 
 def _classify(spec: MetricSpec, change: float, p: float | None, tol: Tolerance) -> Status:
@@ -165,7 +183,9 @@ def _classify(spec: MetricSpec, change: float, p: float | None, tol: Tolerance) 
 def compare_metric(
     spec: MetricSpec, base: RunSet, new: RunSet, tol: Tolerance, rng: random.Random
 ) -> MetricComparison:
-    b_val, n_val = _point(base, spec.summary_path), _point(new, spec.summary_path)
+    b_runs, n_runs = _run_values(base, spec.summary_path), _run_values(new, spec.summary_path)
+    b_val = statistics.median(b_runs) if b_runs else None
+    n_val = statistics.median(n_runs) if n_runs else None
     b_s = [
         float(w[spec.window_field]) for w in base.windows if w.get(spec.window_field) is not None
     ]
@@ -184,9 +204,10 @@ def compare_metric(
         moved_worse = change > 0 if spec.higher_is_worse else change < 0
         p = mann_whitney_greater(*(worse_side if moved_worse else better_side))
     ci = bootstrap_ratio_ci(b_s, n_s, rng) if not spec.absolute else None
-    return MetricComparison(
-        spec.name, _classify(spec, change, p, tol), b_val, n_val, change, p, ci, counts
-    )
+    status = _classify(spec, change, p, tol)
+    if status == "regression" and _within_run_spread(spec, b_runs, n_val, tol):
+        status = "noise"
+    return MetricComparison(spec.name, status, b_val, n_val, change, p, ci, counts)
 
 
 def compare(base: RunSet, new: RunSet, tol: Tolerance, seed: int = 0) -> list[MetricComparison]:

@@ -133,8 +133,11 @@ def cost_tracked(f: RunFacts) -> CriterionResult:
 def knee_at_least_target(f: RunFacts) -> CriterionResult:
     name = "knee_at_least_target"
     knee = f.knee
-    if knee is None or knee.users is None:
-        return CriterionResult(name, "inconclusive", "no window met the SLOs")
+    if knee is None or (knee.users is None and knee.breaking_users is None):
+        return CriterionResult(name, "inconclusive", "no window had requests")
+    if knee.users is None:
+        detail = f"the SLOs were breached from the start ({knee.breaking_users} users)"
+        return CriterionResult(name, "fail", detail)
     if knee.breaking_users is None:
         return CriterionResult(
             name, "pass", f"SLOs held up to {knee.users} users (no knee reached)"

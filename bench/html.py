@@ -31,11 +31,14 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 def _num(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and not (value.is_integer() and abs(value) >= 10):
+        return f"{value:,.{digits}f}"
+    return f"{value:,.0f}"
 
 
 def _xy(windows: list[dict[str, Any]], field: str, half: float) -> list[tuple[float, float | None]]:
-    return [(w["t"] + half, w[field] if w["requests"] else None) for w in windows]
+    # A window without requests has no latency (a gap in the line) but a real 0 req/s.
+    return [(w["t"] + half, w[field] if w["requests"] or field == "rps" else None) for w in windows]
 
 
 def _overlays(report: dict[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,10 @@ from typing import Any
 import gevent
 from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
 
-from bench.mix import MixConfig, RequestMix, RequestSpec
+from bench.mix import MixConfig, RequestMix
 from bench.records import REQUESTS_FILE, USERS_FILE, RequestRecord
 from bench.shapes import from_spec
+from bench.sse import SseTimer, StreamRead
 from bench.stats import percentile
 
 CONFIG: dict[str, Any] = json.loads(Path(os.environ["BENCH_CONFIG"]).read_text())
@@ -135,52 +136,36 @@ class ChatUser(FastHttpUser):
             name="stream" if spec.stream else "chat",
         ) as resp:
             status = int(resp.status_code or 0)
-            stream: tuple[float | None, float | None, int, str | None] = (None, None, 0, None)
-            if spec.stream and status == 200:
-                stream = _read_sse(resp, t0)
+            stream = (
+                _read_sse(resp, t0) if spec.stream and status == 200 else StreamRead(error=None)
+            )
             latency = (time.perf_counter() - t0) * 1000
             resp.request_meta["response_time"] = latency
-            error = stream[3] or (None if 200 <= status < 300 else _error_text(resp, status))
+            error = stream.error or (None if 200 <= status < 300 else _error_text(resp, status))
             if error:
                 resp.failure(error)
             else:
                 resp.success()
-        _record(
-            _make_record(
-                spec, self.tenants[spec.key], started, latency, status, error, stream, resp
-            )
+        h = {k.lower(): v for k, v in (resp.headers or {}).items()}
+        record = RequestRecord(
+            t=started,
+            latency_ms=latency,
+            status=status,
+            ok=error is None,
+            stream=spec.stream,
+            kind=spec.kind,
+            tenant=self.tenants[spec.key],
+            model=spec.model,
+            ttft_ms=stream.ttft_ms,
+            itl_ms=stream.itl_ms,
+            chunks=stream.chunks,
+            cache=h.get("x-cache"),
+            dedup=h.get("x-dedup"),
+            cost=_number(h.get("x-request-cost")) if stream.cost is None else stream.cost,
+            upstream=h.get("x-upstream"),
+            error=error,
         )
-
-
-def _make_record(
-    spec: RequestSpec,
-    tenant: str,
-    started: float,
-    latency: float,
-    status: int,
-    error: str | None,
-    stream: tuple[float | None, float | None, int, str | None],
-    resp: Any,
-) -> RequestRecord:
-    h = {k.lower(): v for k, v in (resp.headers or {}).items()}
-    return RequestRecord(
-        t=started,
-        latency_ms=latency,
-        status=status,
-        ok=error is None,
-        stream=spec.stream,
-        kind=spec.kind,
-        tenant=tenant,
-        model=spec.model,
-        ttft_ms=stream[0],
-        itl_ms=stream[1],
-        chunks=stream[2],
-        cache=h.get("x-cache"),
-        dedup=h.get("x-dedup"),
-        cost=_number(h.get("x-request-cost")),
-        upstream=h.get("x-upstream"),
-        error=error,
-    )
+        _record(record)
 
 
 def _error_text(resp: Any, status: int) -> str:
@@ -194,42 +179,15 @@ def _error_text(resp: Any, status: int) -> str:
     return f"HTTP {status} {message}".strip()
 
 
-def _read_sse(resp: Any, t0: float) -> tuple[float | None, float | None, int, str | None]:
-    """Reads an SSE stream: (ttft ms, mean inter-chunk ms, content chunks, error).
-
-    Reads line by line from geventhttpclient's response: its ``read(n)`` (behind
-    ``iter_content``) blocks until ``n`` bytes arrive, which would hide when each
-    chunk really came in.
-    """
-    stamps: list[float] = []
-    done = False
+def _read_sse(resp: Any, t0: float) -> StreamRead:
+    """Reads the stream line by line from geventhttpclient's response: its ``read(n)``
+    (behind ``iter_content``) blocks until ``n`` bytes arrive, which would hide when
+    each chunk really came in."""
+    timer = SseTimer(t0)
     raw = resp._response
     try:
         while line := raw.readline(b"\n"):
-            text = line.decode("utf-8", "replace").strip()
-            if not text.startswith("data:"):
-                continue
-            data = text[5:].strip()
-            if data == "[DONE]":
-                done = True
-            elif _has_content(data):
-                stamps.append(time.perf_counter())
+            timer.feed(line.decode("utf-8", "replace"), time.perf_counter())
     except Exception as exc:  # the stream broke mid-way; the client raises many kinds
-        return (*_stream_stats(stamps, t0), f"stream: {type(exc).__name__}")
-    return (*_stream_stats(stamps, t0), None if done else "stream: no [DONE]")
-
-
-def _has_content(data: str) -> bool:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return False
-    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
-
-
-def _stream_stats(stamps: list[float], t0: float) -> tuple[float | None, float | None, int]:
-    if not stamps:
-        return None, None, 0
-    ttft = (stamps[0] - t0) * 1000
-    itl = (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1) if len(stamps) > 1 else None
-    return ttft, itl, len(stamps)
+        return timer.result(f"stream: {type(exc).__name__}")
+    return timer.result()

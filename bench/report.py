@@ -37,12 +37,25 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _plain(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def _check_line(check: dict[str, Any]) -> str:
-    observed = "-" if check["observed"] is None else f"{check['observed']:.4g}"
+    observed = "-" if check["observed"] is None else _plain(check["observed"])
     mark = {"pass": "ok  ", "fail": "FAIL", "skipped": "skip"}[check["outcome"]]
     note = f"  ({check['note']})" if check.get("note") else ""
     limit = f"{check['comparison']} {check['limit']:g}"
     return f"  [{mark}] {check['name']:<26} {observed:>10} {limit}{note}"
+
+
+def _knee_text(k: dict[str, Any]) -> str:
+    held = "never met" if k["users"] is None else f"held up to {k['users']} users"
+    if k["breaking_users"] is None:
+        return f"SLOs {held}; never breached"
+    reasons = ", ".join(k["reasons"])
+    at = f"{k['breaking_users']} users, t={k['breached_at_s']:.0f}s"
+    return f"SLOs {held}; breached at {at} ({reasons})"
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -68,16 +81,7 @@ def render_text(report: dict[str, Any]) -> str:
     if s["error_samples"]:
         lines.append(f"  errors seen: {'; '.join(s['error_samples'])}")
     if report.get("knee"):
-        k = report["knee"]
-        lines.append(
-            f"  knee: SLOs held up to {k['users']} users; "
-            + (
-                "never breached"
-                if k["breaking_users"] is None
-                else f"breached at {k['breaking_users']} users, t={k['breached_at_s']:.0f}s "
-                f"({', '.join(k['reasons'])})"
-            )
-        )
+        lines.append(f"  knee: {_knee_text(report['knee'])}")
     gate = "" if v["gate_on_slo"] else " (reported only; the criteria decide)"
     lines.append(f"SLO ({report['slo_source']}): {'met' if v['slo_passed'] else 'BREACHED'}{gate}")
     lines += [_check_line(c) for c in v["checks"]]

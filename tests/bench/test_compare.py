@@ -122,3 +122,14 @@ def test_load_runs_pools_a_directory(tmp_path: Path) -> None:
 def test_render_names_regressions() -> None:
     results = compare(_runs(NOISY, 100), _runs([v * 1.4 for v in NOISY], 140), Tolerance())
     assert render(results).splitlines()[-1] == "REGRESSION: latency_p95_ms"
+
+
+def test_a_shift_inside_the_baseline_runs_spread_is_noise() -> None:
+    slow_run = {"latency_ms": {"p95": 125.0}}
+    windows = [{"requests": 10, "p95": v} for v in NOISY]
+    base = RunSet([{"latency_ms": {"p95": 100.0}}, slow_run], windows, ["a", "b"])
+    new = _runs([v * 1.4 for v in NOISY], 130)
+    # 130 is +16 % on the median baseline (112.5) but within 125 * 1.10 of the slower run.
+    assert compare_metric(P95, base, new, Tolerance(), random.Random(0)).status == "noise"
+    worse = _runs([v * 1.6 for v in NOISY], 160)
+    assert compare_metric(P95, base, worse, Tolerance(), random.Random(0)).status == "regression"

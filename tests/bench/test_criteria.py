@@ -80,6 +80,10 @@ def test_knee_at_least_target() -> None:
     assert knee_at_least_target(_facts([], knee=Knee(20, 22, 50.0, ("p95",)))).outcome == "pass"
     assert knee_at_least_target(_facts([], knee=Knee(9, 10, 20.0, ("p95",)))).outcome == "fail"
     assert knee_at_least_target(_facts([], knee=Knee(30, None, None, ()))).outcome == "pass"
+    assert knee_at_least_target(_facts([], knee=Knee(None, 1, 0.0, ("p95",)))).outcome == "fail"
+    assert (
+        knee_at_least_target(_facts([], knee=Knee(None, None, None, ()))).outcome == "inconclusive"
+    )
     assert knee_at_least_target(_facts([])).outcome == "inconclusive"
 
 

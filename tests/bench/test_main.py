@@ -36,19 +36,44 @@ def bench_target() -> Iterator[str]:
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.get(f"{url}/v1/models", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the mock provider did not start") from None
-                time.sleep(0.1)
+        _wait_ready(f"{url}/v1/models", proc)
         yield url
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def metrics_url(tmp_path: Path) -> Iterator[str]:
+    """A static Prometheus endpoint, as Ray's metrics export port would serve."""
+    served = tmp_path / "prom"
+    served.mkdir()
+    (served / "metrics").write_text(
+        'ray_serve_deployment_replica_healthy{deployment="Ingress",replica="a"} 1\n'
+        'ray_serve_deployment_replica_healthy{deployment="Ingress",replica="b"} 1\n'
+    )
+    port = _free_port()
+    args = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(args, cwd=served, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        _wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(url, timeout=1).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{url} did not come up") from None
+            time.sleep(0.1)
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,23 +81,28 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
-def test_smoke_run_produces_every_report_and_passes(bench_target: str, tmp_path: Path) -> None:
+def test_smoke_run_produces_every_report_and_passes(
+    bench_target: str, metrics_url: str, tmp_path: Path
+) -> None:
     started = time.monotonic()
-    done = _bench(
-        "run", "smoke", "--host", bench_target, "--duration", "4s", "--out", str(tmp_path)
-    )
+    out = tmp_path / "out"
+    args = ["--duration", "4s", "--out", str(out), "--metrics-url", metrics_url]
+    done = _bench("run", "smoke", "--host", bench_target, *args, "--metrics-interval", "1s")
     assert time.monotonic() - started < 20
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS (exit 0)" in done.stdout
     for name in ("result.json", "windows.csv", "requests.csv", "summary.txt", "report.html"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    result = json.loads((tmp_path / "result.json").read_text())
+        assert (out / name).stat().st_size > 0, name
+    result = json.loads((out / "result.json").read_text())
     summary = result["summary"]
     assert summary["requests"] >= 20 and summary["errors"] == 0
     assert summary["streams"] > 0 and summary["ttft_ms"]["p50"] is not None
     assert summary["itl_ms"]["p50"] is not None  # chunks timed one by one, not read in a lump
     assert set(summary["kinds"]) == {"repeat", "paraphrase", "unique"}
-    assert "sk-local" not in (tmp_path / "run_config.json").read_text()
+    assert "sk-local" not in (out / "run_config.json").read_text()
+    replicas = result["metrics"]["ray_serve_deployment_replica_healthy{deployment=Ingress}"]
+    assert len(replicas) >= 3 and {v for _, v in replicas} == {2.0}
+    assert "Replicas (Prometheus)" in (out / "report.html").read_text()
 
 
 def test_impossible_slo_fails_the_run(bench_target: str, tmp_path: Path) -> None:
