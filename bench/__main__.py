@@ -43,6 +43,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     run.add_argument(
         "--api-key", action="append", dest="api_keys", help="repeatable: one per tenant"
     )
+    run.add_argument("--admin-key", help="for GET /v1/cost/recommendations (default: 1st key)")
     run.add_argument(
         "--model", action="append", dest="models", help="repeatable (default: mock-gpt)"
     )
@@ -84,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         users=args.users,
         api_keys=args.api_keys or ["sk-local"],
+        admin_key=args.admin_key,
         models=args.models,
         metrics_urls=args.metrics_urls,
         metrics_interval_s=args.metrics_interval,

@@ -100,12 +100,23 @@ def breaker_prevents_cascade(f: RunFacts) -> CriterionResult:
         problems.append(f"{shed:.0%} of client requests still reached the failing upstream")
     if recovered < 0.95:
         problems.append(f"only {recovered:.0%} ok after the fault cleared")
+    if _breaker_opened(f, start, end + grace) is False:
+        problems.append("no breaker reported open (gateway_breaker_state) during the fault")
     detail = (
         f"fault p95 {p95:.0f} ms; upstream/client calls "
         + ("n/a" if shed is None else f"{shed:.0%}")
         + f"; {recovered:.0%} ok after"
     )
     return CriterionResult(name, "fail" if problems else "pass", "; ".join(problems) or detail)
+
+
+def _breaker_opened(f: RunFacts, start: float, end: float) -> bool | None:
+    """Whether a scraped breaker state gauge read open (1) or forced-open (3) in
+    ``[start, end]``; ``None`` when no breaker state was scraped at all."""
+    series = [pts for key, pts in f.metrics.items() if "breaker_state" in key]
+    if not series:
+        return None
+    return any(v in (1.0, 3.0) for pts in series for t, v in pts if start <= t <= end)
 
 
 def cost_tracked(f: RunFacts) -> CriterionResult:

@@ -4,7 +4,8 @@ Point it at the gateway's ``/metrics`` and at Ray's metrics export port (each
 Ray node serves ``http://<node>:<metrics_export_port>/metrics``). Only families
 whose name contains one of ``DEFAULT_FILTERS`` are kept; samples are summed per
 metric and per ``deployment`` label (replica counts add up across replicas and
-nodes that way).
+nodes that way), except ``*_state`` gauges, where every replica reports the same
+shared state and the maximum is kept.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ DEFAULT_FILTERS = (
     "ray_serve_deployment_replica_healthy",
     "ray_serve_deployment_queued_queries",
     "ray_serve_num_ongoing_requests",
-    "breaker",
+    "gateway_breaker_state",  # 0 closed, 1 open, 2 half-open (scraped as ray_gateway_...)
+    "gateway_breaker_refused_total",
 )
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\d+)?\s*$")
@@ -63,17 +65,30 @@ def series_key(sample: Sample) -> str:
     """
     keep = ["deployment"]
     if "breaker" in sample.name:
-        keep += ["provider", "upstream", "model", "state"]
+        keep += ["breaker", "to_state"]
     labels = ",".join(f"{k}={sample.labels[k]}" for k in keep if k in sample.labels)
     return f"{sample.name}{{{labels}}}" if labels else sample.name
 
 
+def _is_state(name: str) -> bool:
+    # Every replica reports the same shared state: a max, where counts (replicas) add up.
+    return name.endswith("_state")
+
+
+def _merge(into: dict[str, float], key: str, value: float) -> None:
+    old = into.get(key)
+    if old is None:
+        into[key] = value
+    else:
+        into[key] = max(old, value) if _is_state(key.split("{", 1)[0]) else old + value
+
+
 def aggregate(samples: Sequence[Sample], filters: Sequence[str]) -> dict[str, float]:
-    sums: dict[str, float] = defaultdict(float)
+    out: dict[str, float] = {}
     for sample in samples:
         if any(f in sample.name for f in filters):
-            sums[series_key(sample)] += sample.value
-    return dict(sums)
+            _merge(out, series_key(sample), sample.value)
+    return out
 
 
 @dataclass
@@ -102,11 +117,11 @@ class MetricsScraper:
     async def scrape_once(self) -> None:
         now = time.time()
         texts = await asyncio.gather(*(self._get(u) for u in self.urls))
-        merged: dict[str, float] = defaultdict(float)
+        merged: dict[str, float] = {}
         for text in texts:
             if text is not None:
                 for key, value in aggregate(parse_text(text), self.filters).items():
-                    merged[key] += value
+                    _merge(merged, key, value)
         for key, value in merged.items():
             self.result.series[key].append((now, value))
         self.result.scrapes += 1

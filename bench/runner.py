@@ -40,6 +40,7 @@ class RunOptions:
     duration_s: float | None = None
     users: int | None = None
     api_keys: list[str] = field(default_factory=lambda: ["sk-local"])
+    admin_key: str | None = None  # for admin-guarded probes; default: the first API key
     models: list[str] | None = None
     metrics_urls: list[str] = field(default_factory=list)
     metrics_interval_s: float = 2.0
@@ -150,7 +151,8 @@ async def _inject_fault(
 async def probe_cost_recommendations(client: httpx.AsyncClient, opts: RunOptions) -> dict[str, Any]:
     url = f"{opts.host.rstrip('/')}/v1/cost/recommendations"
     try:
-        response = await client.get(url, headers={"Authorization": f"Bearer {opts.api_keys[0]}"})
+        key = opts.admin_key or opts.api_keys[0]
+        response = await client.get(url, headers={"Authorization": f"Bearer {key}"})
     except httpx.HTTPError as exc:
         return {"status": 0, "error": f"{type(exc).__name__}: {exc}"}
     try:

@@ -51,6 +51,16 @@ def test_breaker_passes_when_failing_fast_and_recovering() -> None:
     assert result.outcome == "pass", result.detail
 
 
+def test_breaker_must_be_seen_open_when_its_state_is_scraped() -> None:
+    records = [rec(10 + t * 0.1, 3.0, ok=False) for t in range(200)]
+    records += [rec(35 + t, 20.0) for t in range(20)]
+    key = "ray_gateway_breaker_state{breaker=mock-gpt}"
+    closed = _facts(records, {key: [(5.0, 0.0), (20.0, 0.0)]}, observations=_fault())
+    assert "no breaker reported open" in breaker_prevents_cascade(closed).detail
+    opened = _facts(records, {key: [(5.0, 0.0), (20.0, 1.0)]}, observations=_fault())
+    assert breaker_prevents_cascade(opened).outcome == "pass"
+
+
 def test_breaker_fails_on_a_cascade() -> None:
     during = [rec(10 + t * 0.5, 2100.0, ok=False) for t in range(40)]
     after = [rec(35 + t, 20.0, ok=t > 5) for t in range(20)]

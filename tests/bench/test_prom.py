@@ -11,8 +11,9 @@ ray_serve_deployment_replica_healthy{application="gw",deployment="Ingress",repli
 ray_serve_deployment_replica_healthy{application="gw",deployment="Ingress",replica="b"} 1.0
 ray_serve_deployment_replica_healthy{application="gw",deployment="Embedder",replica="c"} 1.0
 ray_serve_deployment_queued_queries{deployment="Ingress"} 3 1700000000000
-gateway_breaker_state{upstream="mock",state="open"} 1
-gateway_breaker_state{upstream="mock",state="closed"} 0
+ray_gateway_breaker_state{breaker="mock-gpt",replica="a"} 1
+ray_gateway_breaker_state{breaker="mock-gpt",replica="b"} 1
+ray_gateway_breaker_state{breaker="backup",replica="a"} 0
 process_cpu_seconds_total 12.5
 weird line without value
 label_with_quote{msg="a \\"quoted\\" word"} 2
@@ -21,7 +22,7 @@ label_with_quote{msg="a \\"quoted\\" word"} 2
 
 def test_parse_text_reads_labels_values_and_skips_junk() -> None:
     samples = parse_text(EXPOSITION)
-    assert len(samples) == 8
+    assert len(samples) == 9
     assert samples[0].labels == {"application": "gw", "deployment": "Ingress", "replica": "a"}
     assert samples[3].value == 3.0  # the timestamp is not the value
     assert samples[-1].labels["msg"] == 'a "quoted" word'
@@ -32,7 +33,8 @@ def test_aggregate_sums_replicas_per_deployment_and_keeps_breaker_labels() -> No
     assert agg["ray_serve_deployment_replica_healthy{deployment=Ingress}"] == 2.0
     assert agg["ray_serve_deployment_replica_healthy{deployment=Embedder}"] == 1.0
     assert agg["ray_serve_deployment_queued_queries{deployment=Ingress}"] == 3.0
-    assert agg["gateway_breaker_state{upstream=mock,state=open}"] == 1.0
+    assert agg["ray_gateway_breaker_state{breaker=mock-gpt}"] == 1.0  # a state: max, not sum
+    assert agg["ray_gateway_breaker_state{breaker=backup}"] == 0.0
     assert not any("process_cpu" in k for k in agg)
 
 
