@@ -102,6 +102,8 @@ def build_charts(report: dict[str, Any]) -> list[Chart]:
             **extra,
         ),
     ]
+    if report.get("knee"):
+        charts.insert(1, _knee_chart(report))
     metrics = report.get("metrics") or {}
     groups = (
         ("Replicas (Prometheus)", "replica"),
@@ -114,6 +116,22 @@ def build_charts(report: dict[str, Any]) -> list[Chart]:
             series = [Series(k, [(t, v) for t, v in metrics[k]]) for k in keys[:8]]
             charts.append(Chart(title, "value", series, x_max, **extra))
     return charts
+
+
+def _knee_chart(report: dict[str, Any]) -> Chart:
+    """p95 against the number of active users: where a ramp's curve bends."""
+    busy = sorted((w["users"], w["p95"]) for w in report["windows"] if w["requests"])
+    knee, p95 = report["knee"], report["slo"].get("latency_p95_ms")
+    marks = [] if knee["users"] is None else [(knee["users"], f"knee: {knee['users']} users")]
+    return Chart(
+        "Latency p95 against active users (x: users)",
+        "ms",
+        [Series("p95", [(float(u), v) for u, v in busy])],
+        max((u for u, _ in busy), default=1),
+        hline=(p95, f"SLO p95 {p95:g} ms") if p95 else None,
+        marks=marks,
+        x_unit="",
+    )
 
 
 def _rows(rows: list[tuple[str, str]]) -> str:

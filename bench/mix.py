@@ -68,6 +68,8 @@ class MixConfig(BaseModel):
     prompt_words_sigma: float = Field(0.6, ge=0)
     prompt_words_max: int = Field(1500, ge=1)
     max_tokens: int = Field(64, ge=1)
+    # The gateway caches only deterministic answers (temperature 0 or opted in); None: omit.
+    temperature: float | None = Field(0.0, ge=0, le=2)
     per_user_rps: float = Field(0, ge=0)  # 0: no pacing (closed loop, back to back)
 
     @model_validator(mode="after")
@@ -145,6 +147,8 @@ class RequestMix:
             "messages": [{"role": "user", "content": text}],
             "max_tokens": c.max_tokens,
         }
+        if c.temperature is not None:
+            body["temperature"] = c.temperature
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

@@ -102,10 +102,10 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "peak",
-            "25 users, many end users, several keys/models if given; latency SLOs under load",
+            "25 users, 50 end users, 2 models, every --api-key; latency SLOs under load",
             120,
             _constant(25),
-            mix=MixConfig(end_users=50, stream_rate=0.3),
+            mix=MixConfig(end_users=50, stream_rate=0.3, models=["mock-gpt", "mock-gpt-mini"]),
         ),
         Scenario(
             "scale",

@@ -33,6 +33,8 @@ class SLO(BaseModel):
     cache_hit_p99_ms: float | None = Field(None, gt=0)
     min_rps: float | None = Field(None, ge=0)
     min_requests: int = Field(1, ge=0)  # fewer requests than this: the run proves nothing
+    # False: 429s (the gateway's limits working as configured) do not count as errors.
+    rate_limited_is_error: bool = True
 
 
 def load_slo(path: Path | None = None) -> SLO:
@@ -71,6 +73,13 @@ def _check(
     return Check(name, "pass" if ok else "fail", observed, limit, comparison)
 
 
+def _error_rate(summary: Summary, slo: SLO) -> float | None:
+    if not summary.requests:
+        return None
+    errors = summary.errors - (0 if slo.rate_limited_is_error else summary.rate_limited)
+    return errors / summary.requests
+
+
 def evaluate(summary: Summary, slo: SLO) -> Verdict:
     lat = summary.latency_ms
     candidates = [
@@ -78,12 +87,7 @@ def evaluate(summary: Summary, slo: SLO) -> Verdict:
         _check("latency p50 ms", lat["p50"], slo.latency_p50_ms, "<="),
         _check("latency p95 ms", lat["p95"], slo.latency_p95_ms, "<="),
         _check("latency p99 ms", lat["p99"], slo.latency_p99_ms, "<="),
-        _check(
-            "error rate",
-            summary.error_rate if summary.requests else None,
-            slo.error_rate_max,
-            "<=",
-        ),
+        _check("error rate", _error_rate(summary, slo), slo.error_rate_max, "<="),
         _check("ttft p95 ms", summary.ttft_ms["p95"], slo.ttft_p95_ms, "<="),
         _check(
             "cache-hit latency p99 ms",

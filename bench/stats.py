@@ -37,6 +37,7 @@ class Summary:
     ok: int
     errors: int
     error_rate: float
+    rate_limited: int  # 429 answers (counted in errors)
     duration_s: float
     rps: float
     latency_ms: dict[str, float | None]  # p50 p90 p95 p99 max mean
@@ -81,6 +82,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> Summary:
         ok=len(ok),
         errors=errors,
         error_rate=errors / len(records) if records else 0.0,
+        rate_limited=sum(r.status == 429 for r in records),
         duration_s=duration_s,
         rps=len(records) / duration,
         latency_ms=_latency_block([r.latency_ms for r in ok]),

@@ -32,6 +32,7 @@ class Chart:
     marks: list[tuple[float, str]] = field(default_factory=list)  # vertical lines
     bands: list[tuple[float, float, str]] = field(default_factory=list)  # shaded x ranges
     percent: bool = False
+    x_unit: str = "s"
 
 
 def nice_ticks(upper: float, count: int = 5) -> list[float]:
@@ -108,7 +109,8 @@ def render_chart(chart: Chart) -> str:
     for tick in nice_ticks(x_max, 8):
         if tick <= x_max:
             parts.append(
-                f'<text x="{sx(tick):.1f}" y="{HEIGHT - BOTTOM + 16}" class="xt">{tick:g}s</text>'
+                f'<text x="{sx(tick):.1f}" y="{HEIGHT - BOTTOM + 16}" class="xt">'
+                f"{tick:g}{chart.x_unit}</text>"
             )
     mid = TOP + ph / 2
     parts.append(
@@ -160,7 +162,8 @@ def _lines(chart: Chart, sx, sy) -> list[str]:  # type: ignore[no-untyped-def]
             if len(seg) <= 120:
                 parts += [
                     f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}">'
-                    f"<title>{escape(series.name)} @ {x:g}s: {_label(y, chart.percent)}</title>"
+                    f"<title>{escape(series.name)} @ {x:g}{chart.x_unit}: "
+                    f"{_label(y, chart.percent)}</title>"
                     "</circle>"
                     for x, y in seg
                 ]

@@ -37,6 +37,11 @@ def test_paraphrases_differ_from_the_hot_prompt_but_share_its_topic() -> None:
     assert len(paraphrases) > 1
 
 
+def test_temperature_is_set_so_answers_are_cacheable_unless_omitted() -> None:
+    assert _draw(MixConfig(), n=1)[0].body["temperature"] == 0.0
+    assert "temperature" not in _draw(MixConfig(temperature=None), n=1)[0].body
+
+
 def test_streaming_requests_ask_for_usage() -> None:
     spec = next(s for s in _draw(MixConfig(stream_rate=1.0), n=1))
     assert spec.body["stream"] is True

@@ -48,6 +48,14 @@ def test_each_breach_fails_with_observed_value() -> None:
     assert failed["error rate"] == pytest.approx(3 / 103)
 
 
+def test_rate_limited_answers_can_be_excluded_from_errors() -> None:
+    records = [rec(0, 5.0) for _ in range(90)] + [rec(0, 1.0, ok=False, status=429)] * 10
+    summary = summarize(records, 1.0)
+    assert summary.rate_limited == 10
+    assert not evaluate(summary, SLO(error_rate_max=0.01)).passed
+    assert evaluate(summary, SLO(error_rate_max=0.01, rate_limited_is_error=False)).passed
+
+
 def test_min_rps_is_a_floor() -> None:
     verdict = evaluate(_summary([1.0] * 10, duration=10.0), SLO(min_rps=5))
     assert [(c.name, c.outcome) for c in verdict.failures] == [("throughput req/s", "fail")]
