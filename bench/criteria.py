@@ -75,7 +75,8 @@ def cache_hits_fast(f: RunFacts) -> CriterionResult:
 
 def breaker_prevents_cascade(f: RunFacts) -> CriterionResult:
     """During an injected upstream overload the gateway must fail fast (not queue behind a
-    hanging upstream), shed calls to the upstream, and recover once the fault clears."""
+    hanging upstream), shed calls to the upstream, and recover by the end of the run
+    (the last 15 %: an open breaker rightly waits out its ``wait_in_open`` first)."""
     name = "breaker_prevents_cascade"
     fault = f.observations.get("fault")
     if not fault or "error" in fault:
@@ -84,7 +85,8 @@ def breaker_prevents_cascade(f: RunFacts) -> CriterionResult:
     start, end, hang_ms = fault["start"], fault["end"], fault["hang_s"] * 1000
     grace = 3.0  # let the breaker see enough failures to open
     during = [r for r in f.records if start + grace <= r.t < end]
-    after = [r for r in f.records if r.t >= end + grace]
+    tail_start = max(end + grace, f.summary.duration_s * 0.85)
+    after = [r for r in f.records if r.t >= tail_start]
     if not during or not after:
         return CriterionResult(
             name, "inconclusive", "too few requests in or after the fault window"
@@ -99,7 +101,7 @@ def breaker_prevents_cascade(f: RunFacts) -> CriterionResult:
     if shed is not None and shed > 0.5:
         problems.append(f"{shed:.0%} of client requests still reached the failing upstream")
     if recovered < 0.95:
-        problems.append(f"only {recovered:.0%} ok after the fault cleared")
+        problems.append(f"only {recovered:.0%} ok at the end, after the fault cleared")
     if _breaker_opened(f, start, end + grace) is False:
         problems.append("no breaker reported open (gateway_breaker_state) during the fault")
     detail = (

@@ -139,13 +139,14 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "breaker",
-            "the mock upstream turns slow and failing mid-run; the breaker must fail fast",
-            60,
+            "the mock upstream turns slow and failing from 20 % to 40 % of the run; "
+            "the breaker must fail fast, shed upstream calls and recover",
+            90,
             _constant(8),
             mix=MixConfig(repeat_rate=0.0, paraphrase_rate=0.0),
             criteria=("breaker_prevents_cascade",),
             gate_on_slo=False,
-            fault=FaultPlan(0.3, 0.6, _OVERLOAD),
+            fault=FaultPlan(0.2, 0.4, _OVERLOAD),
         ),
         Scenario(
             "cost",
