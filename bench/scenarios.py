@@ -68,6 +68,12 @@ def _replay(args: BuildArgs, duration: float) -> Shape:
     return load_trace(args.trace, per_user_rps=1.0, duration=args.duration_s or 0.0)
 
 
+def _spike(args: BuildArgs, duration: float) -> Shape:
+    # Two bursts at least, however short the run: a 30 s period shrinks to fit.
+    period = min(30.0, duration / 2)
+    return Spike(_users(args, 5), duration, factor=4.0, period=period, burst=period * 8 / 30)
+
+
 _OVERLOAD = {"faults": {"*": {"hang_s": 2.0, "error_rate": 0.5, "error_status": 503}}}
 
 SCENARIOS: dict[str, Scenario] = {
@@ -92,7 +98,7 @@ SCENARIOS: dict[str, Scenario] = {
             "spike",
             "5 users with bursts of 4x (20) for 8 s every 30 s",
             120,
-            lambda a, d: Spike(_users(a, 5), d, factor=4.0, period=30.0, burst=8.0),
+            _spike,
         ),
         Scenario(
             "step",

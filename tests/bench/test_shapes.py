@@ -1,7 +1,9 @@
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
+from bench.scenarios import SCENARIOS, BuildArgs
 from bench.shapes import (
     Constant,
     Ramp,
@@ -99,3 +101,9 @@ def test_spec_round_trip() -> None:
 
 def test_schedule_lists_the_plan() -> None:
     assert schedule(Ramp(1, 5, 4)) == [(0.0, 1), (1.0, 2), (2.0, 3), (3.0, 4)]
+
+
+def test_spike_scenario_fits_two_bursts_into_a_short_run() -> None:
+    plan = [u for _, u in schedule(SCENARIOS["spike"].shape(BuildArgs(12.0, None)), step=0.5)]
+    bursts = sum(1 for prev, cur in pairwise(plan) if cur > prev)
+    assert bursts == 2 and max(plan) == 20 and min(plan) == 5
