@@ -47,6 +47,28 @@ def _outcome(slo_gate: bool, slo_passed: bool, criteria: list[dict[str, str]]) -
     return "pass", EXIT_PASS
 
 
+def _header(opts: RunOptions, outcome: RawOutcome, start: float) -> dict[str, Any]:
+    """What was run, against what, judged by what."""
+    mix = {k: v for k, v in opts.scenario.mix.model_dump().items() if k != "keys"}
+    if opts.models:
+        mix["models"] = opts.models
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)) if start else None
+    return {
+        "schema": SCHEMA,
+        "tool": "bench (locust load generator)",
+        "scenario": opts.scenario.name,
+        "description": opts.scenario.description,
+        "host": opts.host,
+        "started_at": started,
+        "shape": to_spec(outcome.shape),
+        "mix": mix,
+        "tenants": len(opts.api_keys),
+        "slo_source": opts.slo_source,
+        "slo": opts.slo.model_dump(),
+        "load_generator_exit": outcome.returncode,
+    }
+
+
 def build_report(opts: RunOptions, outcome: RawOutcome) -> dict[str, Any]:
     raw = records.load(opts.out_dir)
     scenario = opts.scenario
@@ -59,36 +81,15 @@ def build_report(opts: RunOptions, outcome: RawOutcome) -> dict[str, Any]:
     knee = find_knee(series, opts.slo) if ramped else None
     metrics = _rebase(outcome.metrics, raw.start)
     observations = _rebase_observations(outcome.observations, raw.start)
-    facts = RunFacts(
-        summary,
-        series,
-        raw.requests,
-        {k: [(t, v) for t, v in pts] for k, pts in metrics.items()},
-        opts.slo,
-        knee,
-        opts.users or 15,
-        observations,
-    )
+    as_points = {k: [(t, v) for t, v in pts] for k, pts in metrics.items()}
+    facts = RunFacts(summary, series, raw.requests, as_points, opts.slo, knee, opts.users or 15)
+    facts.observations = observations
     criteria = [asdict(c) for c in evaluate_all(scenario.criteria, facts)]
     label, code = _outcome(scenario.gate_on_slo, verdict.passed, criteria)
     if not raw.requests:
         label, code = "error", EXIT_ERROR
-    return {
-        "schema": SCHEMA,
-        "tool": "bench (locust load generator)",
-        "scenario": scenario.name,
-        "description": scenario.description,
-        "host": opts.host,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(raw.start))
-        if raw.start
-        else None,
+    return _header(opts, outcome, raw.start) | {
         "duration_s": round(duration, 3),
-        "shape": to_spec(outcome.shape),
-        "mix": {k: v for k, v in scenario.mix.model_dump().items() if k != "keys"}
-        | ({"models": opts.models} if opts.models else {}),
-        "tenants": len(opts.api_keys),
-        "slo_source": opts.slo_source,
-        "slo": opts.slo.model_dump(),
         "summary": asdict(summary),
         "windows": [asdict(w) for w in series],
         "window_s": width,
@@ -105,7 +106,6 @@ def build_report(opts: RunOptions, outcome: RawOutcome) -> dict[str, Any]:
             "checks": [asdict(c) for c in verdict.checks],
             "criteria": criteria,
         },
-        "load_generator_exit": outcome.returncode,
     }
 
 

@@ -104,14 +104,23 @@ def build_charts(report: dict[str, Any]) -> list[Chart]:
     ]
     if report.get("knee"):
         charts.insert(1, _knee_chart(report))
-    metrics = report.get("metrics") or {}
-    groups = (
-        ("Replicas (Prometheus)", "replica"),
-        ("Queued and ongoing requests", "queued|ongoing"),
-        ("Breaker state (Prometheus)", "breaker"),
-    )
-    for title, needle in groups:
-        keys = [k for k in sorted(metrics) if any(n in k for n in needle.split("|"))]
+    return charts + _metric_charts(report.get("metrics") or {}, x_max, extra)
+
+
+_METRIC_GROUPS = (
+    ("Replicas (Prometheus)", ("replica",)),
+    ("Queued and ongoing requests", ("queued", "ongoing")),
+    ("Breaker state (0 closed, 1 open, 2 half-open)", ("breaker_state",)),
+    ("Calls refused by open breakers", ("breaker_refused",)),
+)
+
+
+def _metric_charts(
+    metrics: dict[str, list[list[float]]], x_max: float, extra: dict[str, Any]
+) -> list[Chart]:
+    charts = []
+    for title, needles in _METRIC_GROUPS:
+        keys = [k for k in sorted(metrics) if any(n in k for n in needles)]
         if keys:
             series = [Series(k, [(t, v) for t, v in metrics[k]]) for k in keys[:8]]
             charts.append(Chart(title, "value", series, x_max, **extra))

@@ -4,10 +4,11 @@ library and nothing fetched at view time."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html import escape
 
+Scale = Callable[[float], float]
 PALETTE = ("#2563eb", "#ea580c", "#dc2626", "#16a34a", "#9333ea", "#0891b2", "#ca8a04", "#db2777")
 WIDTH, HEIGHT = 760, 230
 LEFT, RIGHT, TOP, BOTTOM = 60, 16, 30, 32
@@ -98,25 +99,8 @@ def render_chart(chart: Chart) -> str:
             f'<rect x="{sx(x0):.1f}" y="{TOP}" width="{max(sx(x1) - sx(x0), 1):.1f}" height="{ph}" '
             f'fill="#fca5a5" opacity="0.25"><title>{escape(label)}</title></rect>'
         )
-    for tick in ticks:
-        y = sy(tick)
-        parts.append(
-            f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-        )
-        parts.append(
-            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="yt">{_fmt(tick, chart.percent)}</text>'
-        )
-    for tick in nice_ticks(x_max, 8):
-        if tick <= x_max:
-            parts.append(
-                f'<text x="{sx(tick):.1f}" y="{HEIGHT - BOTTOM + 16}" class="xt">'
-                f"{tick:g}{chart.x_unit}</text>"
-            )
+    parts += _axes(chart, ticks, x_max, sx, sy)
     mid = TOP + ph / 2
-    parts.append(
-        f'<text x="14" y="{mid:.0f}" class="yl" transform="rotate(-90 14 {mid:.0f})">'
-        f"{escape(chart.y_label)}</text>"
-    )
     parts += _overlays(chart, hline, sx, sy, ph)
     parts += _lines(chart, sx, sy)
     if not values:
@@ -130,7 +114,31 @@ def render_chart(chart: Chart) -> str:
     return "\n".join(parts)
 
 
-def _overlays(chart: Chart, hline: tuple[float, str] | None, sx, sy, ph: float) -> list[str]:  # type: ignore[no-untyped-def]
+def _axes(chart: Chart, ticks: list[float], x_max: float, sx: Scale, sy: Scale) -> list[str]:
+    parts = []
+    for tick in ticks:
+        y = sy(tick)
+        parts.append(
+            f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="yt">{_fmt(tick, chart.percent)}</text>'
+        )
+    for tick in nice_ticks(x_max, 8):
+        if tick <= x_max:
+            parts.append(
+                f'<text x="{sx(tick):.1f}" y="{HEIGHT - BOTTOM + 16}" class="xt">'
+                f"{tick:g}{chart.x_unit}</text>"
+            )
+    mid = TOP + (HEIGHT - TOP - BOTTOM) / 2
+    parts.append(
+        f'<text x="14" y="{mid:.0f}" class="yl" transform="rotate(-90 14 {mid:.0f})">'
+        f"{escape(chart.y_label)}</text>"
+    )
+    return parts
+
+
+def _overlays(
+    chart: Chart, hline: tuple[float, str] | None, sx: Scale, sy: Scale, ph: float
+) -> list[str]:
     parts = []
     if hline:
         y, label = hline
@@ -148,7 +156,7 @@ def _overlays(chart: Chart, hline: tuple[float, str] | None, sx, sy, ph: float) 
     return parts
 
 
-def _lines(chart: Chart, sx, sy) -> list[str]:  # type: ignore[no-untyped-def]
+def _lines(chart: Chart, sx: Scale, sy: Scale) -> list[str]:
     widths = [20 + 7 * len(s.name) for s in chart.series]
     parts, legend_x = [], WIDTH - RIGHT - sum(widths)
     for i, series in enumerate(chart.series):
