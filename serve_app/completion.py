@@ -276,15 +276,16 @@ class ChatPipeline:
             headers = self._headers(ctx, plan, status, semantic[1], None)
         if hit is not None:
             body = hit[0]
-            ticket.finish(_usage(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
+            charge = ticket.finish(_usage(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
             if status is CacheStatus.HIT:
                 self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
-            replay = _iterate(replay_sse(body, include_usage=want_usage))
-            return StreamingResponse(
-                replay,
-                headers={**ctx.response_headers, **headers, **sse},
-                media_type="text/event-stream",
-            )
+            headers = {**ctx.response_headers, **headers, **sse}
+            cost: dict[str, Any] = {}
+            if charge is not None:
+                headers["x-request-cost"] = charge.header_value()
+                cost = charge.usage_fields()
+            replay = _replay(body, want_usage, cost)
+            return StreamingResponse(replay, headers=headers, media_type="text/event-stream")
 
         holder: dict[str, ResilienceResult[UpstreamStream]] = {}
         upstream_body = {**ctx.body}
@@ -348,8 +349,14 @@ class ChatPipeline:
         return generate
 
 
-async def _iterate(events: Any) -> AsyncIterator[bytes]:
-    for event in events:
+async def _replay(body: bytes, want_usage: bool, cost: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A cached answer as SSE; its usage chunk carries the (zero) cost like a live one."""
+    for event in replay_sse(body, include_usage=want_usage):
+        data = event_data(event.strip())
+        if cost and data and data != b"[DONE]":
+            chunk = orjson.loads(data)
+            if not chunk.get("choices") and chunk.get("usage"):
+                event = encode_event({**chunk, "usage": {**chunk["usage"], **cost}})
         yield event
 
 

@@ -1,7 +1,5 @@
-"""End to end: ``python -m bench`` as a user runs it, against a live OpenAI-compatible server.
-
-The target is the mock provider started as a subprocess; the lead may re-point
-``bench_target`` at a gateway (started in the test) in front of it.
+"""End to end: ``python -m bench`` as a user runs it, against a gateway started in
+the test (on the session's Ray) in front of the mock provider.
 """
 
 from __future__ import annotations
@@ -18,6 +16,8 @@ import httpx
 import pytest
 
 from bench.__main__ import main
+from serve_app.mock_provider import Latency
+from tests.support import MockServer, deploy_gateway, gateway_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,18 +29,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def bench_target() -> Iterator[str]:
-    port = _free_port()
-    args = [sys.executable, "-m", "serve_app.mock_provider", "--port", str(port)]
-    args += ["--latency-ms", "5", "--per-token-ms", "1"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+def bench_target(serve_port: int, mock_server: MockServer, redis_url: str) -> Iterator[str]:
+    from ray import serve
+
+    mock_server.behaviour.reset()
+    mock_server.behaviour.config.latency = Latency(fixed_ms=5, per_token_ms=1)
+    deploy_gateway(gateway_args(mock_server.base_url, redis_url), "bench", "/bench-gw")
     try:
-        _wait_ready(f"{url}/v1/models", proc)
-        yield url
+        yield f"http://127.0.0.1:{serve_port}/bench-gw"
     finally:
-        proc.terminate()
-        proc.wait(10)
+        serve.delete("bench")
+        mock_server.behaviour.reset()
 
 
 @pytest.fixture
