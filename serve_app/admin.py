@@ -40,13 +40,13 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload, default=str), status, media_type="application/json")
 
 
-def _day(value: str | None, default: date) -> date:
+def _day(value: str | None, default: date, param: str) -> date:
     if not value:
         return default
     try:
         return date.fromisoformat(value)
     except ValueError:
-        raise InvalidRequestError(f"'{value}' is not a date (YYYY-MM-DD).", param="since") from None
+        raise InvalidRequestError(f"'{value}' is not a date (YYYY-MM-DD).", param=param) from None
 
 
 class Admin:
@@ -176,8 +176,8 @@ class Admin:
                 f"group_by must be one of {get_args(GroupBy)}.", param="group_by"
             )
         today = datetime.now(UTC).date()
-        since = _day(query.get("since"), today - timedelta(days=30))
-        until = _day(query.get("until"), today)
+        since = _day(query.get("since"), today - timedelta(days=30), "since")
+        until = _day(query.get("until"), today, "until")
         rows = await self.gateway.stages.cost.summary(group_by, since, until)  # type: ignore[arg-type]
         if query.get("format") == "csv":
             return Response(summary_csv(rows), media_type="text/csv")
@@ -186,7 +186,11 @@ class Admin:
         )
 
     async def cost_recommendations(self, request: Request) -> Response:
-        days = int(request.query_params.get("days", "30"))
+        days = request.query_params.get("days", "30")
+        if not days.isdigit():
+            raise InvalidRequestError("days must be a whole number.", param="days")
         now_ms = int(time.time() * 1000)
-        found = await self.gateway.stages.cost.recommendations(now_ms - days * 86_400_000, now_ms)
+        found = await self.gateway.stages.cost.recommendations(
+            now_ms - int(days) * 86_400_000, now_ms
+        )
         return _json({"recommendations": [asdict(r) for r in found]})
