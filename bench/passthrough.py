@@ -50,7 +50,9 @@ def gateway_args(mock_port: int, redis_url: str, **extra: object) -> GatewayArgs
         {
             "upstreams": {"mock": {"base_url": f"http://127.0.0.1:{mock_port}/v1"}},
             "models": [{"name": "mock-gpt", "upstream": "mock"}],
-            "api_keys": [{"name": "bench", "key_sha256": hash_key("sk-bench"), "tenant": "b"}],
+            "api_keys": [
+                {"name": "bench", "key_sha256": hash_key("sk-bench"), "tenant": "b", "admin": True}
+            ],
             "store": {"url": redis_url},
             **extra,
         }

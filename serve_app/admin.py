@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from serve_app.ingress import Gateway
 
 log = logging.getLogger(__name__)
-LIMITS_KEY = "gw:config:limits"
+LIMITS_KEY_PREFIX = "gw:config:limits:"
 LIMITS_POLL_S = 2.0
 BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
 
@@ -53,6 +54,10 @@ class Admin:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self._limits_version: bytes | None = None
+        # Run-time limits are keyed by the config they override: a redeploy with new
+        # limits in config.yaml starts from those, not from an older PUT.
+        configured = gateway.args.limits.model_dump_json().encode()
+        self._limits_key = LIMITS_KEY_PREFIX + hashlib.sha256(configured).hexdigest()[:16]
         self._watcher: asyncio.Task[None] | None = None
 
     def _require_admin(self, request: Request) -> None:
@@ -82,14 +87,19 @@ class Admin:
             param = ".".join(str(p) for p in first["loc"]) or None
             raise InvalidRequestError(f"Invalid limits: {first['msg']}", param=param) from None
         payload = settings.model_dump_json().encode()
-        await self.gateway.stages.redis.set(LIMITS_KEY, payload)
+        await self.gateway.stages.redis.set(self._limits_key, payload)
         self._apply_limits(payload)
         return _json(settings.model_dump(mode="json"))
 
-    def _apply_limits(self, payload: bytes) -> None:
+    def _apply_limits(self, payload: bytes | None) -> None:
+        """Apply a stored override; none stored (deleted) means the configured limits."""
         if payload == self._limits_version:
             return
-        self.gateway.stages.limiter.reconfigure(LimiterSettings.model_validate_json(payload))
+        if payload is None:
+            settings = self.gateway.args.limits
+        else:
+            settings = LimiterSettings.model_validate_json(payload)
+        self.gateway.stages.limiter.reconfigure(settings)
         self._limits_version = payload
 
     def start(self) -> None:
@@ -105,9 +115,7 @@ class Admin:
         redis = self.gateway.stages.redis
         while True:
             try:
-                payload = await redis.get(LIMITS_KEY)
-                if payload is not None:
-                    self._apply_limits(payload)
+                self._apply_limits(await redis.get(self._limits_key))
             except Exception:  # a store outage must not stop the watcher
                 log.debug("limits watcher: store unavailable", exc_info=True)
             await asyncio.sleep(LIMITS_POLL_S)

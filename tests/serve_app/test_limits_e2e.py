@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from deployments.tokens import estimate_prompt_tokens
-from serve_app.admin import LIMITS_KEY
+from serve_app.admin import LIMITS_KEY_PREFIX
 from serve_app.embedded_store import EmbeddedStore
 from serve_app.mock_provider import Faults, MockBehaviour
 from serve_app.settings import hash_key
@@ -87,7 +87,12 @@ def base_url(serve_port: int, mock_server: MockServer, redis_url: str) -> Iterat
     yield f"http://127.0.0.1:{serve_port}{PREFIX}"
     serve.delete(APP)
     with redis.Redis.from_url(redis_url) as store:
-        store.delete(LIMITS_KEY)  # other modules' apps would pick our limits up
+        _forget_overrides(store)
+
+
+def _forget_overrides(store: redis.Redis) -> None:
+    for key in store.scan_iter(match=LIMITS_KEY_PREFIX + "*"):
+        store.delete(key)
 
 
 @pytest.fixture
@@ -266,7 +271,7 @@ def test_limits_change_at_run_time_on_every_replica(
         put(None)
         _on_every_replica(base_url, "runtime", None)
         with redis.Redis.from_url(redis_url) as store:
-            store.delete(LIMITS_KEY)
+            _forget_overrides(store)
     bad = {**original, "per_user": {"default": [{"window": "1 fortnight", "requests": 1}]}}
     error = envelope(http.put("/admin/limits", json=bad, headers=auth()), 400, None)
     assert "window" in error["message"]
