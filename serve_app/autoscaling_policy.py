@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -132,6 +133,7 @@ def read_signals(
 # Not proportional to load (a replica's baseline memory, the upstream's share of latency): they
 # may ask for more replicas, but a low reading is no reason to keep replicas.
 UP_ONLY = frozenset({"memory", "p95_latency"})
+SINK_RETRY_S = 10.0  # how often to look for a store to record scaling events in
 
 
 def decide(
@@ -248,7 +250,7 @@ class MultiSignalPolicy:
             record_maxlen=record_maxlen,
         )
         self._sink: _RecordSink | None = None
-        self._sink_checked = False
+        self._next_sink_check = 0.0
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         state = dict(ctx.policy_state)
@@ -300,14 +302,26 @@ class MultiSignalPolicy:
         self._emit(stream_key(ctx.app_name, ctx.deployment_name, "events"), event)
 
     def _emit(self, key: str, payload: dict[str, Any]) -> None:
-        if not self._sink_checked:
-            self._sink_checked = True
+        if self._sink is None and time.monotonic() >= self._next_sink_check:
+            # The embedded store may start after the first tick: look again now and then.
+            self._next_sink_check = time.monotonic() + SINK_RETRY_S
             env = self.settings.redis_url_env
-            url = os.environ.get(env) if env else None
+            url = (os.environ.get(env) if env else None) or _embedded_store_url()
             if url:
                 self._sink = _RecordSink(url, self.settings.record_maxlen)
         if self._sink is not None:
             self._sink.submit(key, payload)
+
+
+def _embedded_store_url() -> str | None:
+    """The gateway's embedded Valkey, when no REDIS_URL is set (a local `make run`)."""
+    try:
+        import ray
+
+        actor = ray.get_actor("llm-gateway-embedded-store", namespace="llm_gateway")
+        return str(ray.get(actor.url.remote(), timeout=0.5))
+    except Exception:  # not started (yet), or not on Ray at all
+        return None
 
 
 # Serve instantiates classes with policy_kwargs; keep the import path the docs use.
