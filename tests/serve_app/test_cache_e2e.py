@@ -156,7 +156,10 @@ def test_streaming_request_for_a_cached_answer_replays_sse(
     chunks = [orjson.loads(p) for p in payloads[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert streamed_text(payloads) == answer["choices"][0]["message"]["content"]
-    assert chunks[-1]["usage"] == answer["usage"]
+    replayed = chunks[-1]["usage"]
+    assert {k: replayed[k] for k in answer["usage"]} == answer["usage"]
+    assert float(replayed["cost"]) == 0  # a hit costs nothing upstream
+    assert "x-request-cost" in response.headers
     assert mock_behaviour.stats.calls == 1
 
 
