@@ -73,7 +73,6 @@ _OPPOSITES = (
     ("encode", "decode"),
     ("upload", "download"),
     ("first", "last"),
-    ("in", "out"),
     ("on", "off"),
     ("true", "false"),
     ("positive", "negative"),
@@ -94,7 +93,7 @@ _OPPOSITES = (
     ("day", "night"),
 )
 _OPPOSITE_OF = {a: b for a, b in _OPPOSITES} | {b: a for a, b in _OPPOSITES}
-_NEG_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "de", "anti", "mis")
+_NEG_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "de", "anti", "mis", "en")
 
 
 class GuardSettings(BaseModel):
@@ -162,11 +161,21 @@ def _parse(text: str) -> _Parsed:
     )
 
 
+def _roots(word: str) -> set[tuple[str, str]]:
+    """(prefix, root) readings of a word, "" for no prefix: "disable" -> ("dis", "able")."""
+    found = {("", word)}
+    for p in _NEG_PREFIXES:
+        if word.startswith(p) and len(word) - len(p) >= 3:
+            found.add((p, word[len(p) :]))
+    return found
+
+
 def _is_opposite(a: str, b: str) -> bool:
+    """Listed opposites, or one root under two different prefixes (able/unable, enable/disable)."""
     if _OPPOSITE_OF.get(a) == b:
         return True
-    short, long_ = (a, b) if len(a) < len(b) else (b, a)
-    return any(long_ == p + short for p in _NEG_PREFIXES) and len(short) >= 3
+    roots_b = _roots(b)
+    return any(root == rb and pa != pb for pa, root in _roots(a) for pb, rb in roots_b)
 
 
 def _opposite_words(qa: _Parsed, qb: _Parsed) -> bool:

@@ -136,7 +136,11 @@ class SemanticCache:
     ) -> SemanticHit | None:
         """The best entry of this scope whose text means the same as ``text``, or None."""
         self._counts["lookups"] += 1
-        hit = await self._lookup(scope, text, namespace, threshold)
+        try:
+            hit = await self._lookup(scope, text, namespace, threshold)
+        except StoreUnavailableError:
+            self._counts["store_errors"] += 1  # Redis down: a miss, never a failed request
+            hit = None
         self._counts["hits" if hit else "misses"] += 1
         return hit
 
@@ -170,11 +174,7 @@ class SemanticCache:
         if entry.expired(self._clock()):
             self._index.remove(entry.id)
             return None
-        try:
-            body = await self._store.body(entry.id)
-        except StoreUnavailableError:
-            self._counts["store_errors"] += 1
-            return None
+        body = await self._store.body(entry.id)
         if body is None:
             self._index.remove(entry.id)
             return None

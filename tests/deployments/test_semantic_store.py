@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from deployments.semantic_index import SemanticEntry
+from deployments.semantic_store import (
+    ENTRY_PREFIX,
+    Change,
+    MemorySemanticStore,
+    RedisSemanticStore,
+    SemanticStore,
+)
+
+
+def entry(eid: str, ns: str = "t1", ttl: float | None = None) -> SemanticEntry:
+    vec = np.arange(4, dtype=np.float32) / 4
+    return SemanticEntry(eid, ns, "scope", f"text {eid} é", vec, 1000.5, ttl)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SemanticStore]:
+    if request.param == "memory":
+        yield MemorySemanticStore()
+        return
+    client = aioredis.from_url(request.getfixturevalue("redis_url"))  # a sync fixture
+    await client.flushdb()
+    yield RedisSemanticStore(client, block_ms=50)
+    await client.aclose()
+
+
+async def test_put_load_body_roundtrip(store: SemanticStore) -> None:
+    await store.put(entry("a"), b"body-a")
+    loaded = await store.load("a")
+    assert loaded is not None
+    assert (loaded.text, loaded.scope, loaded.namespace, loaded.created) == (
+        "text a é",
+        "scope",
+        "t1",
+        1000.5,
+    )
+    np.testing.assert_array_equal(loaded.vector, entry("a").vector)
+    assert await store.body("a") == b"body-a"
+    assert await store.body("missing") is None
+
+
+async def test_delete_flush_and_scan(store: SemanticStore) -> None:
+    for eid, ns in (("a", "t1"), ("b", "t1"), ("c", "t2")):
+        await store.put(entry(eid, ns), b"x")
+    assert await store.delete("a") and not await store.delete("a")
+    assert await store.flush("t1") == 1
+    assert [e.id async for e in store.scan()] == ["c"]
+    assert await store.flush(None) == 1
+    assert [e async for e in store.scan()] == []
+
+
+@pytest.mark.integration
+async def test_redis_entry_expires_with_its_ttl(redis_client: aioredis.Redis) -> None:
+    store = RedisSemanticStore(redis_client)
+    await store.put(entry("a", ttl=30.0), b"x")
+    await store.put(entry("b"), b"x")
+    assert 29_000 <= await redis_client.pttl(ENTRY_PREFIX + "a") <= 30_000
+    assert await redis_client.pttl(ENTRY_PREFIX + "b") == -1
+
+
+@pytest.mark.integration
+async def test_redis_changes_are_followed_from_a_mark(redis_client: aioredis.Redis) -> None:
+    store = RedisSemanticStore(redis_client, block_ms=50)
+    await store.put(entry("before"), b"x")
+    mark = await store.change_mark()
+    follow = store.follow(mark)
+    await store.put(entry("a"), b"x")
+    await store.delete("a")
+    await store.flush("t9")
+    got = [await anext(follow) for _ in range(3)]
+    await follow.aclose()
+    assert got == [Change("add", "a", "t1"), Change("del", "a", ""), Change("flush", "", "t9")]
