@@ -225,11 +225,9 @@ class SemanticCache:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class SemanticCacheDeployment:
-    """One replica: its own index (rebuilt from Redis), embeddings batched across requests."""
-
     def __init__(self, settings: SemanticCacheSettings, redis_url: str) -> None:
         self._model = build_embedder(settings.embedder)
-        self.dim = self._model.dim
+        self.dim = self._model.dim  # this wrapper is the cache's (batching) embedder
         store = RedisSemanticStore(aioredis.from_url(redis_url))
         self._cache = SemanticCache(settings, embedder=self, store=store)
         self._started: asyncio.Task[None] | None = None
@@ -241,7 +239,7 @@ class SemanticCacheDeployment:
     async def embed(self, texts: list[str]) -> np.ndarray:
         return np.stack([await self._embed_one(t) for t in texts])
 
-    async def cache(self) -> SemanticCache:
+    async def _ready(self) -> SemanticCache:
         self._started = self._started or asyncio.create_task(self._cache.start())
         await asyncio.shield(self._started)
         return self._cache
@@ -249,9 +247,12 @@ class SemanticCacheDeployment:
     async def check(
         self, scope: str, text: str, namespace: str, threshold: float | None = None
     ) -> SemanticHit | None:
-        return await (await self.cache()).check(scope, text, namespace, threshold)
+        return await (await self._ready()).check(scope, text, namespace, threshold)
 
     async def store(
         self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
     ) -> str | None:
-        return await (await self.cache()).store(scope, text, namespace, body, ttl)
+        return await (await self._ready()).store(scope, text, namespace, body, ttl)
+
+    async def stats(self) -> SemanticStats:
+        return (await self._ready()).stats()
