@@ -126,6 +126,7 @@ class Resilience:
         self._breakers: dict[str, BreakerSettings] = {}
         self._background: set[asyncio.Task[BreakerState]] = set()
         self._refusing: dict[str, tuple[float, float, Decision]] = {}  # name -> (at, until, it)
+        self._permits: dict[str, tuple[float, Decision]] = {}  # name -> (until, closed permit)
         for chain in settings.fallbacks.values():
             for target in chain:
                 self.breaker_name(target)
@@ -225,6 +226,9 @@ class Resilience:
 
     async def _acquire(self, name: str, cfg: BreakerSettings, lease_s: float) -> Decision:
         now = self._clock()
+        closed = self._permits.get(name)
+        if closed is not None and now < closed[0]:
+            return closed[1]
         cached = self._refusing.get(name)
         if cached is not None and now < cached[1]:
             fetched, _, refusal = cached
@@ -234,6 +238,9 @@ class Resilience:
             return refusal._replace(transition=None)
         permit = await self.store.acquire(name, cfg, lease_s)
         self._observe(name, permit)
+        reusable = permit.allowed and permit.state == BreakerState.CLOSED and not permit.permit_id
+        if reusable and self.settings.permit_cache_s > 0:
+            self._permits[name] = (now + self.settings.permit_cache_s, permit)
         if permit.allowed or permit.state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
             self._refusing.pop(name, None)
             return permit
@@ -303,6 +310,8 @@ class Resilience:
         exc: Exception | None,
         outcome: Outcome,
     ) -> BreakerState:
+        if exc is not None:
+            self._permits.pop(name, None)  # ask the store again before the next call
         open_for = 0.0
         if isinstance(exc, UpstreamError) and exc.status_code in (429, 503):
             open_for = retry_after_s(exc.headers) or 0.0
@@ -332,6 +341,8 @@ class Resilience:
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def _observe(self, name: str, decision: Decision) -> None:
+        if decision.state != BreakerState.CLOSED:
+            self._permits.pop(name, None)
         if decision.transition is not None:
             old, new = decision.transition
             self.metrics.transitions[(name, old.name, new.name)] += 1

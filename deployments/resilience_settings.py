@@ -40,6 +40,11 @@ class ResilienceSettings(BaseModel):
     # replica may refuse from memory for this long without asking Redis again;
     # an admin's force-close reaches the other replicas within this delay.
     refusal_cache_s: float = Field(1.0, ge=0)
+    # While a breaker is CLOSED a replica may reuse its last permit for this long
+    # instead of asking Redis before every call (outcomes are still recorded; a
+    # failure this replica records, or an OPEN it hears of, ends the reuse at once).
+    # Other replicas' failures reach it within this delay. 0: ask every time.
+    permit_cache_s: float = Field(0.25, ge=0)
 
     def policy(self, upstream: str) -> UpstreamPolicy:
         return self.upstreams.get(upstream, self.default)

@@ -406,3 +406,33 @@ async def test_a_probe_cancelled_in_the_bulkhead_queue_gives_its_permit_back(
         await task
     await res.drain()
     assert (await res.store.acquire("a/m-a", cfg, 30)).allowed
+
+
+class CountingStore(MemoryBreakerStore):
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock=clock)
+        self.acquired = 0
+
+    async def acquire(self, name, cfg, lease_s):  # type: ignore[no-untyped-def]
+        self.acquired += 1
+        return await super().acquire(name, cfg, lease_s)
+
+
+async def test_a_closed_permit_is_reused_briefly_and_dropped_on_failure() -> None:
+    clock = Clock()
+    store = CountingStore(clock)
+    no_retry = UpstreamPolicy(retry=RetrySettings(max_attempts=1))
+    settings = ResilienceSettings(permit_cache_s=0.5, default=no_retry)
+    res = Resilience(settings, store, clock=clock, sleep=clock.sleep)
+    upstreams = Upstreams(clock, a=["ok", "ok", error(500), "ok"])
+    await res.call([A], upstreams, 30)
+    await res.call([A], upstreams, 30)
+    assert store.acquired == 1  # the second call reused the CLOSED permit
+    with pytest.raises(UpstreamError):
+        await res.call([A], upstreams, 30)
+    await res.drain()
+    await res.call([A], upstreams, 30)
+    assert store.acquired == 2  # a failure makes the next call ask the store again
+    clock.now += 1.0
+    await res.call([A], upstreams, 30)
+    assert store.acquired == 3  # and so does the passing of permit_cache_s
