@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -29,6 +28,8 @@ from deployments.near_miss_guard import GuardSettings, NearMissGuard
 from deployments.semantic_index import SemanticEntry, SemanticIndex, entry_id
 from deployments.semantic_store import Change, RedisSemanticStore, SemanticStore
 from serve_app.errors import StoreUnavailableError
+from serve_app.store import connect as connect_store
+from serve_app.store_settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +226,14 @@ class SemanticCache:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class SemanticCacheDeployment:
-    def __init__(self, settings: SemanticCacheSettings, redis_url: str) -> None:
+    async def __init__(
+        self, settings: SemanticCacheSettings | dict, store: StoreSettings | dict
+    ) -> None:
+        settings = SemanticCacheSettings.model_validate(settings)  # Serve passes dicts
         self._model = build_embedder(settings.embedder)
         self.dim = self._model.dim  # this wrapper is the cache's (batching) embedder
-        store = RedisSemanticStore(aioredis.from_url(redis_url))
-        self._cache = SemanticCache(settings, embedder=self, store=store)
+        shared = await connect_store(StoreSettings.model_validate(store))
+        self._cache = SemanticCache(settings, embedder=self, store=RedisSemanticStore(shared.redis))
         self._started: asyncio.Task[None] | None = None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
@@ -253,6 +257,9 @@ class SemanticCacheDeployment:
         self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
     ) -> str | None:
         return await (await self._ready()).store(scope, text, namespace, body, ttl)
+
+    async def invalidate_namespace(self, namespace: str | None) -> int:
+        return await (await self._ready()).invalidate_namespace(namespace)
 
     async def stats(self) -> SemanticStats:
         return (await self._ready()).stats()

@@ -13,10 +13,12 @@ from ray.serve import Application
 from starlette.applications import Starlette
 
 from deployments.limiter_settings import LimiterSettings
+from deployments.semantic_cache import SemanticCacheDeployment
 from serve_app.ingress import Gateway
 from serve_app.metrics import ServeMetrics
 from serve_app.mock_provider import MockBehaviour, MockConfig, create_app
 from serve_app.settings import GatewayArgs
+from serve_app.stages import HandleSemanticClient
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=256)
@@ -28,7 +30,7 @@ class GatewayIngress:
             GatewayArgs.model_validate(args),
             stamp_request_id=False,
             metrics=ServeMetrics(),
-            semantic=semantic,
+            semantic=HandleSemanticClient(semantic) if semantic is not None else None,
         )
         await self.gateway.start()
 
@@ -58,8 +60,14 @@ class MockProviderIngress:
         return create_app(self.behaviour)
 
 
-def build_app(args: GatewayArgs) -> Application:
-    return GatewayIngress.bind(args)  # type: ignore[attr-defined]
+def build_app(args: GatewayArgs | dict[str, Any]) -> Application:
+    """The gateway, and the semantic cache deployment when it is enabled (the only
+    stage with a deployment of its own: it embeds text and holds a faiss index)."""
+    args = GatewayArgs.model_validate(args)  # config.yaml's args: a bad one fails here, clearly
+    semantic = None
+    if args.semantic_cache.enabled:
+        semantic = SemanticCacheDeployment.bind(args.semantic_cache, args.store)  # type: ignore[attr-defined]
+    return GatewayIngress.bind(args, semantic)  # type: ignore[attr-defined]
 
 
 def build_mock(args: MockConfig) -> Application:

@@ -143,6 +143,7 @@ class ChatPipeline:
             )
         if hit is None:
             return None
+        in_background(self.stages.exact.record(plan.decision.namespace, "semantic_hits"))
         meta = {"cache": "SEMANTIC_HIT", "similarity": hit.similarity, "created": hit.created}
         return hit.body, meta
 

@@ -19,6 +19,8 @@ from deployments.dedup_redis import DedupSettings
 from deployments.exact_cache import ExactCacheSettings
 from deployments.limiter_settings import LimiterSettings
 from deployments.resilience_settings import ResilienceSettings
+from deployments.semantic_cache import SemanticCacheSettings
+from serve_app.store_settings import StoreSettings
 
 
 class _Strict(BaseModel):
@@ -81,18 +83,6 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-class StoreSettings(_Strict):
-    """Where shared state lives. No url and no REDIS_URL: an embedded Valkey per cluster."""
-
-    url: str | None = None
-    data_dir: str = "~/.cache/llm-gateway/valkey"  # the embedded server's data (append-only file)
-    socket_timeout_s: float = Field(0.5, gt=0)
-    max_connections: int = Field(256, ge=1)
-
-    def resolved_url(self) -> str | None:
-        return os.environ.get("REDIS_URL") or self.url
-
-
 class CacheArgs(_Strict):
     """``args.cache``: the policy both tiers share, and the exact tier's store."""
 
@@ -109,6 +99,7 @@ class GatewayArgs(_Strict):
     request_timeout_s: float = Field(300.0, gt=0)  # a request's whole deadline, retries included
     limits: LimiterSettings = LimiterSettings()
     cache: CacheArgs = CacheArgs()
+    semantic_cache: SemanticCacheSettings = SemanticCacheSettings()
     dedup: DedupSettings = DedupSettings()
     resilience: ResilienceSettings = ResilienceSettings()
     cost: CostArgs = CostArgs()

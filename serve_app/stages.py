@@ -40,6 +40,22 @@ class SemanticCacheClient(Protocol):
     async def invalidate_namespace(self, namespace: str | None) -> int: ...
 
 
+class HandleSemanticClient:
+    """The semantic deployment behind a Serve handle, as a ``SemanticCacheClient``."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def check(self, scope: str, text: str, namespace: str) -> Any:
+        return await self._handle.check.remote(scope, text, namespace)
+
+    async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None:
+        await self._handle.store.remote(scope, text, namespace, body)
+
+    async def invalidate_namespace(self, namespace: str | None) -> int:
+        return int(await self._handle.invalidate_namespace.remote(namespace))
+
+
 class _LimiterMetrics:
     def __init__(self, sink: MetricSink) -> None:
         self._sink = sink

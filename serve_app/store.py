@@ -16,7 +16,7 @@ import ray
 import redis.asyncio as aioredis
 
 from serve_app.embedded_store import EmbeddedStore
-from serve_app.settings import StoreSettings
+from serve_app.store_settings import StoreSettings
 
 log = logging.getLogger(__name__)
 

@@ -90,14 +90,23 @@ def gateway_args(mock_url: str, redis_url: str, **overrides: Any) -> GatewayArgs
     return GatewayArgs.model_validate(config)
 
 
-def deploy_gateway(args: GatewayArgs, name: str, route_prefix: str, replicas: int = 2) -> None:
+def deploy_gateway(
+    args: GatewayArgs, name: str, route_prefix: str, replicas: int = 2, semantic: bool = False
+) -> None:
+    """The gateway on the session's Ray; with ``semantic``, its semantic cache deployment too."""
     from ray import serve
 
+    from deployments.semantic_cache import SemanticCacheDeployment
     from serve_app.app import GatewayIngress
 
+    semantic_app = None
+    if semantic:
+        semantic_app = SemanticCacheDeployment.options(  # type: ignore[attr-defined]
+            ray_actor_options={"num_cpus": 0}
+        ).bind(args.semantic_cache, args.store)
     app = GatewayIngress.options(  # type: ignore[attr-defined]
         num_replicas=replicas, ray_actor_options={"num_cpus": 0}
-    ).bind(args)
+    ).bind(args, semantic_app)
     serve.run(app, name=name, route_prefix=route_prefix)
 
 
