@@ -31,7 +31,9 @@ async def _answer(request: Request) -> Response:
     return Response(_ANSWER, media_type="application/json")
 
 
-@serve.deployment(name="NoOp", max_ongoing_requests=256)
+@serve.deployment(
+    name="NoOp", max_ongoing_requests=256, logging_config={"enable_access_log": False}
+)
 @serve.ingress()
 class NoOpIngress:
     def __serve_build_asgi_app__(self) -> Starlette:

@@ -136,6 +136,8 @@ class MetricSink(Protocol):
 
     def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class NullMetrics:
     def inc(self, name: str, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
@@ -147,14 +149,31 @@ class NullMetrics:
     def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
+
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _key(name: str, tags: Mapping[str, str] | None) -> _Key:
+    return name, tuple(sorted(tags.items())) if tags else ()
+
 
 class ServeMetrics:
-    """The real thing, for use inside a Serve replica."""
+    """The real thing, for use inside a Serve replica.
+
+    Recording a Ray metric costs more than a Redis round trip (measured with
+    py-spy in a replica), so counters and gauges add up in memory and reach Ray
+    on ``flush`` (once a second, from the stages' sync loop); only histograms
+    are recorded as they happen."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
 
         self._metrics: dict[str, Any] = {}
+        self._counts: dict[_Key, float] = {}
+        self._gauges: dict[_Key, float] = {}
         for name, (kind, description, tags, buckets) in DEFINITIONS.items():
             if kind == "counter":
                 self._metrics[name] = metrics.Counter(name, description, tag_keys=tags)
@@ -167,13 +186,22 @@ class ServeMetrics:
 
     def inc(self, name: str, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
         if value > 0:
-            self._metrics[name].inc(value, tags=dict(tags or {}))
+            key = _key(name, tags)
+            self._counts[key] = self._counts.get(key, 0.0) + value
 
     def observe(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
         self._metrics[name].observe(value, tags=dict(tags or {}))
 
     def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
-        self._metrics[name].set(value, tags=dict(tags or {}))
+        self._gauges[_key(name, tags)] = value
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for (name, tags), value in counts.items():
+            self._metrics[name].inc(value, tags=dict(tags))
+        gauges, self._gauges = self._gauges, {}
+        for (name, tags), value in gauges.items():
+            self._metrics[name].set(value, tags=dict(tags))
 
 
 class DeltaExporter:

@@ -27,7 +27,7 @@ from serve_app.settings import GatewayArgs
 from serve_app.store import Store
 
 log = logging.getLogger(__name__)
-SYNC_INTERVAL_S = 5.0
+SYNC_INTERVAL_S = 1.0
 
 
 class SemanticCacheClient(Protocol):
@@ -61,6 +61,8 @@ class _LimiterMetrics:
         self._sink = sink
 
     def on_decision(self, decision: LimitDecision) -> None:
+        if decision.outcome in ("unlimited", "disabled"):  # no quota applied: nothing decided
+            return
         label = decision.hit.label if decision.hit else ""
         self._sink.inc(
             "gateway_ratelimit_decisions_total", 1, {"outcome": decision.outcome, "limit": label}
@@ -171,3 +173,4 @@ class Stages:
         deltas.export_total(
             "gateway_upstream_calls_saved_total", float(self.dedup.stats.upstream_calls_saved)
         )
+        self.metrics.flush()
