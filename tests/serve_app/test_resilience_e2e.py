@@ -68,6 +68,8 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
         ],
         "resilience": {
             "refusal_cache_s": REFUSAL_CACHE_S,
+            # Every call asks Redis: these tests pin cross-replica state changes exactly.
+            "permit_cache_s": 0,
             "default": {"breaker": BREAKER, "retry": NO_RETRY},
             "upstreams": {
                 "retrying": {
