@@ -22,6 +22,7 @@ behind ``BreakerStore`` and pass one contract test.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Literal, NamedTuple, Protocol
 
@@ -118,6 +119,10 @@ class BreakerStore(Protocol):
         outcome: Outcome,
         open_for_s: float = 0.0,
     ) -> Decision: ...
+
+    async def record_many(
+        self, items: Sequence[tuple[str, BreakerSettings, Decision, Outcome, float]]
+    ) -> list[Decision]: ...
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision: ...
 

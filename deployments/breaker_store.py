@@ -20,9 +20,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from deployments.breaker import (
     BreakerMachine,
@@ -39,6 +40,9 @@ from deployments.breaker import (
 from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
+
+# One outcome to record: (breaker name, settings, permit, outcome, open-for seconds).
+Record = tuple[str, BreakerSettings, Decision, Outcome, float]
 
 _SCRIPT = resources.files("deployments").joinpath("breaker_store.lua").read_text()
 
@@ -72,6 +76,9 @@ class MemoryBreakerStore:
     ) -> Decision:
         machine = self._machine(name)
         return machine.record(cfg, self._now_ms(), permit, outcome, ms(open_for_s))
+
+    async def record_many(self, items: Sequence[Record]) -> list[Decision]:
+        return [await self.record(*item) for item in items]
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision:
         return self._machine(name).open_for(cfg, self._now_ms(), ms(seconds))
@@ -152,6 +159,38 @@ class RedisBreakerStore:
     ) -> Decision:
         args = (permit.generation, permit.permit_id, int(outcome), ms(open_for_s))
         return _decision(await self._run(name, cfg, "record", *args))
+
+    async def record_many(self, items: Sequence[Record]) -> list[Decision]:
+        """Several outcomes in one round trip (a pipeline of the same script)."""
+        now = "" if self._clock is None else str(ms(self._clock()))
+        calls = [
+            (
+                self._keys(name),
+                ["record", now, *_settings_argv(cfg), permit.generation, permit.permit_id,
+                 int(outcome), ms(open_for_s)],
+            )
+            for name, cfg, permit, outcome, open_for_s in items
+        ]  # fmt: skip
+        try:
+            replies = await self._pipeline(calls)
+        except RedisError as exc:
+            raise StoreUnavailableError(f"breaker store unavailable: {exc}") from exc
+        return [_decision(reply) for reply in replies]
+
+    async def _pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        for attempt in range(2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for keys, argv in calls:
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *argv)
+                replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self._client.script_load(_SCRIPT)  # a restarted server forgot it
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return list(replies)
+        raise RedisError("breaker script could not be loaded")
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision:
         return _decision(await self._run(name, cfg, "open_for", ms(seconds)))
@@ -244,6 +283,25 @@ class FailoverBreakerStore:
             # The shared permit means nothing to the local breaker: the outcome is lost.
             self._mark(exc)
             return Decision(False, permit.state, permit.generation, local=True)
+
+    async def record_many(self, items: Sequence[Record]) -> list[Decision]:
+        shared = [i for i, item in enumerate(items) if not item[2].local]
+        decisions: list[Decision | None] = [None] * len(items)
+        for i, item in enumerate(items):
+            if item[2].local:
+                decisions[i] = (await self._local.record(*item))._replace(local=True)
+        if shared:
+            try:
+                replies = await self._primary.record_many([items[i] for i in shared])
+            except StoreUnavailableError as exc:
+                self._mark(exc)  # the outcomes are lost, as in ``record``
+                replies = [
+                    Decision(False, items[i][2].state, items[i][2].generation, local=True)
+                    for i in shared
+                ]
+            for i, reply in zip(shared, replies, strict=True):
+                decisions[i] = reply
+        return [d for d in decisions if d is not None]
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision:
         try:

@@ -52,6 +52,9 @@ from serve_app.errors import (
 T = TypeVar("T")
 LEASE_GRACE_S = 1.0  # a probe's lease outlives its deadline a little
 MAX_BACKGROUND = 32  # outcomes recorded off the response path at once (pool connections)
+# Successes wait this long to be recorded together: one round trip for many calls.
+DEFER_S = 0.005
+MAX_DEFERRED = 512
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -127,6 +130,8 @@ class Resilience:
         self._background: set[asyncio.Task[BreakerState]] = set()
         self._refusing: dict[str, tuple[float, float, Decision]] = {}  # name -> (at, until, it)
         self._permits: dict[str, tuple[float, Decision]] = {}  # name -> (until, closed permit)
+        self._deferred: list[tuple[str, BreakerSettings, Decision, Outcome, float]] = []
+        self._flusher: asyncio.Task[None] | None = None
         for chain in settings.fallbacks.values():
             for target in chain:
                 self.breaker_name(target)
@@ -293,9 +298,8 @@ class Resilience:
         took = self._clock() - started
         # A success never changes what this request does next: record it off the response path.
         outcome = classify(None, took, policy.breaker)
-        if len(self._background) < MAX_BACKGROUND:
-            self._record_later(name, policy.breaker, permit, None, outcome)
-        else:  # Redis is slower than the traffic: push back rather than pile up
+        if not self._defer(name, policy.breaker, permit, outcome):
+            # Redis is slower than the traffic: push back rather than pile up
             await self._record(name, policy.breaker, permit, None, outcome)
         if not stream:
             bulkhead.release()
@@ -336,8 +340,31 @@ class Resilience:
         if not task.cancelled() and task.exception() is not None:
             log.warning("breaker outcome not recorded: %s", task.exception())
 
+    def _defer(self, name: str, cfg: BreakerSettings, permit: Decision, outcome: Outcome) -> bool:
+        """Queue a success's outcome for the next batch; False when the queue is full."""
+        if len(self._deferred) >= MAX_DEFERRED:
+            return False
+        self._deferred.append((name, cfg, permit, outcome, 0.0))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_deferred())
+        return True
+
+    async def _flush_deferred(self) -> None:
+        await asyncio.sleep(DEFER_S)
+        while self._deferred:
+            batch, self._deferred = self._deferred, []
+            try:
+                decisions = await self.store.record_many(batch)
+            except Exception as exc:  # never raise into nothing: the answer has gone
+                log.warning("breaker outcomes not recorded: %s", exc)
+                continue
+            for (name, *_), decision in zip(batch, decisions, strict=True):
+                self._observe(name, decision)
+
     async def drain(self) -> None:
         """Wait for outcomes still being recorded in the background (shutdown, tests)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
         await asyncio.gather(*self._background, return_exceptions=True)
 
     def _observe(self, name: str, decision: Decision) -> None:

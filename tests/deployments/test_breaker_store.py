@@ -384,3 +384,25 @@ async def test_half_open_probes_are_bounded_across_replicas(replicas: list[Break
     for s, p in probes:
         await s.record(NAME, cfg, p, S)
     assert (await b.snapshot(NAME, cfg)).state == BreakerState.CLOSED
+
+
+@pytest.mark.integration
+async def test_record_many_is_one_round_trip_with_the_same_result(
+    redis_client: aioredis.Redis,
+) -> None:
+    from deployments.breaker import Outcome
+    from deployments.breaker_store import RedisBreakerStore
+
+    store = RedisBreakerStore(redis_client, prefix="rm")
+    cfg = BreakerSettings(minimum_calls=5, window_size=5)
+    permits = [await store.acquire("b", cfg, 5) for _ in range(5)]
+    outcomes = [Outcome.FAILURE] * 3 + [Outcome.SUCCESS] * 2
+    decisions = await store.record_many(
+        [("b", cfg, p, o, 0.0) for p, o in zip(permits, outcomes, strict=True)]
+    )
+    assert decisions[-1].state == BreakerState.OPEN  # F,F,F,S,S opens at 60 %
+    await redis_client.script_flush()  # a restarted server has forgotten the script
+    again = await store.record_many(
+        [("c", cfg, await store.acquire("c", cfg, 5), Outcome.SUCCESS, 0.0)]
+    )
+    assert again[0].state == BreakerState.CLOSED
