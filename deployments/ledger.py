@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from importlib.resources import files
@@ -76,7 +76,7 @@ class LedgerRecord:
         return datetime.fromtimestamp(self.ts_ms / 1000, UTC).strftime("%Y-%m-%d")
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson reads dataclasses natively (asdict deep-copies)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LedgerRecord:
