@@ -116,12 +116,16 @@ def cache_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict[s
 
 def _hang(url: str, payload: str, stop: threading.Event, conns: int) -> list[threading.Thread]:
     def loop() -> None:
+        # Clients of the hanging model behave like the OpenAI SDKs: a 503 with
+        # retry-after (bulkhead full, breaker open) is retried after that wait.
         with httpx.Client(timeout=30) as client:
             while not stop.is_set():
                 try:
-                    client.post(url, content=payload, headers=AUTH)
+                    response = client.post(url, content=payload, headers=AUTH)
                 except httpx.HTTPError:
-                    pass
+                    continue
+                if response.status_code == 503:
+                    stop.wait(float(response.headers.get("retry-after", "1")))
 
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(conns)]
     for t in threads:

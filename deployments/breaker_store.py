@@ -16,14 +16,14 @@ the local state is discarded and the shared state rules again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from deployments.breaker import (
     BreakerMachine,
@@ -37,6 +37,7 @@ from deployments.breaker import (
     effective_minimum,
     ms,
 )
+from deployments.script_batch import ScriptBatch
 from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class RedisBreakerStore:
         self._prefix = prefix
         self._clock = clock
         self._script = client.register_script(_SCRIPT)
+        self._batch = ScriptBatch(client, _SCRIPT, window_s=0.0)
 
     def _keys(self, name: str) -> list[str]:
         # Braces in a name would break the hash tag that keeps the keys on one slot.
@@ -161,10 +163,10 @@ class RedisBreakerStore:
         return _decision(await self._run(name, cfg, "record", *args))
 
     async def record_many(self, items: Sequence[Record]) -> list[Decision]:
-        """Several outcomes in one round trip (a pipeline of the same script)."""
+        """Several outcomes in one round trip (one pipeline of the script)."""
         now = "" if self._clock is None else str(ms(self._clock()))
         calls = [
-            (
+            self._batch(
                 self._keys(name),
                 ["record", now, *_settings_argv(cfg), permit.generation, permit.permit_id,
                  int(outcome), ms(open_for_s)],
@@ -172,25 +174,10 @@ class RedisBreakerStore:
             for name, cfg, permit, outcome, open_for_s in items
         ]  # fmt: skip
         try:
-            replies = await self._pipeline(calls)
-        except RedisError as exc:
+            replies = await asyncio.gather(*calls)
+        except (RedisError, OSError) as exc:
             raise StoreUnavailableError(f"breaker store unavailable: {exc}") from exc
         return [_decision(reply) for reply in replies]
-
-    async def _pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        for attempt in range(2):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for keys, argv in calls:
-                    pipe.evalsha(self._script.sha, len(keys), *keys, *argv)
-                replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await self._client.script_load(_SCRIPT)  # a restarted server forgot it
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return list(replies)
-        raise RedisError("breaker script could not be loaded")
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision:
         return _decision(await self._run(name, cfg, "open_for", ms(seconds)))

@@ -51,6 +51,7 @@ from deployments.limiter_decision import (
     rate_limit_headers,
 )
 from deployments.limiter_settings import LimiterSettings, Quota
+from deployments.script_batch import ScriptBatch
 from serve_app.context import RequestContext
 from serve_app.errors import StoreUnavailableError
 
@@ -100,7 +101,8 @@ class RateLimiter:
         self._clock = clock  # seconds; None = the Redis server's clock
         self._observer = observer
         self._acquire = redis.register_script(_script("limiter_acquire.lua"))
-        self._settle = redis.register_script(_script("limiter_settle.lua"))
+        # Settlements are off the answer's path: batched, one round trip for many.
+        self._settle = ScriptBatch(redis, _script("limiter_settle.lua"))
         self.settings = settings
         self._plans: dict[tuple[Scope, str], tuple[_Check, ...]] = {}
         self.incident_active = False  # the store is failing right now
