@@ -68,8 +68,11 @@ def serve_port() -> Iterator[int]:
     from ray import serve
 
     port = free_port()
+    metrics_port = free_port()
+    os.environ["GATEWAY_TEST_METRICS_PORT"] = str(metrics_port)
     ray.init(
         address="local",  # a cluster of our own, never a developer's running one
+        _metrics_export_port=metrics_port,
         num_cpus=4,  # logical CPUs: test replicas reserve none, the machine has 2 cores
         include_dashboard=False,
         log_to_driver=False,
