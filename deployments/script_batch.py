@@ -10,7 +10,6 @@ by accident.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,8 +62,3 @@ class ScriptBatch:
                 continue
             return list(replies)
         raise RedisError("script could not be loaded")
-
-    async def aclose(self) -> None:
-        if self._flusher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher

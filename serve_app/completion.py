@@ -100,22 +100,18 @@ class ChatPipeline:
 
     async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
         ticket = await Ticket.admit(ctx, self.stages)
-        try:
+        with ticket.failing():
             plan = self.plan(ctx, model)
             if ctx.stream:
                 return await self._stream(ctx, model, plan, ticket)
             return await self._complete(ctx, model, plan, ticket)
-        except BaseException as exc:
-            ticket.fail()
-            if isinstance(exc, GatewayError):
-                exc.headers = {**ctx.response_headers, **exc.headers}
-            raise
 
     # -- shared steps ----------------------------------------------------
 
-    def _chain(self, ctx: RequestContext, model: ModelSettings) -> list[Target]:
+    def chain(self, model: ModelSettings) -> list[Target]:
+        """The model's upstream, then its configured fallbacks."""
         primary = Target(upstream=model.upstream, model=model.target_model)
-        return self.stages.resilience.chain(ctx.model, primary=primary)
+        return self.stages.resilience.chain(model.name, primary=primary)
 
     async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
         if not plan.decision.lookup:
@@ -249,7 +245,7 @@ class ChatPipeline:
             return response.body
 
         result = await self.stages.resilience.call(
-            self._chain(ctx, model), attempt, self.args.request_timeout_s
+            self.chain(model), attempt, self.args.request_timeout_s
         )
         await self._remember(plan, result.value)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
@@ -337,7 +333,7 @@ class ChatPipeline:
 
         async def generate() -> AsyncIterator[bytes]:
             result = await self.stages.resilience.call(
-                self._chain(ctx, model), attempt, self.args.request_timeout_s, stream=True
+                self.chain(model), attempt, self.args.request_timeout_s, stream=True
             )
             holder["result"] = result
             try:

@@ -181,24 +181,17 @@ class Gateway:
             prompt_tokens_estimate=estimate_input_tokens(parsed.input),
         )
         ticket = await Ticket.admit(ctx, self.stages)
-        try:
 
-            async def attempt(target: Target) -> bytes:
-                payload = orjson.dumps({**body, "model": target.model})
-                answer = await self.provider.post(
-                    target.upstream, "/embeddings", payload, request_id
-                )
-                require_json(answer.body)
-                return answer.body
+        async def attempt(target: Target) -> bytes:
+            payload = orjson.dumps({**body, "model": target.model})
+            answer = await self.provider.post(target.upstream, "/embeddings", payload, request_id)
+            require_json(answer.body)
+            return answer.body
 
-            primary = Target(upstream=model.upstream, model=model.target_model)
-            chain = self.stages.resilience.chain(model.name, primary=primary)
-            result = await self.stages.resilience.call(chain, attempt, self.args.request_timeout_s)
-        except BaseException as exc:
-            ticket.fail()
-            if isinstance(exc, GatewayError):
-                exc.headers = {**ctx.response_headers, **exc.headers}
-            raise
+        with ticket.failing():
+            result = await self.stages.resilience.call(
+                self.pipeline.chain(model), attempt, self.args.request_timeout_s
+            )
         usage = orjson.loads(result.value).get("usage")
         charge = ticket.finish(
             usage,

@@ -7,9 +7,10 @@ tokens back: they cost the upstream nothing. A failed call refunds both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,18 @@ class Ticket:
         )
         self._record(charge)
         return charge
+
+    @contextlib.contextmanager
+    def failing(self) -> Iterator[None]:
+        """Anything raised inside refunds the reservations and, for a client-facing
+        error, carries the rate-limit headers every response has."""
+        try:
+            yield
+        except BaseException as exc:
+            self.fail()
+            if isinstance(exc, GatewayError):
+                exc.headers = {**self.ctx.response_headers, **exc.headers}
+            raise
 
     def fail(self) -> None:
         if self.settled:
