@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -22,8 +18,7 @@ from typing import Any
 import httpx
 
 from bench.loadgen import run_wrk
-from bench.passthrough import AUTH, BODY, _wait_http, deploy, gateway_args, start_serve
-from serve_app.embedded_store import EmbeddedStore, free_port
+from bench.serve_cluster import AUTH, BODY, cluster, deploy, gateway_args, wait_http
 
 AUTOSCALING: dict[str, Any] = {
     "min_replicas": 1,
@@ -60,34 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle-s", type=int, default=90)
     args = parser.parse_args(argv)
 
-    store = EmbeddedStore(tempfile.mkdtemp(prefix="demo-valkey-"))
-    store.start()
-    os.environ["REDIS_URL"] = store.url  # before Ray starts: the controller records there
-    mock_port = free_port()
-    mock = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve_app.mock_provider",
-            "--port",
-            str(mock_port),
-            "--latency-ms",
-            "100",
-        ]
-    )
     timeline: list[tuple[float, int]] = []
-    try:
-        from ray import serve
-
+    with cluster(mock_args=("--latency-ms", "100"), record_scaling=True) as running:
         from serve_app.app import GatewayIngress
 
-        port = start_serve(default_proxy=False)
         app = GatewayIngress.options(
             autoscaling_config=AUTOSCALING, ray_actor_options={"num_cpus": 0}
-        ).bind(gateway_args(mock_port, store.url))
+        ).bind(gateway_args(running.mock_port, running.redis_url))
         deploy(app, "scaling", "/")
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        _wait_http(url)
+        url, port = running.url(), running.port
+        wait_http(url)
         start = time.monotonic()
         stop = threading.Event()
 
@@ -123,14 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         ok = peak > 1 and timeline[-1][1] == 1
         print("verdict:", "PASS" if ok else "FAIL", "(scaled up under load and back down after)")
         return 0 if ok else 1
-    finally:
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-        mock.terminate()
-        mock.wait(timeout=10)
-        store.stop()
 
 
 if __name__ == "__main__":

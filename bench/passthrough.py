@@ -11,73 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import orjson
-
 from bench.loadgen import LoadResult, run_wrk
-from serve_app.embedded_store import EmbeddedStore, free_port
-from serve_app.settings import GatewayArgs, hash_key
-
-BODY = orjson.dumps(
-    {"model": "mock-gpt", "messages": [{"role": "user", "content": "benchmark me"}]}
-).decode()
-AUTH = {"Authorization": "Bearer sk-bench"}
-
-
-def _wait_http(url: str, timeout_s: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.post(url, content=BODY, headers=AUTH, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s}s")
-
-
-def gateway_args(mock_port: int, redis_url: str, **extra: object) -> GatewayArgs:
-    return GatewayArgs.model_validate(
-        {
-            "upstreams": {"mock": {"base_url": f"http://127.0.0.1:{mock_port}/v1"}},
-            "models": [{"name": "mock-gpt", "upstream": "mock"}],
-            "api_keys": [
-                {"name": "bench", "key_sha256": hash_key("sk-bench"), "tenant": "b", "admin": True}
-            ],
-            "store": {"url": redis_url},
-            **extra,
-        }
-    )
-
-
-def start_serve(default_proxy: bool) -> int:
-    if not default_proxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # before Ray starts
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=4)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": port},
-        logging_config={"enable_access_log": False},
-    )
-    return port
-
-
-def deploy(app: object, name: str, prefix: str) -> None:
-    from ray import serve
-
-    serve.run(app, name=name, route_prefix=prefix)
+from bench.serve_cluster import AUTH, BODY, cluster, deploy_gateway, wait_http
 
 
 def measure(url: str, connections: list[int], duration_s: float) -> list[LoadResult]:
@@ -94,39 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     connections = [int(c) for c in args.connections.split(",")]
 
-    from ray import serve
-
-    from bench.noop_app import NoOpIngress
-    from serve_app.app import GatewayIngress
-
-    store = EmbeddedStore(tempfile.mkdtemp(prefix="bench-valkey-"))
-    store.start()
-    mock_port = free_port()
-    mock = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.mock_provider", "--port", str(mock_port)]
-    )
-    try:
-        port = start_serve(args.default_proxy)
-        options = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
-        deploy(NoOpIngress.options(**options).bind(), "noop", "/noop")
-        gateway = GatewayIngress.options(**options).bind(gateway_args(mock_port, store.url))
-        deploy(gateway, "gateway", "/")
+    with cluster(args.default_proxy) as running:
+        deploy_gateway("gateway", "/", running)
         targets = {
-            "a_mock_direct": f"http://127.0.0.1:{mock_port}/v1/chat/completions",
-            "b_noop_serve": f"http://127.0.0.1:{port}/noop/v1/chat/completions",
-            "c_gateway": f"http://127.0.0.1:{port}/v1/chat/completions",
+            "a_mock_direct": f"http://127.0.0.1:{running.mock_port}/v1/chat/completions",
+            "b_noop_serve": running.url("/noop"),
+            "c_gateway": running.url(),
         }
         for url in targets.values():
-            _wait_http(url)
+            wait_http(url)
         results = {name: measure(url, connections, args.duration) for name, url in targets.items()}
-    finally:
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-        mock.terminate()
-        mock.wait(timeout=10)
-        store.stop()
     report(results, args.default_proxy, Path(args.out))
     return 0
 

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,43 +22,12 @@ import httpx
 import orjson
 
 from bench.loadgen import LoadResult, run_wrk
-from bench.passthrough import AUTH, _wait_http, deploy, gateway_args, start_serve
-from serve_app.embedded_store import EmbeddedStore, free_port
+from bench.serve_cluster import AUTH, OPTIONS, cluster, deploy, gateway_args, wait_http
 
 
 def body(content: str, model: str = "mock-gpt", **extra: Any) -> str:
     payload = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
     return orjson.dumps(payload).decode()
-
-
-@contextmanager
-def cluster(default_proxy: bool) -> Iterator[tuple[int, int, str]]:
-    """Ray + Serve (with the no-op app at /noop), a mock provider, an embedded store."""
-    from ray import serve
-
-    from bench.noop_app import NoOpIngress
-
-    store = EmbeddedStore(tempfile.mkdtemp(prefix="bench-valkey-"))
-    store.start()
-    mock_port = free_port()
-    mock = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.mock_provider", "--port", str(mock_port)]
-    )
-    try:
-        port = start_serve(default_proxy)
-        deploy(NoOpIngress.options(**OPTIONS).bind(), "noop", "/noop")
-        yield port, mock_port, store.url
-    finally:
-        serve.shutdown()
-        import ray
-
-        ray.shutdown()
-        mock.terminate()
-        mock.wait(timeout=10)
-        store.stop()
-
-
-OPTIONS: dict[str, Any] = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
 
 
 def gateway(name: str, mock_port: int, redis_url: str, **extra: Any) -> None:
@@ -83,7 +48,7 @@ def limiter_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict
     payload = body("limiter bench")
     urls = {n: f"http://127.0.0.1:{port}/{n}/v1/chat/completions" for n in ("off", "on")}
     for url in urls.values():
-        _wait_http(url)
+        wait_http(url)
         wrk(url, 4, 1, payload)
     rows = {n: [wrk(u, c, seconds, payload) for c in (1, 16)] for n, u in urls.items()}
     ratio = rows["on"][1].requests_per_s / rows["off"][1].requests_per_s
@@ -95,7 +60,7 @@ def cache_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict[s
     payload = body("what is the capital of France?", temperature=0)
     url = f"http://127.0.0.1:{port}/cached/v1/chat/completions"
     noop = f"http://127.0.0.1:{port}/noop/v1/chat/completions"
-    _wait_http(url)
+    wait_http(url)
     first = httpx.post(url, content=payload, headers=AUTH, timeout=10)
     hit = httpx.post(url, content=payload, headers=AUTH, timeout=10)
     assert hit.headers.get("x-cache") == "HIT", (first.headers, hit.headers)
@@ -157,7 +122,7 @@ def breaker_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict
     admin = f"http://127.0.0.1:{port}/resilient/admin/breakers/open"
     noop = f"http://127.0.0.1:{port}/noop/v1/chat/completions"
     healthy, hang = body("healthy"), body("hang", model="mock-hang")
-    _wait_http(url)
+    wait_http(url)
     # Refusal latency: force the healthy model's breaker open, measure, close it again.
     name = "healthy/mock-gpt"
     httpx.post(admin, json={"name": name}, headers=AUTH, timeout=10).raise_for_status()
@@ -210,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     chosen = list(BENCHES) if args.bench == "all" else [args.bench]
-    with cluster(args.default_proxy) as (port, mock_port, redis):
-        results = {name: BENCHES[name](port, mock_port, redis, args.duration) for name in chosen}
+    with cluster(args.default_proxy) as c:
+        results = {name: BENCHES[name](c.port, c.mock_port, c.redis_url, args.duration)
+                   for name in chosen}  # fmt: skip
     for name, result in results.items():
         print(f"\n== {name}")
         print(f"{'row':<22}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non2xx':>8}")
