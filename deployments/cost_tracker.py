@@ -100,7 +100,10 @@ class CostTracker:
             provider=provider,
         )
         now_ms = int(self.clock() * 1000)
-        self._background(self.guard.settle(reservation, charge.cost))
+        if reservation.budgets:
+            self._background(self.guard.settle(reservation, charge.cost))
+        else:
+            reservation.settled = True  # no budget applies: nothing to settle, no task
         self.ledger.submit(
             record_for(
                 ctx,
@@ -117,7 +120,10 @@ class CostTracker:
 
     def release(self, reservation: Reservation) -> None:
         """The call failed without usage: give the hold back, in the background."""
-        self._background(self.guard.release(reservation))
+        if reservation.budgets:
+            self._background(self.guard.release(reservation))
+        else:
+            reservation.settled = True
 
     def _background(self, work: Any) -> None:
         task = asyncio.create_task(self._quietly(work))

@@ -13,6 +13,7 @@ price it was billed at. Rates are USD per million tokens, as Decimals.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -124,12 +125,23 @@ class PriceBook:
         self.settings = settings or PricingSettings()
         self._cache: dict[tuple[str, str | None, str], Price] = {}
         self._warned: set[str] = set()
+        self._today = ("", 0.0)  # (UTC day, epoch second it ends): formatted once a day
+
+    def _day(self, at: datetime | None) -> str:
+        if at is not None:
+            return at.strftime("%Y-%m-%d")
+        now = time.time()
+        day, ends = self._today
+        if now >= ends:
+            day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            self._today = (day, now - now % 86_400 + 86_400)
+        return day
 
     def lookup(
         self, model: str, *, provider: str | None = None, at: datetime | None = None
     ) -> Price:
         """The price of ``model`` (public or upstream name) at time ``at`` (default now)."""
-        day = (at or datetime.now(UTC)).strftime("%Y-%m-%d")
+        day = self._day(at)
         cache_key = (model, provider, day)
         price = self._cache.get(cache_key)
         if price is None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from ray import serve
@@ -36,6 +37,10 @@ class GatewayIngress:
             semantic=HandleSemanticClient(semantic) if semantic is not None else None,
         )
         await self.gateway.start()
+        # Everything alive now (Ray, pydantic, the stages) lives as long as the replica.
+        # Frozen, the cyclic GC stops re-scanning it: a full collection in a replica
+        # went from ~85 ms to ~5 ms, ~12 % of its CPU under load (bench/passthrough.py).
+        gc.freeze()
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return self.gateway.asgi()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -49,11 +48,33 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 
 
-@dataclass(frozen=True, slots=True)
 class Plan:
-    decision: CacheDecision
-    key: RequestKey
-    coalesce: bool
+    """What the cache policy decided for a request, and its key, derived only when a
+    cache tier or the single flight needs it (a BYPASS answer has none to show)."""
+
+    __slots__ = ("_body", "_key", "_model", "coalesce", "decision")
+
+    def __init__(
+        self, decision: CacheDecision, coalesce: bool, body: dict[str, Any], model: str
+    ) -> None:
+        self.decision = decision
+        self.coalesce = coalesce
+        self._body = body
+        self._model = model
+        self._key: RequestKey | None = None
+
+    @property
+    def key(self) -> RequestKey:
+        if self._key is None:
+            self._key = request_key(
+                self._body, namespace=self.decision.namespace, model=self._model
+            )
+        return self._key
+
+    @property
+    def digest(self) -> str | None:
+        """The key's digest for ``x-cache-key``, when the request has one."""
+        return self.key.digest if self.decision.cacheable or self.coalesce else None
 
 
 def pack(meta: dict[str, Any], body: bytes) -> bytes:
@@ -94,9 +115,8 @@ class ChatPipeline:
     def plan(self, ctx: RequestContext, model: ModelSettings) -> Plan:
         controls = parse_controls(ctx.body.pop("cache", None), ctx.headers.get("cache-control"))
         decision = decide(ctx.body, controls, ctx.principal.tenant, self.args.cache.policy)
-        key = request_key(ctx.body, namespace=decision.namespace, model=model.target_model)
         coalesce = self.args.dedup.enabled and self.args.dedup.should_coalesce(decision.cacheable)
-        return Plan(decision, key, coalesce)
+        return Plan(decision, coalesce, ctx.body, model.target_model)
 
     async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
         ticket = await Ticket.admit(ctx, self.stages)
@@ -122,8 +142,11 @@ class ChatPipeline:
         return hit.body, cache_headers(CacheStatus.HIT, plan.key.digest, age_s=hit.age_s)
 
     async def _semantic_hit(self, plan: Plan) -> tuple[bytes, dict[str, Any]] | None:
-        semantic, key = self.stages.semantic, plan.key
-        if semantic is None or not plan.decision.lookup or key.final_user_text is None:
+        semantic = self.stages.semantic
+        if semantic is None or not plan.decision.lookup:
+            return None
+        key = plan.key
+        if key.final_user_text is None:
             return None
         started = time.perf_counter()
         try:
@@ -176,7 +199,7 @@ class ChatPipeline:
             age = max(0, int(time.time() - float(meta["created"])))
         headers = {
             **ctx.response_headers,
-            **cache_headers(status, plan.key.digest, age_s=age, similarity=meta.get("similarity")),
+            **cache_headers(status, plan.digest, age_s=age, similarity=meta.get("similarity")),
         }
         if role is not None:
             headers["x-dedup"] = role.value
@@ -214,7 +237,7 @@ class ChatPipeline:
         meta, body = unpack(value)
         served_by, status = self._served(role, meta)
         charge = ticket.finish(
-            _usage(body),
+            meta["usage"] if "usage" in meta else _usage(body),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
@@ -230,7 +253,7 @@ class ChatPipeline:
             body, meta = semantic
             return pack(meta, body)
 
-        async def attempt(target: Target) -> bytes:
+        async def attempt(target: Target) -> tuple[bytes, Any]:
             payload = orjson.dumps({**ctx.body, "model": target.model})
             started = time.perf_counter()
             response = await self.provider.post(
@@ -241,20 +264,21 @@ class ChatPipeline:
                 time.perf_counter() - started,
                 {"upstream": target.upstream},
             )
-            require_json(response.body)
-            return response.body
+            return response.body, require_json(response.body).get("usage")
 
         result = await self.stages.resilience.call(
             self.chain(model), attempt, self.args.request_timeout_s
         )
-        await self._remember(plan, result.value)
+        body, usage = result.value
+        await self._remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
             "cache": status.value,
             "upstream": result.target.upstream,
             "attempts": result.attempts,
+            "usage": usage if isinstance(usage, dict) else None,  # spares parsing the body again
         }
-        return pack(meta, result.value)
+        return pack(meta, body)
 
     # -- streamed --------------------------------------------------------
 

@@ -82,7 +82,7 @@ class Ticket:
                 tokens = usage["total_tokens"]
             else:
                 tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
-        in_background(stages.limiter.settle(self.decision, tokens))
+        self._settle_limits(tokens)
         charge = stages.cost.finish(
             ctx,
             self.reservation,
@@ -114,8 +114,12 @@ class Ticket:
         if self.settled:
             return
         self.settled = True
-        in_background(self.stages.limiter.settle(self.decision, None))
+        self._settle_limits(None)
         self.stages.cost.release(self.reservation)
+
+    def _settle_limits(self, tokens: int | None) -> None:
+        if self.decision.windows:  # an unlimited request has nothing to settle: no task
+            in_background(self.stages.limiter.settle(self.decision, tokens))
 
     def _record(self, charge: Charge) -> None:
         sink, model = self.stages.metrics, self.ctx.model
