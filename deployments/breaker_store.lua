@@ -14,7 +14,8 @@
 -- ARGV[11] permitted calls in half-open                ARGV[12] max wait in half-open (ms, 0 off)
 -- ARGV[13] max open-for (ms)
 -- ARGV[14..] per op: acquire: lease ms | record: generation, permit id, outcome code,
---            open-for ms | open_for: ms | set_state: state code
+--            open-for ms, count (that many equal outcomes; 1 if absent) | open_for: ms |
+--            set_state: state code
 -- States: 0 CLOSED 1 OPEN 2 HALF_OPEN 3 FORCED_OPEN 4 DISABLED 5 METRICS_ONLY.
 -- Outcomes: 0 success 1 failure 2 slow success 3 slow failure 4 ignored.
 -- Returns {allowed, state, generation, permit id, retry-after ms, from, to} (from/to -1: none),
@@ -98,7 +99,7 @@ local function window_counts()
   return n, f, s
 end
 
-local function window_add(code)
+local function window_add(code, count)
   if redis.call('HGET', W, 'cfg') ~= wcfg then
     redis.call('DEL', W)
     redis.call('HSET', W, 'cfg', wcfg)
@@ -107,13 +108,17 @@ local function window_add(code)
   if wtype == 0 then
     local head = num(W, 'head')
     local n, f, s = num(W, 'n'), num(W, 'f'), num(W, 's')
-    local old = redis.call('HGET', W, 'r' .. head)
-    if old then
-      local of, os = flags(tonumber(old))
-      n, f, s = n - 1, f - of, s - os
+    for _ = 1, math.min(count, wsize) do  -- more than the window holds would be overwritten
+      local old = redis.call('HGET', W, 'r' .. head)
+      if old then
+        local of, os = flags(tonumber(old))
+        n, f, s = n - 1, f - of, s - os
+      end
+      n, f, s = n + 1, f + failed, s + slow
+      redis.call('HSET', W, 'r' .. head, code)
+      head = (head + 1) % wsize
     end
-    n, f, s = n + 1, f + failed, s + slow
-    redis.call('HSET', W, 'r' .. head, code, 'head', (head + 1) % wsize, 'n', n, 'f', f, 's', s)
+    redis.call('HSET', W, 'head', head, 'n', n, 'f', f, 's', s)
     return n, f, s
   end
   local sec = math.floor(now / 1000)
@@ -124,7 +129,8 @@ local function window_add(code)
     local bs, bc, bbf, bbs = string.match(bucket, '(-?%d+):(%d+):(%d+):(%d+)')
     if tonumber(bs) == sec then c, bf, bsl = tonumber(bc), tonumber(bbf), tonumber(bbs) end
   end
-  redis.call('HSET', W, field, sec .. ':' .. (c + 1) .. ':' .. (bf + failed) .. ':' .. (bsl + slow))
+  c, bf, bsl = c + count, bf + failed * count, bsl + slow * count
+  redis.call('HSET', W, field, sec .. ':' .. c .. ':' .. bf .. ':' .. bsl)
   return window_counts()
 end
 
@@ -172,7 +178,7 @@ local function record_half_open(pid, code)
   return reply(0, 0, 0, to(CLOSED))
 end
 
-local function record(pgen, pid, code, open_ms)
+local function record(pgen, pid, code, open_ms, count)
   local current = pgen == gen
   if open_ms > 0 then
     -- The upstream's own retry-after is news whatever state we are in.
@@ -182,7 +188,7 @@ local function record(pgen, pid, code, open_ms)
   if not current then return reply(0, 0, 0, nil) end
   if state == HALF then return record_half_open(pid, code) end
   if code == 4 or (state ~= CLOSED and state ~= METRICS) then return reply(0, 0, 0, nil) end
-  local n, f, s = window_add(code)
+  local n, f, s = window_add(code, count)
   if state == CLOSED and n >= minc and trips(f, s, n) then return reply(0, 0, 0, to(OPEN)) end
   return reply(0, 0, 0, nil)
 end
@@ -190,7 +196,8 @@ end
 if op == 'acquire' then
   return acquire(tonumber(ARGV[14]))
 elseif op == 'record' then
-  return record(tonumber(ARGV[14]), ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17]))
+  local count = tonumber(ARGV[18] or '1')
+  return record(tonumber(ARGV[14]), ARGV[15], tonumber(ARGV[16]), tonumber(ARGV[17]), count)
 elseif op == 'open_for' then
   return open_for(tonumber(ARGV[14]))
 elseif op == 'set_state' then

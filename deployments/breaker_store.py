@@ -42,8 +42,9 @@ from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
-# One outcome to record: (breaker name, settings, permit, outcome, open-for seconds).
-Record = tuple[str, BreakerSettings, Decision, Outcome, float]
+# Outcomes to record: (breaker name, settings, permit, outcome, open-for seconds, how many
+# equal outcomes: successes under one CLOSED permit are recorded as one call).
+Record = tuple[str, BreakerSettings, Decision, Outcome, float, int]
 
 _SCRIPT = resources.files("deployments").joinpath("breaker_store.lua").read_text()
 
@@ -79,7 +80,12 @@ class MemoryBreakerStore:
         return machine.record(cfg, self._now_ms(), permit, outcome, ms(open_for_s))
 
     async def record_many(self, items: Sequence[Record]) -> list[Decision]:
-        return [await self.record(*item) for item in items]
+        decisions = []
+        for name, cfg, permit, outcome, open_for_s, count in items:
+            for _ in range(count):
+                decision = await self.record(name, cfg, permit, outcome, open_for_s)
+            decisions.append(decision)
+        return decisions
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision:
         return self._machine(name).open_for(cfg, self._now_ms(), ms(seconds))
@@ -169,9 +175,9 @@ class RedisBreakerStore:
             self._batch(
                 self._keys(name),
                 ["record", now, *_settings_argv(cfg), permit.generation, permit.permit_id,
-                 int(outcome), ms(open_for_s)],
+                 int(outcome), ms(open_for_s), count],
             )
-            for name, cfg, permit, outcome, open_for_s in items
+            for name, cfg, permit, outcome, open_for_s, count in items
         ]  # fmt: skip
         try:
             replies = await asyncio.gather(*calls)
@@ -276,7 +282,8 @@ class FailoverBreakerStore:
         decisions: list[Decision | None] = [None] * len(items)
         for i, item in enumerate(items):
             if item[2].local:
-                decisions[i] = (await self._local.record(*item))._replace(local=True)
+                [decision] = await self._local.record_many([item])
+                decisions[i] = decision._replace(local=True)
         if shared:
             try:
                 replies = await self._primary.record_many([items[i] for i in shared])

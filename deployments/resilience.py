@@ -130,7 +130,7 @@ class Resilience:
         self._background: set[asyncio.Task[BreakerState]] = set()
         self._refusing: dict[str, tuple[float, float, Decision]] = {}  # name -> (at, until, it)
         self._permits: dict[str, tuple[float, Decision]] = {}  # name -> (until, closed permit)
-        self._deferred: list[tuple[str, BreakerSettings, Decision, Outcome, float]] = []
+        self._deferred: list[tuple[str, BreakerSettings, Decision, Outcome]] = []
         self._flusher: asyncio.Task[None] | None = None
         for chain in settings.fallbacks.values():
             for target in chain:
@@ -344,7 +344,7 @@ class Resilience:
         """Queue a success's outcome for the next batch; False when the queue is full."""
         if len(self._deferred) >= MAX_DEFERRED:
             return False
-        self._deferred.append((name, cfg, permit, outcome, 0.0))
+        self._deferred.append((name, cfg, permit, outcome))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_deferred())
         return True
@@ -353,6 +353,7 @@ class Resilience:
         await asyncio.sleep(DEFER_S)
         while self._deferred:
             batch, self._deferred = self._deferred, []
+            batch = _coalesced(batch)
             try:
                 decisions = await self.store.record_many(batch)
             except Exception as exc:  # never raise into nothing: the answer has gone
@@ -451,3 +452,23 @@ def _final_error(errors: list[BaseException]) -> BaseException:
         return retry_after_s(headers) or 0.0
 
     return min(errors, key=wait)
+
+
+def _coalesced(
+    outcomes: list[tuple[str, BreakerSettings, Decision, Outcome]],
+) -> list[tuple[str, BreakerSettings, Decision, Outcome, float, int]]:
+    """Equal outcomes under one CLOSED permit (no lease: permit id 0) become one record
+    with a count, one store call for many; a half-open probe's stays its own."""
+    counts: dict[tuple[str, int, Outcome], int] = {}
+    first: dict[tuple[str, int, Outcome], tuple[str, BreakerSettings, Decision, Outcome]] = {}
+    records: list[tuple[str, BreakerSettings, Decision, Outcome, float, int]] = []
+    for item in outcomes:
+        name, cfg, permit, outcome = item
+        if permit.permit_id:
+            records.append((name, cfg, permit, outcome, 0.0, 1))
+            continue
+        group = (name, permit.generation, outcome)
+        counts[group] = counts.get(group, 0) + 1
+        first.setdefault(group, item)
+    records += [(*first[group], 0.0, count) for group, count in counts.items()]
+    return records

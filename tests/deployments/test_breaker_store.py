@@ -398,11 +398,40 @@ async def test_record_many_is_one_round_trip_with_the_same_result(
     permits = [await store.acquire("b", cfg, 5) for _ in range(5)]
     outcomes = [Outcome.FAILURE] * 3 + [Outcome.SUCCESS] * 2
     decisions = await store.record_many(
-        [("b", cfg, p, o, 0.0) for p, o in zip(permits, outcomes, strict=True)]
+        [("b", cfg, p, o, 0.0, 1) for p, o in zip(permits, outcomes, strict=True)]
     )
     assert decisions[-1].state == BreakerState.OPEN  # F,F,F,S,S opens at 60 %
     await redis_client.script_flush()  # a restarted server has forgotten the script
     again = await store.record_many(
-        [("c", cfg, await store.acquire("c", cfg, 5), Outcome.SUCCESS, 0.0)]
+        [("c", cfg, await store.acquire("c", cfg, 5), Outcome.SUCCESS, 0.0, 1)]
     )
     assert again[0].state == BreakerState.CLOSED
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("window_type", ["COUNT_BASED", "TIME_BASED"])
+async def test_a_counted_record_equals_that_many_single_records(
+    redis_client: aioredis.Redis, window_type: str
+) -> None:
+    from deployments.breaker import Outcome
+    from deployments.breaker_store import MemoryBreakerStore, RedisBreakerStore
+
+    cfg = BreakerSettings(window_type=window_type, minimum_calls=4, window_size=10)
+    counted = RedisBreakerStore(redis_client, prefix="counted")
+    single = RedisBreakerStore(redis_client, prefix="single")
+    local = MemoryBreakerStore()
+    for store in (counted, single, local):
+        await store.record("b", cfg, await store.acquire("b", cfg, 5), Outcome.FAILURE)
+    await counted.record_many(
+        [("b", cfg, await counted.acquire("b", cfg, 5), Outcome.SUCCESS, 0.0, 13)]
+    )
+    await local.record_many(
+        [("b", cfg, await local.acquire("b", cfg, 5), Outcome.SUCCESS, 0.0, 13)]
+    )
+    for _ in range(13):
+        await single.record("b", cfg, await single.acquire("b", cfg, 5), Outcome.SUCCESS)
+    snapshots = [await s.snapshot("b", cfg) for s in (counted, single, local)]
+    seen = {(x.state, x.calls, x.failed_calls) for x in snapshots}
+    # A count window of 10 has pushed the failure out; a time window still holds it.
+    expected = (10, 0) if window_type == "COUNT_BASED" else (14, 1)
+    assert seen == {(BreakerState.CLOSED, *expected)}

@@ -436,3 +436,30 @@ async def test_a_closed_permit_is_reused_briefly_and_dropped_on_failure() -> Non
     clock.now += 1.0
     await res.call([A], upstreams, 30)
     assert store.acquired == 3  # and so does the passing of permit_cache_s
+
+
+class RecordingStore(MemoryBreakerStore):
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock=clock)
+        self.batches: list[list[tuple[object, ...]]] = []
+
+    async def record_many(self, items):  # type: ignore[no-untyped-def]
+        self.batches.append([(item[3], item[5]) for item in items])
+        return await super().record_many(items)
+
+
+async def test_successes_under_one_closed_permit_are_recorded_as_one_counted_call() -> None:
+    clock = Clock()
+    store = RecordingStore(clock)
+    settings = ResilienceSettings(
+        permit_cache_s=60, default=policy(window_size=50, minimum_calls=50)
+    )
+    res = Resilience(settings, store, clock=clock, sleep=clock.sleep)
+    upstreams = Upstreams(clock, a=["ok"] * 20)
+    await asyncio.gather(*(res.call([A], upstreams, 30) for _ in range(20)))
+    await res.drain()
+    from deployments.breaker import Outcome
+
+    assert store.batches == [[(Outcome.SUCCESS, 20)]]
+    snapshot = await store.snapshot("a/m-a", settings.default.breaker)
+    assert snapshot.calls == 20  # the count reached the breaker's window
