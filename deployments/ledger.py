@@ -3,10 +3,17 @@
 Records are written off the answer's path: ``submit`` only puts the record on a
 queue, and a background task writes batches (every ``flush_interval_ms`` or
 ``batch_size`` records) with one Lua call each. The script stores a record only
-if its request id is new (``SET NX``) and folds it into its aggregates (by key,
+if its request id is new (no record key yet) and folds it into its aggregates (by key,
 user, tenant, model, and the whole day) in the same atomic step, so a replayed
 record or a retried batch never counts twice, and each aggregate equals the sum
 of its records. ``aclose`` flushes what is queued.
+
+A batch's records mostly share their day and members, so the writer sums their
+increments per aggregate in Python (exact integers) and the script applies each
+sum once. The sums hold only if every record of the batch is new: the script
+checks that first and, when some request ids are already stored (a replay or a
+retried batch), writes nothing and returns those ids; the writer drops them and
+sends the rest again.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from functools import lru_cache
 from importlib.resources import files
 from typing import Any, Literal
 
@@ -35,7 +44,13 @@ log = logging.getLogger(__name__)
 
 GroupBy = Literal["key", "user", "tenant", "model", "day"]
 DIMENSIONS: tuple[str, ...] = ("key", "user", "tenant", "model", "all")
+# The aggregates' hash fields, in ``LedgerRecord.values`` order.
+FIELDS: tuple[str, ...] = tuple(
+    "requests cost_pico savings_pico prompt_tokens completion_tokens cached_tokens"
+    " reasoning_tokens cache_hits coalesced estimated errors latency_ms".split()
+)
 _DAY_MS = 86_400_000
+_CHUNK = 500  # records per EXISTS or ZADD in the script: its unpack stays under Lua's limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +88,7 @@ class LedgerRecord:
 
     @property
     def day(self) -> str:
-        return datetime.fromtimestamp(self.ts_ms / 1000, UTC).strftime("%Y-%m-%d")
+        return _day_name(self.ts_ms // _DAY_MS)  # UTC days are whole multiples of _DAY_MS
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)  # orjson reads dataclasses natively (asdict deep-copies)
@@ -84,20 +99,24 @@ class LedgerRecord:
 
     def increments(self) -> list[tuple[str, int]]:
         """What one record adds to each of its aggregates."""
-        return [
-            ("requests", 1),
-            ("cost_pico", self.cost_pico),
-            ("savings_pico", self.savings_pico),
-            ("prompt_tokens", self.prompt_tokens),
-            ("completion_tokens", self.completion_tokens),
-            ("cached_tokens", self.cached_tokens),
-            ("reasoning_tokens", self.reasoning_tokens),
-            ("cache_hits", int(self.cache in ("hit", "semantic_hit"))),
-            ("coalesced", int(self.coalesced)),
-            ("estimated", int(self.estimated)),
-            ("errors", int(self.status != "ok")),
-            ("latency_ms", self.latency_ms),
-        ]
+        return list(zip(FIELDS, self.values(), strict=True))
+
+    def values(self) -> tuple[int, ...]:
+        """The increments' values, in ``FIELDS`` order."""
+        return (
+            1,
+            self.cost_pico,
+            self.savings_pico,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.reasoning_tokens,
+            int(self.cache in ("hit", "semantic_hit")),
+            int(self.coalesced),
+            int(self.estimated),
+            int(self.status != "ok"),
+            self.latency_ms,
+        )
 
     def members(self) -> tuple[str, ...]:
         return (self.key_id, self.user or "-", self.tenant, self.model, "*")
@@ -224,28 +243,53 @@ class Ledger:
                 await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
 
     async def write(self, records: Iterable[LedgerRecord]) -> int:
-        """Write records now, in one Lua call; returns how many were new."""
-        records = list(records)
+        """Write records now, in one Lua call (two or more only when some request ids are
+        already stored); returns how many were new. Of records sharing a request id, the
+        first one counts."""
+        first: dict[str, LedgerRecord] = {}
+        for r in records:
+            first.setdefault(r.request_id, r)
+        batch = list(first.values())
+        while batch:
+            keys, args = self._append_call(batch)
+            result = await self._append(keys=keys, args=args)
+            if not isinstance(result, list):
+                return int(result)
+            # Nothing was written: drop the ids already stored and send the rest again.
+            # Each pass drops at least one record, so this ends.
+            known = {rid.decode() if isinstance(rid, bytes) else rid for rid in result}
+            batch = [r for r in batch if r.request_id not in known]
+        return 0
+
+    def _append_call(self, batch: list[LedgerRecord]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ledger_append.lua (its header describes them)."""
+        aggs = _aggregates(batch)
+        days = sorted({day for day, _, _ in aggs})
+        rec_prefix = self._key("rec", "")
         keys = [self._key("recs"), self._key("days")]
-        args: list[str | int | bytes] = [
+        keys += [rec_prefix + r.request_id for r in batch]
+        keys += [self._key("agg", *group) for group in aggs]
+        keys += [self._key("idx", day, dim) for day, dim, _ in aggs]
+        args: list[Any] = [
             self.settings.record_ttl_days * _DAY_MS,
             self.settings.aggregate_ttl_days * _DAY_MS,
             int(self.clock() * 1000) - self.settings.record_ttl_days * _DAY_MS,
-            len(records),
+            len(batch),
+            len(aggs),
+            len(days),
+            len(FIELDS),
+            _CHUNK,
+            rec_prefix,
+            *FIELDS,
         ]
-        for rec in records:
-            day = rec.day
-            keys.append(self._key("rec", rec.request_id))
-            keys += [
-                self._key("agg", day, dim, m)
-                for dim, m in zip(DIMENSIONS, rec.members(), strict=True)
-            ]
-            keys += [self._key("idx", day, dim) for dim in DIMENSIONS]
-            incs = rec.increments()
-            args += [rec.request_id, rec.to_json(), rec.ts_ms, day, int(day.replace("-", ""))]
-            args += [len(DIMENSIONS), *rec.members(), len(incs)]
-            args += [v for pair in incs for v in pair]
-        return int(await self._append(keys=keys, args=args))
+        for day in days:
+            args += (day.replace("-", ""), day)
+        for r in batch:
+            args += (r.to_json(), r.ts_ms)
+        for (_, _, member), sums in aggs.items():
+            args.append(member)
+            args += sums
+        return keys, args
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -310,15 +354,55 @@ def _row(group: str, acc: dict[str, Any]) -> SummaryRow:
     )
 
 
+@lru_cache(maxsize=64)
+def _day_name(day_number: int) -> str:
+    return datetime.fromtimestamp(day_number * 86_400, UTC).strftime("%Y-%m-%d")
+
+
+def _aggregates(batch: list[LedgerRecord]) -> dict[tuple[str, str, str], list[int]]:
+    """The summed increments of a batch per aggregate (day, dimension, member): records
+    are grouped by day and members first, so the usual batch (one group) sums cheaply."""
+    groups: dict[tuple[int, str, str | None, str, str], list[LedgerRecord]] = {}
+    for r in batch:
+        groups.setdefault((r.ts_ms // _DAY_MS, r.key_id, r.user, r.tenant, r.model), []).append(r)
+    aggs: dict[tuple[str, str, str], list[int]] = {}
+    for group in groups.values():
+        sums = [sum(column) for column in zip(*(r.values() for r in group), strict=True)]
+        day = group[0].day
+        for dim, member in zip(DIMENSIONS, group[0].members(), strict=True):
+            acc = aggs.get((day, dim, member))
+            if acc is None:
+                aggs[(day, dim, member)] = sums.copy()
+            else:
+                acc[:] = [a + b for a, b in zip(acc, sums, strict=True)]
+    return aggs
+
+
+# A prompt's words: its characters lower-cased where ``str.isalnum``, the rest spacing.
+# ASCII text (the usual prompt) maps bytewise; ``\W`` is "not isalnum" except for "_".
+_ASCII_WORDS = bytes(
+    ord(chr(b).lower()) if chr(b).isalnum() else ord(" ") for b in range(128)
+) + bytes(128)
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+def _words(text: str) -> list[bytes]:
+    if text.isascii():
+        return text.encode().translate(_ASCII_WORDS).split()
+    # Lower-case the spaced text at once: the same as character by character, but for the
+    # capital sigma, which a whole-string lower() turns into a final sigma at a word's end.
+    return _NOT_ALNUM.sub(" ", text).replace("\u03a3", "\u03c3").lower().encode().split()
+
+
 def prompt_fingerprint(messages: Iterable[Any]) -> str:
     """A hash of the prompt's words, lower-cased, punctuation and spacing dropped: prompts
     that differ only in those count as near-duplicates."""
-    words: list[str] = []
+    words: list[bytes] = []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
-            words += "".join(ch.lower() if ch.isalnum() else " " for ch in content).split()
-    return hashlib.blake2b(" ".join(words).encode(), digest_size=8).hexdigest() if words else ""
+            words += _words(content)
+    return hashlib.blake2b(b" ".join(words), digest_size=8).hexdigest() if words else ""
 
 
 def record_for(

@@ -1,42 +1,66 @@
--- Append a batch of ledger records and fold each into its daily aggregates, once per request id.
+-- Append a batch of ledger records, all of them new, and add the batch's summed increments to
+-- its daily aggregates, in one atomic step.
 --
 -- KEYS: [1] time index zset (request id scored by timestamp, ms), [2] days zset (day id scored
---       by yyyymmdd), then per record: its record key, then d aggregate hashes, then d index
---       sets (one per dimension: key, user, tenant, model, all). All share the {ledger} tag.
+--       by yyyymmdd), then n record keys, then g aggregate hashes, then g index sets (the set of
+--       members of each aggregate's day and dimension). All share the {ledger} tag.
 -- ARGV: [1] record ttl (ms), [2] aggregate ttl (ms), [3] index cutoff (ms: drop older entries
---       from the time index), [4] number of records, then per record:
---       request id, json, timestamp (ms), day id, day score, d, d index members,
---       c, c pairs (aggregate field, integer increment).
--- Returns the number of records written (replays of a known request id are skipped whole,
--- so an aggregate never counts a record twice).
+--       from the time index), [4] n records, [5] g aggregates, [6] d days, [7] c fields,
+--       [8] records per ZADD, [9] the record keys' prefix (a record key is that prefix and
+--       the request id), then c field names, then d pairs (day score, day id), then
+--       n pairs (json, timestamp in ms), then g groups (index member, c integer increments, one
+--       per field, summed over the batch's records in that aggregate).
+-- Returns the number of records written (n). If any record key already exists (a replay or a
+-- retried batch) it writes nothing and returns those request ids instead: the sums would count
+-- them twice, so the caller sends the batch again without them.
+-- Numbers from ARGV go to Redis as the strings they came in: Lua never formats an increment.
 
-local record_ttl, agg_ttl = ARGV[1], ARGV[2]
-local written = 0
-local k, a = 3, 5
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local n, g, d, c = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local chunk, prefix_len = tonumber(ARGV[8]), #ARGV[9]
+local days_at = 10 + c
+local recs_at = days_at + 2 * d
+local aggs_at = recs_at + 2 * n
 
-for _ = 1, tonumber(ARGV[4]) do
-  local rid, json, ts, day, day_score = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local d = tonumber(ARGV[a + 5])
-  local members = a + 6
-  local c = tonumber(ARGV[members + d])
-  local pairs_at = members + d + 1
-  local fresh = redis.call('SET', KEYS[k], json, 'NX', 'PX', record_ttl)
-  if fresh then
-    written = written + 1
-    redis.call('ZADD', KEYS[1], ts, rid)
-    redis.call('ZADD', KEYS[2], day_score, day)
-    for j = 1, d do
-      local agg, index = KEYS[k + j], KEYS[k + d + j]
-      for p = 0, c - 1 do
-        redis.call('HINCRBY', agg, ARGV[pairs_at + 2 * p], ARGV[pairs_at + 2 * p + 1])
-      end
-      redis.call('PEXPIRE', agg, agg_ttl)
-      redis.call('SADD', index, ARGV[members + j - 1])
-      redis.call('PEXPIRE', index, agg_ttl)
+local function request_id(i)
+  return string.sub(KEYS[2 + i], prefix_len + 1)
+end
+
+local stored = 0
+for i = 1, n, chunk do
+  stored = stored + redis.call('EXISTS', unpack(KEYS, 2 + i, 2 + math.min(n, i + chunk - 1)))
+end
+if stored > 0 then
+  local known = {}
+  for i = 1, n do
+    if redis.call('EXISTS', KEYS[2 + i]) == 1 then
+      known[#known + 1] = request_id(i)
     end
   end
-  k = k + 1 + 2 * d
-  a = pairs_at + 2 * c
+  return known
 end
-return written
+
+local record_ttl, agg_ttl = ARGV[1], ARGV[2]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+for i = 1, n, chunk do
+  local scored = {}
+  for j = i, math.min(n, i + chunk - 1) do
+    local a = recs_at + 2 * (j - 1)
+    redis.call('SET', KEYS[2 + j], ARGV[a], 'PX', record_ttl)
+    scored[#scored + 1] = ARGV[a + 1]
+    scored[#scored + 1] = request_id(j)
+  end
+  redis.call('ZADD', KEYS[1], unpack(scored))
+end
+redis.call('ZADD', KEYS[2], unpack(ARGV, days_at, recs_at - 1))
+
+for j = 1, g do
+  local agg, index = KEYS[2 + n + j], KEYS[2 + n + g + j]
+  local a = aggs_at + (1 + c) * (j - 1)
+  for f = 1, c do
+    redis.call('HINCRBY', agg, ARGV[9 + f], ARGV[a + f])
+  end
+  redis.call('PEXPIRE', agg, agg_ttl)
+  redis.call('SADD', index, ARGV[a])
+  redis.call('PEXPIRE', index, agg_ttl)
+end
+return n

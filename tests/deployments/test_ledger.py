@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import defaultdict
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from deployments.cost import CostMeter
-from deployments.ledger import Ledger, LedgerRecord, LedgerSettings, prompt_fingerprint, record_for
+from deployments.cost import CostMeter, from_pico
+from deployments.ledger import (
+    FIELDS,
+    Ledger,
+    LedgerRecord,
+    LedgerSettings,
+    prompt_fingerprint,
+    record_for,
+)
 from serve_app.context import Principal, RequestContext
 from serve_app.embedded_store import EmbeddedStore
 
@@ -162,3 +170,127 @@ async def test_record_for_a_finished_request(redis_client: aioredis.Redis) -> No
     )
     assert rec.prompt_fingerprint == prompt_fingerprint([{"content": "hello world"}])
     assert await Ledger(redis_client).write([rec]) == 1
+
+
+def utc_date(ms: int) -> date:
+    return datetime.fromtimestamp(ms / 1000, UTC).date()
+
+
+def same_members(i: int, **changes: object) -> LedgerRecord:
+    """The usual batch: one key, user, tenant, model and day; amounts vary."""
+    shared = {"ts_ms": NOW_MS, "tenant": "acme", "key_id": "key-1", "user": "ann", "model": "o3"}
+    return record(i, **{**shared, **changes})
+
+
+async def stored_aggregates(redis: aioredis.Redis, prefix: str) -> dict[bytes, dict]:
+    """Every aggregate hash and index set under a key prefix, as stored."""
+    out: dict[bytes, dict] = {}
+    async for key in redis.scan_iter(match=f"{prefix}:agg:*"):
+        out[key.removeprefix(prefix.encode())] = await redis.hgetall(key)
+    async for key in redis.scan_iter(match=f"{prefix}:idx:*"):
+        out[key.removeprefix(prefix.encode())] = {m: b"" for m in await redis.smembers(key)}
+    return out
+
+
+def expected_totals(records: list[LedgerRecord]) -> dict[str, int]:
+    return {
+        field: sum(value for r in records for name, value in r.increments() if name == field)
+        for field in FIELDS
+    }
+
+
+async def test_a_batch_sharing_groups_stores_what_one_by_one_writes_store(
+    redis_client: aioredis.Redis,
+) -> None:
+    # Mostly one group, as under load, plus stragglers sharing only some members, a user
+    # None and a user "-" (the same member), and a record from yesterday.
+    records = [same_members(i) for i in range(40)]
+    records += [same_members(40, user=None), same_members(41, user="-"), same_members(42)]
+    records += [same_members(43, model="gpt-4o"), same_members(44, ts_ms=NOW_MS - DAY_MS)]
+    records += [record(i) for i in range(45, 60)]
+    batched = Ledger(redis_client, LedgerSettings(key_prefix="ledger:{batched}"))
+    single = Ledger(redis_client, LedgerSettings(key_prefix="ledger:{single}"))
+    assert await batched.write(records) == len(records)
+    for r in records:
+        assert await single.write([r]) == 1
+    assert await stored_aggregates(redis_client, "ledger:{batched}") == await stored_aggregates(
+        redis_client, "ledger:{single}"
+    )
+    [ann] = [
+        row
+        for row in await batched.summary("user", utc_date(NOW_MS - DAY_MS), utc_date(NOW_MS))
+        if row.group == "ann"
+    ]
+    mine = [r for r in records if r.user == "ann"]
+    assert ann.requests == len(mine) and ann.cost == sum((r.cost for r in mine), Decimal(0))
+
+
+async def test_replayed_and_overlapping_batches_never_count_twice(
+    redis_client: aioredis.Redis,
+) -> None:
+    ledger = Ledger(redis_client)
+    first = [same_members(i) for i in range(75)]
+    assert await ledger.write(first) == 75
+    before = await stored_aggregates(redis_client, "ledger:{ledger}")
+    assert await ledger.write(first) == 0  # a retried batch that had in fact been written
+    assert await stored_aggregates(redis_client, "ledger:{ledger}") == before
+    overlap = first[50:] + [same_members(i, cost_pico=7 * i) for i in range(75, 120)]
+    changed = [replace(r, cost_pico=1) for r in first[:10]]  # known ids, other amounts
+    assert await ledger.write(changed + overlap + overlap[-5:]) == 45
+    kept = first + overlap[25:]
+    today = datetime.now(UTC).date()
+    [row] = await ledger.summary("key", today, today)
+    totals = expected_totals(kept)
+    assert row.requests == totals["requests"] == 120
+    assert row.cost == from_pico(totals["cost_pico"])
+    assert row.latency_ms_total == totals["latency_ms"]
+    assert await ledger.get("req-3") == first[3]
+    assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 120
+
+
+async def test_concurrent_overlapping_batches_count_each_record_once(
+    redis_client: aioredis.Redis,
+) -> None:
+    records = [same_members(i) for i in range(300)]
+    writers = [Ledger(redis_client) for _ in range(3)]
+    slices = (records[:200], records[100:], records[::2])
+    written = await asyncio.gather(*(w.write(s) for w, s in zip(writers, slices, strict=True)))
+    assert sum(written) == 300
+    today = datetime.now(UTC).date()
+    [row] = await writers[0].summary("day", today, today)
+    assert (row.requests, row.cost) == (300, sum((r.cost for r in records), Decimal(0)))
+
+
+async def test_large_batches_and_large_sums_stay_exact(redis_client: aioredis.Redis) -> None:
+    # Past the script's chunk of records and past 2**53, where a Lua double would round.
+    big = 3 * 10**15 + 1
+    records = [same_members(i, cost_pico=big + i, savings_pico=big) for i in range(1_200)]
+    ledger = Ledger(redis_client, LedgerSettings(key_prefix="ledger:{big}"))
+    assert await ledger.write(records[:700:2]) == 350
+    assert await ledger.write(records) == 850
+    totals = expected_totals(records)
+    assert totals["cost_pico"] > 2**63 // 4000  # far beyond a double's exact integers
+    stored = await redis_client.hgetall(f"ledger:{{big}}:agg:{day_of(NOW_MS)}:all:*")
+    assert {k.decode(): int(v) for k, v in stored.items()} == totals
+
+
+def test_days_are_utc_calendar_days() -> None:
+    midnight = 1_700_006_400_000  # 2023-11-15T00:00:00Z
+    for ts_ms in (midnight - 1, midnight, midnight + DAY_MS - 1, -1, 0):
+        assert record(0, ts_ms=ts_ms).day == day_of(ts_ms)
+
+
+def reference_words(text: str) -> list[str]:
+    """The fingerprint's definition, one character at a time."""
+    return "".join(ch.lower() if ch.isalnum() else " " for ch in text).split()
+
+
+def test_the_fingerprint_keeps_its_definition_for_every_character() -> None:
+    every = "".join(map(chr, range(0x110000)))
+    tricky = ["ΟΔΟΣ ΣΑΣ", "İstanbul", "Straße ǅ ﬁ Ⅻ ²", "a_b\x1fc\u00a0d", "x\u0307Σ.", "", " "]
+    for text in [every, *tricky]:
+        expected = " ".join(reference_words(text))
+        digest = hashlib.blake2b(expected.encode(), digest_size=8).hexdigest()
+        assert prompt_fingerprint([{"content": text}]) == (digest if expected else ""), text
+    two = [{"content": "Hello,"}, {"role": "user"}, {"content": "ΟΔΟΣ!"}, "not a message"]
+    assert prompt_fingerprint(two) == prompt_fingerprint([{"content": "hello οδοσ"}])
