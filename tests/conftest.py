@@ -70,6 +70,8 @@ def serve_port() -> Iterator[int]:
     port = free_port()
     metrics_port = free_port()
     os.environ["GATEWAY_TEST_METRICS_PORT"] = str(metrics_port)
+    # As `make run` starts replicas: user code on the replica's own event loop.
+    os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     ray.init(
         address="local",  # a cluster of our own, never a developer's running one
         _metrics_export_port=metrics_port,
