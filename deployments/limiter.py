@@ -4,7 +4,9 @@ and model, over several sliding windows at once, exact across replicas.
 Every applicable window, both dimensions, is checked and consumed in one Lua
 script, so one Redis round trip, atomically: nothing is recorded unless every
 enforced window admits (``limiter_acquire.lua``). Time is the Redis server's
-clock (``TIME``), so replicas agree; tests inject a clock instead.
+clock (``TIME``), so replicas agree; tests inject a clock instead. The calls
+of one replica share script runs (``limiter_batch.py``): acquires made in one
+event-loop iteration go together, settlements ride along with them.
 
 Algorithm: a sliding log per window, coarsened. A window of length W keeps
 entries for slices of W/precision: an entry sums the requests and tokens of
@@ -28,7 +30,6 @@ Tokens are reserved before the call (prompt estimate + ``max_tokens`` or
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from deployments.limiter_batch import LimiterBatch
 from deployments.limiter_decision import (
     DIMENSIONS,
     NEVER,
@@ -51,7 +53,6 @@ from deployments.limiter_decision import (
     rate_limit_headers,
 )
 from deployments.limiter_settings import LimiterSettings, Quota
-from deployments.script_batch import ScriptBatch
 from serve_app.context import RequestContext
 from serve_app.errors import StoreUnavailableError
 
@@ -81,12 +82,15 @@ class _Check:
     resolution_us: int
     log_key: str
     costs_key: str
+    spec: bytes  # as limiter_batch.lua reads it: window resolution limits shadow
 
 
-def _script(name: str) -> str:
+def _script() -> str:
     package = resources.files("deployments")
-    common = package.joinpath("limiter_common.lua").read_text(encoding="utf-8")
-    return common + package.joinpath(name).read_text(encoding="utf-8")
+    parts = ("common", "settle", "acquire", "batch")
+    return "".join(
+        package.joinpath(f"limiter_{part}.lua").read_text(encoding="utf-8") for part in parts
+    )
 
 
 class RateLimiter:
@@ -100,9 +104,7 @@ class RateLimiter:
         self._redis = redis
         self._clock = clock  # seconds; None = the Redis server's clock
         self._observer = observer
-        self._acquire = redis.register_script(_script("limiter_acquire.lua"))
-        # Settlements are off the answer's path: batched, one round trip for many.
-        self._settle = ScriptBatch(redis, _script("limiter_settle.lua"))
+        self._batch = LimiterBatch(redis, _script(), now=self._now_arg)
         self.settings = settings
         self._plans: dict[tuple[Scope, str], tuple[_Check, ...]] = {}
         self.incident_active = False  # the store is failing right now
@@ -165,14 +167,8 @@ class RateLimiter:
         delta = (actual_total_tokens or 0) - decision.reserved_tokens
         if not windows or delta == 0:
             return
-        keys: list[str] = []
-        args: list[int | str] = [self._now_arg(), delta]
-        for window in windows:
-            keys += [window.log_key, window.costs_key]
-            args += [window.slice_us, window.window_us, window.resolution_us]
         try:
-            async with asyncio.timeout(self.settings.store_timeout_s):
-                await self._settle(keys=keys, args=args)
+            await self._batch.settle(windows, delta, self.settings.store_timeout_s)
         except STORE_ERRORS as exc:
             self._store_failed("settle", exc)
             return
@@ -212,8 +208,15 @@ class RateLimiter:
             window_us = round(quota.window * 1_000_000)
             key = f"{base}:{window_us}" + (":shadow" if quota.shadow else "")
             resolution = max(1, window_us // settings.precision)
+            spec = b"%d %d %d %d %d" % (
+                window_us,
+                resolution,
+                -1 if quota.requests is None else quota.requests,
+                -1 if quota.tokens is None else quota.tokens,
+                1 if quota.shadow else 0,
+            )
             checks.append(
-                _Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost")
+                _Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost", spec)
             )
         plan = self._plans[(scope, ident)] = tuple(checks)
         return plan
@@ -222,19 +225,7 @@ class RateLimiter:
         return "" if self._clock is None else str(round(self._clock() * 1_000_000))
 
     async def _decide(self, checks: list[_Check], tokens: int, timeout_s: float) -> LimitDecision:
-        keys: list[str] = []
-        args: list[int | str] = [self._now_arg(), tokens]
-        for check in checks:
-            keys += [check.log_key, check.costs_key]
-            args += [
-                check.window_us,
-                check.resolution_us,
-                -1 if check.quota.requests is None else check.quota.requests,
-                -1 if check.quota.tokens is None else check.quota.tokens,
-                1 if check.quota.shadow else 0,
-            ]
-        async with asyncio.timeout(timeout_s):
-            reply = await self._acquire(keys=keys, args=args)
+        reply = await self._batch.acquire(checks, tokens, timeout_s)
         self._store_ok()
         return _decision(checks, tokens, [int(value) for value in reply])
 

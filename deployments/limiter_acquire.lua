@@ -1,28 +1,24 @@
--- Check every window of every quota that applies to a request, then record the
--- request in all of them or in none (see deployments/limiter.py).
+-- Check every window of every quota that applies to one request, then record
+-- the request in all of them or in none (see deployments/limiter.py).
 --
 -- One window = a sliding log of entries. An entry holds the hits of one
 -- `resolution`-long slice of time: its score is the time of the slice's latest
--- hit, so it leaves the window when that hit does (never early).
+-- hit, so it leaves the window when that hit does (never early). Two keys per
+-- window (every key shares one {hash tag}):
+--   log    ZSET  member = slice start (us), score = latest hit in the slice (us)
+--   costs  HASH  "r<member>" / "t<member>": requests / tokens of that entry;
+--                "R" / "T": totals over the live entries
 --
--- KEYS, two per window i (every key shares one {hash tag}):
---   KEYS[2i-1]  ZSET  member = slice start (us), score = latest hit in the slice (us)
---   KEYS[2i]    HASH  "r<member>" / "t<member>": requests / tokens of that entry;
---                     "R" / "T": totals over the live entries
--- ARGV:
---   [1] now, microseconds since the epoch; "" = the server's clock (TIME)
---   [2] tokens this request reserves (it is always 1 request)
---   then 5 per window i, from 3 + 5(i-1): window (us), resolution (us),
---   request limit, token limit (-1 = no limit), shadow (1 = report only)
--- Returns {now, enforced_ok, all_ok, then 5 per window: requests used, tokens
+-- acquire(cost, checks): `cost` = tokens the request reserves (it is always 1
+-- request); each check = {log, costs, window (us), resolution (us), request
+-- limit, token limit (-1 = no limit), shadow (true = report only)}.
+-- Returns {now, enforced_ok, all_ok, then 5 per check: requests used, tokens
 --   used (both before this request), oldest entry's score (-1 = empty),
 --   request wait, token wait (us; 0 = fits, -1 = can never fit)}.
 -- Enforced windows record the request when all of them admit; shadow windows
 -- when every window admits (as if they were enforced too).
 
 -- (limiter_common.lua, prepended, defines now, num() and record())
-local cost = tonumber(ARGV[2])
-local count = #KEYS / 2
 
 local function prune(log, costs, window)
   local edge = num(now - window)
@@ -65,33 +61,30 @@ local function wait(log, costs, window, field, used, need, limit)
   return wait_for(log, costs, window, field, used + need - limit)
 end
 
-local out = {now, 1, 1}
-local enforced_ok, all_ok = true, true
-for i = 1, count do
-  local log, costs, base = KEYS[2 * i - 1], KEYS[2 * i], 3 + 5 * (i - 1)
-  local window = tonumber(ARGV[base])
-  prune(log, costs, window)
-  local totals = redis.call('HMGET', costs, 'R', 'T')
-  local used_r, used_t = tonumber(totals[1]) or 0, tonumber(totals[2]) or 0
-  local wait_r = wait(log, costs, window, 'r', used_r, 1, tonumber(ARGV[base + 2]))
-  local wait_t = wait(log, costs, window, 't', used_t, cost, tonumber(ARGV[base + 3]))
-  if wait_r ~= 0 or wait_t ~= 0 then
-    all_ok = false
-    if ARGV[base + 4] ~= '1' then enforced_ok = false end
+local function acquire(cost, checks)
+  local out = {now, 1, 1}
+  local enforced_ok, all_ok = true, true
+  for i, c in ipairs(checks) do
+    prune(c.log, c.costs, c.window)
+    local totals = redis.call('HMGET', c.costs, 'R', 'T')
+    local used_r, used_t = tonumber(totals[1]) or 0, tonumber(totals[2]) or 0
+    local wait_r = wait(c.log, c.costs, c.window, 'r', used_r, 1, c.requests)
+    local wait_t = wait(c.log, c.costs, c.window, 't', used_t, cost, c.tokens)
+    if wait_r ~= 0 or wait_t ~= 0 then
+      all_ok = false
+      if not c.shadow then enforced_ok = false end
+    end
+    local at = 4 + 5 * (i - 1)
+    out[at], out[at + 1], out[at + 3], out[at + 4] = used_r, used_t, wait_r, wait_t
   end
-  local at = 4 + 5 * (i - 1)
-  out[at], out[at + 1], out[at + 3], out[at + 4] = used_r, used_t, wait_r, wait_t
-end
-
-for i = 1, count do
-  local log, costs, base = KEYS[2 * i - 1], KEYS[2 * i], 3 + 5 * (i - 1)
-  local shadow = ARGV[base + 4] == '1'
-  if enforced_ok and (all_ok or not shadow) then
-    record(log, costs, tonumber(ARGV[base]), tonumber(ARGV[base + 1]), 1, cost)
+  for i, c in ipairs(checks) do
+    if enforced_ok and (all_ok or not c.shadow) then
+      record(c.log, c.costs, c.window, c.resolution, 1, cost)
+    end
+    local oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
+    out[4 + 5 * (i - 1) + 2] = oldest[2] and tonumber(oldest[2]) or -1
   end
-  local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
-  out[4 + 5 * (i - 1) + 2] = oldest[2] and tonumber(oldest[2]) or -1
+  out[2] = enforced_ok and 1 or 0
+  out[3] = all_ok and 1 or 0
+  return out
 end
-out[2] = enforced_ok and 1 or 0
-out[3] = all_ok and 1 or 0
-return out

@@ -1,0 +1,68 @@
+-- Many limiter calls of one replica in one script run: first the token
+-- settlements waiting for a ride, then the acquires, each decided on its own
+-- exactly as if it ran alone (the whole run is atomic, with one clock reading).
+--
+-- KEYS, the distinct windows' keys, two per window k (one {hash tag}):
+--   KEYS[2k-1] ZSET log, KEYS[2k] HASH costs (layout in limiter_acquire.lua)
+-- ARGV (numbers as decimal text; times and windows in microseconds):
+--   [1] now, microseconds since the epoch; "" = the server's clock (TIME)
+--   [2] C, the number of checks; [3] S, the number of settlements
+--   [3 + c], c = 1..C, one check: "k window resolution request_limit
+--       token_limit shadow" (limits -1 = none; shadow 1 = report only)
+--   [3 + C + s], s = 1..S, one settlement: "delta" then, per window that
+--       recorded the request, " k member window resolution" (member = the
+--       reservation's entry)
+--   then one per acquire: "tokens" then " c" per check that applies
+-- Returns one reply per settlement (1) then one per acquire (acquire()'s), in
+-- ARGV order; a call that fails is an error reply in its place, the others
+-- still run (its own writes before the failure stay, as with any script).
+
+-- (limiter_common.lua, limiter_settle.lua and limiter_acquire.lua, prepended,
+-- define now, record(), settle() and acquire())
+
+local function words(text)
+  local out = {}
+  for word in string.gmatch(text, '%S+') do out[#out + 1] = word end
+  return out
+end
+
+-- Runs fn(...); an error becomes this call's error reply, not the whole run's.
+local function isolated(fn, ...)
+  local ok, result = pcall(fn, ...)
+  if ok then return result or 1 end
+  return redis.error_reply(type(result) == 'table' and result.err or tostring(result))
+end
+
+local replies = {}
+local count_checks, count_settle = tonumber(ARGV[2]), tonumber(ARGV[3])
+local checks = {}
+for c = 1, count_checks do
+  local w = words(ARGV[3 + c])
+  local k = tonumber(w[1])
+  checks[c] = {
+    log = KEYS[2 * k - 1], costs = KEYS[2 * k], window = tonumber(w[2]),
+    resolution = tonumber(w[3]), requests = tonumber(w[4]), tokens = tonumber(w[5]),
+    shadow = w[6] == '1',
+  }
+end
+
+for s = 1, count_settle do
+  local w = words(ARGV[3 + count_checks + s])
+  local windows = {}
+  for j = 2, #w, 4 do
+    local k = tonumber(w[j])
+    windows[#windows + 1] = {
+      log = KEYS[2 * k - 1], costs = KEYS[2 * k], member = w[j + 1],
+      window = tonumber(w[j + 2]), resolution = tonumber(w[j + 3]),
+    }
+  end
+  replies[s] = isolated(settle, tonumber(w[1]), windows)
+end
+
+for a = 4 + count_checks + count_settle, #ARGV do
+  local w = words(ARGV[a])
+  local mine = {}
+  for j = 2, #w do mine[j - 1] = checks[tonumber(w[j])] end
+  replies[#replies + 1] = isolated(acquire, tonumber(w[1]), mine)
+end
+return replies
