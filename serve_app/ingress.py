@@ -58,6 +58,12 @@ def json_response(
     return Response(orjson.dumps(payload), status, headers, media_type="application/json")
 
 
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"Request body exceeds the gateway's limit of {limit} bytes.", status_code=413
+    )
+
+
 def error_response(error: GatewayError) -> Response:
     return Response(error.body(), error.status_code, error.headers, media_type="application/json")
 
@@ -107,17 +113,14 @@ class Gateway:
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length", "")
-        too_large = PayloadTooLargeError(
-            f"Request body exceeds the gateway's limit of {limit} bytes.", status_code=413
-        )
         if declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise _too_large(limit)
         parts: list[bytes] = []
         size = 0
         async for part in request.stream():
             size += len(part)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             parts.append(part)
         try:
             payload = orjson.loads(b"".join(parts))
