@@ -36,6 +36,14 @@ REJECTED = [
         "What are the disadvantages of remote work?",
         "opposites",
     ),
+    (
+        "What are the advantages and disadvantages of remote work?",
+        "What are the advantages of remote work?",
+        "one_sided",
+    ),
+    ("Should I buy or sell gold now?", "Should I sell gold now?", "one_sided"),
+    ("Where did Einstein work?", "When did Einstein work?", "answer_type"),
+    ("Why do cats purr?", "Who do cats purr for?", "answer_type"),
 ]
 
 # Rewordings that must still be served.
@@ -47,6 +55,13 @@ ACCEPTED = [
     ("What are good books about investing?", "What are some good books on investing?"),
     ("Why won't my car start?", "Why will my car not start?"),
     ("What is 2 + 2?", "What's 2 + 2?"),
+    ("What are the pros and cons of Rust?", "What are the advantages and disadvantages of Rust?"),
+    (
+        "Where and how can I find a cheap hotel in Bhopal?",
+        "Where can I find a cheap hotel in Bhopal?",
+    ),
+    ("When was the Eiffel Tower built?", "When did they build the Eiffel Tower?"),
+    ("How do I design a sign for my shop?", "How can I design a sign for my shop?"),
 ]
 
 
@@ -81,3 +96,29 @@ def test_question_word_rule_is_opt_in() -> None:
         "question_word",
         "substitution",
     }
+
+
+def test_entity_rule_is_opt_in() -> None:
+    pair = ("Is English honours from DU an easy course?", "Is English honours an easy course?")
+    assert guard.verify(*pair).ok
+    assert NearMissGuard(GuardSettings(entity=True)).verify(*pair).reason == "entity"
+    assert NearMissGuard(GuardSettings(entity=True)).verify(*reversed(pair)).reason == "entity"
+
+
+def test_one_sided_needs_the_poles_joined() -> None:
+    # "design" reads as de- + "sign", but nothing here asks about two poles.
+    assert guard.verify("How do I design a sign?", "How do I make a sign?").ok
+    assert (
+        NearMissGuard(GuardSettings(one_sided=False))
+        .verify("Pros and cons of Go?", "Pros of Go?")
+        .ok
+    )
+    assert guard.verify("Pros and cons of Go?", "Pros of Go?").reason == "one_sided"
+
+
+def test_answer_type_leaves_what_how_which_alone() -> None:
+    assert guard.verify("What is the way to learn Go?", "How do I learn Go?").ok
+    assert guard.verify("Which book teaches Go best?", "What book teaches Go best?").ok
+    assert not NearMissGuard().verify("Where is Robert Frost buried?", "Who is Robert Frost?").ok
+    lenient = NearMissGuard(GuardSettings(answer_type=False))
+    assert lenient.verify("Where did Einstein work?", "When did Einstein work?").ok
