@@ -31,6 +31,21 @@ _NEGATIONS = frozenset(
     "not no never without cannot nor none nobody nothing neither nowhere".split()
 )
 _WH = frozenset("what who whom whose where when why how which".split())
+# Spelled-out numbers count as numbers ("two ways" vs "three ways", "2" vs "two"), except
+# a count only one prompt spells out ("the five best films" vs "the best films"): that is
+# incidental far more often than a digit. "one" is left out: as often a pronoun.
+_NUMBER_WORDS = {
+    w: str(v)
+    for v, w in enumerate(
+        "zero _ two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+        " fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+    if w != "_"
+} | {
+    "thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
+    "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000",
+    "million": "1000000", "billion": "1000000000", "dozen": "12",
+}  # fmt: skip
 _ANSWER_TYPES = frozenset("who whom whose where when why".split())
 _POLE_JOINERS = frozenset("and or vs versus".split())
 # Function words carry the grammar, not the question; rewording changes them freely.
@@ -67,6 +82,13 @@ _OPPOSITES = (
     ("add", "remove"),
     ("win", "lose"),
     ("male", "female"),
+    ("man", "woman"),
+    ("men", "women"),
+    ("boy", "girl"),
+    ("husband", "wife"),
+    ("father", "mother"),
+    ("son", "daughter"),
+    ("brother", "sister"),
     ("old", "new"),
     ("high", "low"),
     ("ascending", "descending"),
@@ -131,7 +153,8 @@ class _Parsed:
     words: tuple[str, ...]  # every word, lower-cased
     names: frozenset[str]  # stems of words written as names (capitalised mid-sentence) or symbols
     content: tuple[str, ...]  # stems of content words, in order
-    numbers: tuple[str, ...]
+    numbers: tuple[str, ...]  # digits and spelled-out numbers, as digits
+    spelled: frozenset[str]  # numbers written as words ("five" -> "5")
     negations: int
     wh: frozenset[str]
 
@@ -150,6 +173,10 @@ def _stem(word: str) -> str:
     return word
 
 
+def _is_number(word: str) -> bool:
+    return word[0].isdigit() or word in _NUMBER_WORDS
+
+
 @lru_cache(maxsize=8192)
 def _parse(text: str) -> _Parsed:
     low = text.lower().replace("\u2019", "'")
@@ -160,16 +187,34 @@ def _parse(text: str) -> _Parsed:
     names = frozenset(
         _stem(w.lower()) for k, w in enumerate(raw) if (k > 0 and w[0].isupper()) or len(w) == 1
     )
-    numbers = tuple(sorted(w.replace(",", "") for w in words if w[0].isdigit()))
+    numbers = tuple(
+        sorted(_NUMBER_WORDS.get(w) or w.replace(",", "") for w in words if _is_number(w))
+    )
     content = tuple(
-        _stem(w)
-        for w in words
-        if w not in _STOPWORDS and w not in _NEGATIONS and not w[0].isdigit()
+        _stem(w) for w in words if w not in _STOPWORDS and w not in _NEGATIONS and not _is_number(w)
     )
     negations = sum(1 for w in words if w in _NEGATIONS)
     return _Parsed(
-        words, names, content, numbers, negations, frozenset(w for w in words if w in _WH)
+        words,
+        names,
+        content,
+        numbers,
+        frozenset(_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS),
+        negations,
+        frozenset(w for w in words if w in _WH),
     )
+
+
+def _numbers_differ(qa: _Parsed, qb: _Parsed) -> bool:
+    """Different numbers, unless the only difference is a count one side spells out."""
+    ca, cb = Counter(qa.numbers), Counter(qb.numbers)
+    extra_a, extra_b = ca - cb, cb - ca
+    if not extra_a and not extra_b:
+        return False
+    if extra_a and extra_b:
+        return True
+    extra, side = (extra_a, qa) if extra_a else (extra_b, qb)
+    return not set(extra) <= side.spelled
 
 
 def _roots(word: str) -> set[tuple[str, str]]:
@@ -255,7 +300,7 @@ class NearMissGuard:
         if not cfg.enabled or query == cached:
             return GuardVerdict(True)
         qa, qb = _parse(query), _parse(cached)
-        if cfg.numbers and Counter(qa.numbers) != Counter(qb.numbers):
+        if cfg.numbers and _numbers_differ(qa, qb):
             return GuardVerdict(False, "numbers")
         if cfg.negation and (qa.negations % 2) != (qb.negations % 2):
             return GuardVerdict(False, "negation")

@@ -43,6 +43,11 @@ REJECTED = [
     ),
     ("Should I buy or sell gold now?", "Should I sell gold now?", "one_sided"),
     ("Where did Einstein work?", "When did Einstein work?", "answer_type"),
+    ("Are there two ways to sort a list?", "Are there three ways to sort a list?", "numbers"),
+    ("I found a thousand dollars, what now?", "I found a hundred dollars, what now?", "numbers"),
+    ("Top five films of 2020?", "Top 6 films of 2020?", "numbers"),
+    ("What are the 5 best films?", "What are the best films?", "numbers"),  # digits: strict
+    ("Why does a man snore at night?", "Why does a woman snore at night?", "opposites"),
     ("Why do cats purr?", "Who do cats purr for?", "answer_type"),
 ]
 
@@ -62,6 +67,9 @@ ACCEPTED = [
     ),
     ("When was the Eiffel Tower built?", "When did they build the Eiffel Tower?"),
     ("How do I design a sign for my shop?", "How can I design a sign for my shop?"),
+    ("How do I split a list into two halves?", "How do I split a list into 2 halves?"),
+    ("What are the five best films of 2020?", "What are the best films of 2020?"),
+    ("Which one is better, Go or Rust?", "Which is better, Go or Rust?"),
 ]
 
 
