@@ -44,7 +44,7 @@ from serve_app.schemas import ChatCompletionRequest, EmbeddingsRequest, validate
 from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import SemanticCacheClient, Stages
 from serve_app.store import Store
-from serve_app.ticket import Ticket
+from serve_app.ticket import Ticket, drain_background
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.admin.stop()
+        await drain_background()
         await self.stages.aclose()
         await self.provider.aclose()
         if self.store is not None:

@@ -33,6 +33,13 @@ def in_background(work: Coroutine[Any, Any, Any]) -> None:
     task.add_done_callback(_BACKGROUND.discard)
 
 
+async def drain_background() -> None:
+    """Wait for the fire-and-forget work still running (limiter settlements, cache
+    writes): a replica shutting down finishes it rather than dropping it."""
+    while _BACKGROUND:
+        await asyncio.gather(*list(_BACKGROUND), return_exceptions=True)
+
+
 async def _quietly(work: Coroutine[Any, Any, Any]) -> None:
     try:
         await work
