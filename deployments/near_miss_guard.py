@@ -4,8 +4,10 @@ Bi-encoders score "same question reworded" and "same template, one slot
 changed" alike ("convert 100 F to C" vs "100 C to F" is 0.99), so a hit is
 verified lexically: two prompts whose content words differ by a number, a
 negation, an opposite, a reordering, or a one/two-word slot are different
-questions however close their vectors are. Each rule rejects; passing all of
-them accepts. The rules were chosen by measuring, on labelled question pairs,
+questions however close their vectors are; so are two that ask for different
+kinds of answer (who vs where) or for one side of a two-sided question
+("advantages" vs "advantages and disadvantages"). Each rule rejects; passing all
+of them accepts. The rules were chosen by measuring, on labelled question pairs,
 how many wrong hits each removes against how many right ones it costs
 (see bench/cache_eval.py).
 """
