@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from deployments.cost import format_usd, from_pico, to_pico
+from deployments.script_batch import ScriptBatch
 from serve_app.errors import InsufficientQuotaError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,9 @@ class BudgetGuard:
     on_threshold: Callable[[BudgetEvent], None] | None = None
 
     def __post_init__(self) -> None:
-        self._reserve = self.redis.register_script(_script("budget_reserve.lua"))
-        self._settle = self.redis.register_script(_script("budget_settle.lua"))
+        # Concurrent requests' calls share one round trip (next loop turn, no timer).
+        self._reserve = ScriptBatch(self.redis, _script("budget_reserve.lua"), window_s=0)
+        self._settle = ScriptBatch(self.redis, _script("budget_settle.lua"), window_s=0)
         self._periods = period_ids(self.clock())
 
     def applicable(

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.dedup import Flight, Role, SingleFlight, StreamFlight
 from deployments.dedup_stream import follow_stream, lead_stream
 from deployments.dedup_wire import STORE_ERRORS, VALUE, decode_result, encode_error
+from deployments.script_batch import ScriptBatch
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,11 @@ class RedisSingleFlight:
         self._listener: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         if self._redis is not None:
-            self._acquire = self._redis.register_script(_script("dedup_acquire.lua"))
+            # Concurrent flights' calls share one round trip (next loop turn, no timer).
+            self._acquire = ScriptBatch(self._redis, _script("dedup_acquire.lua"), window_s=0)
             self._renew = self._redis.register_script(_script("dedup_renew.lua"))
-            self._publish = self._redis.register_script(_script("dedup_publish.lua"))
-            self._release = self._redis.register_script(_script("dedup_release.lua"))
+            self._publish = ScriptBatch(self._redis, _script("dedup_publish.lua"), window_s=0)
+            self._release = ScriptBatch(self._redis, _script("dedup_release.lua"), window_s=0)
 
     # -- lifecycle ---------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from redis.exceptions import MaxConnectionsError
 
 from deployments.dedup_wire import STORE_ERRORS
 from deployments.request_key import RequestKey
+from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
 from serve_app.errors import StoreUnavailableError
 
@@ -91,8 +92,9 @@ class ExactCache:
         self.settings = settings
         self._clock = clock
         self._down_until = 0.0
-        self._lookup = redis.register_script(_script("exact_cache_lookup.lua"))
-        self._store = redis.register_script(_script("exact_cache_store.lua"))
+        # On the answer's path: concurrent calls share one round trip.
+        self._lookup = ScriptBatch(redis, _script("exact_cache_lookup.lua"), window_s=0)
+        self._store = ScriptBatch(redis, _script("exact_cache_store.lua"), window_s=0)
 
     # -- keys ---------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """Many calls of one Lua script in one round trip.
 
-Writes that are off the answer's path (a limiter's token settlement, a
-breaker's recorded success) need not each pay a Redis round trip: calls made
-within ``window_s`` of each other go out together as one pipeline. Each
-caller still awaits its own reply (or error), so nothing is fire-and-forget
-by accident.
+Writes that are off the answer's path (a breaker's recorded success) need
+not each pay a Redis round trip: calls made within ``window_s`` of each other
+go out together as one pipeline. Each caller still awaits its own reply (or
+error), so nothing is fire-and-forget by accident. With ``window_s=0`` the
+calls made in one event-loop iteration go out together on the next, which
+suits calls on the answer's path (an exact-cache lookup): no timer, and under
+load one write and one read serve many requests.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class ScriptBatch:
         return await asyncio.shield(future)  # a caller's timeout must not cancel the batch
 
     async def _flush(self) -> None:
-        await asyncio.sleep(self._window_s)
+        await asyncio.sleep(self._window_s)  # 0: one loop turn, for this turn's calls
         while self._pending:
             batch, self._pending = self._pending, []
             try:
