@@ -20,6 +20,7 @@ by contrast, raise ``StoreUnavailableError``: an operator must know.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
 from deployments.dedup_wire import STORE_ERRORS
+from deployments.near_cache import (
+    NearCache,
+    NearCacheSettings,
+    decode_invalidation,
+    encode_invalidation,
+)
 from deployments.request_key import RequestKey
 from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
@@ -56,6 +63,7 @@ class ExactCacheSettings(BaseModel):
     op_timeout_s: float = Field(0.25, gt=0)  # a slow Redis is a miss, not a slow request
     down_backoff_s: float = Field(1.0, ge=0)
     stats_scan_count: int = Field(1000, gt=0)
+    near: NearCacheSettings = NearCacheSettings()  # the replica's in-memory tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,68 @@ class ExactCache:
         # On the answer's path: concurrent calls share one round trip.
         self._lookup = ScriptBatch(redis, _script("exact_cache_lookup.lua"), window_s=0)
         self._store = ScriptBatch(redis, _script("exact_cache_store.lua"), window_s=0)
+        self.near = NearCache(settings.near)
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- lifecycle: the near cache serves only while invalidations arrive ----------
+
+    @property
+    def channel(self) -> str:
+        return f"{self.settings.key_prefix}:invalidate"
+
+    async def start(self) -> None:
+        if self.settings.enabled and self.settings.near.entries and self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        self.near.go_dark()
+        await self._count_near_hits()
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                counted = time.monotonic()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if time.monotonic() - counted >= 1.0:  # memory hits reach the stats
+                        counted = time.monotonic()
+                        await self._count_near_hits()
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self.near.go_live()
+                    elif message["type"] == "message":
+                        data = message["data"]
+                        text = data.decode() if isinstance(data, bytes) else str(data)
+                        self.near.invalidate(*decode_invalidation(text))
+            except STORE_ERRORS as exc:
+                if self.near.active:  # once per outage, not once per retry
+                    log.warning("exact cache: invalidations unavailable, near cache off: %s", exc)
+                self.near.go_dark()
+                await asyncio.sleep(self.settings.down_backoff_s or 1.0)
+            finally:
+                self.near.go_dark()
+                await pubsub.aclose()
+
+    async def _count_near_hits(self) -> None:
+        """Hits served from memory join the namespace's counters in Redis (best effort)."""
+        hits = self.near.take_hits()
+        if hits:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for namespace, count in hits.items():
+                    pipe.hincrby(self.stats_key(namespace), "hits", count)
+                await self._guarded(pipe.execute)
+
+    async def _invalidate(self, namespace: str | None, digest: str | None = None) -> None:
+        self.near.invalidate(namespace, digest)
+        await self._admin(self.redis.publish(self.channel, encode_invalidation(namespace, digest)))
 
     # -- keys ---------------------------------------------------------------------
 
@@ -111,13 +181,20 @@ class ExactCache:
 
     async def lookup(self, key: RequestKey, max_age_s: int | None = None) -> CacheHit | None:
         """The stored answer, or None (a miss, also when Redis is unavailable)."""
+        near = self.near.get(key.namespace, key.digest, max_age_s)
+        if near is not None:
+            return CacheHit(near[0], near[1], key.digest)
+        generation = self.near.generation
         max_age_ms = -1 if max_age_s is None else max_age_s * 1000
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
         reply = await self._guarded(lambda: self._lookup(keys=keys, args=[max_age_ms]))
         if not reply:
             return None
-        body, age_ms = reply
-        return CacheHit(bytes(body), int(age_ms) // 1000, key.digest)
+        body, age_ms, ttl_ms = bytes(reply[0]), int(reply[1]), int(reply[2])
+        self.near.put(
+            key.namespace, key.digest, body, age_ms=age_ms, ttl_ms=ttl_ms, generation=generation
+        )
+        return CacheHit(body, age_ms // 1000, key.digest)
 
     async def store(self, key: RequestKey, body: bytes, ttl_s: int) -> bool:
         """Store a complete answer; False when it is not one, or is not stored."""
@@ -130,7 +207,11 @@ class ExactCache:
         if not is_complete_completion(completion):
             return False
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
-        return bool(await self._guarded(lambda: self._store(keys=keys, args=[body, ttl_s * 1000])))
+        gen, ttl_ms = self.near.generation, ttl_s * 1000
+        stored = bool(await self._guarded(lambda: self._store(keys=keys, args=[body, ttl_ms])))
+        if stored:
+            self.near.put(key.namespace, key.digest, body, age_ms=0, ttl_ms=ttl_ms, generation=gen)
+        return stored
 
     async def record(self, namespace: str, counter: Counter, amount: int = 1) -> None:
         """Count a semantic-tier event in the namespace's stats (best effort)."""
@@ -156,17 +237,22 @@ class ExactCache:
     # -- admin (raises StoreUnavailableError) ------------------------------------------
 
     async def delete(self, namespace: str, digest: str) -> bool:
-        return bool(await self._admin(self.redis.unlink(self.entry_key(namespace, digest))))
+        deleted = bool(await self._admin(self.redis.unlink(self.entry_key(namespace, digest))))
+        await self._invalidate(namespace, digest)
+        return deleted
 
     async def delete_namespace(self, namespace: str) -> int:
         """Remove every entry of one namespace (its counters stay)."""
-        return await self._admin(self._unlink_matching(f"{self._tag(namespace)}:e:*"))
+        deleted = await self._admin(self._unlink_matching(f"{self._tag(namespace)}:e:*"))
+        await self._invalidate(namespace)
+        return deleted
 
     async def flush(self) -> int:
         """Remove every entry and counter of this tier (and nothing of other tiers)."""
         prefix = self.settings.key_prefix
         entries = await self._admin(self._unlink_matching(f"{prefix}:*:e:*"))
         await self._admin(self._unlink_matching(f"{prefix}:*:stats"))
+        await self._invalidate(None)
         return entries
 
     async def stats(self, namespace: str | None = None) -> CacheStats:

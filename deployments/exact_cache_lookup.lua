@@ -2,8 +2,8 @@
 -- KEYS[1]  entry key           (hash: b = body, t = stored-at)   {namespace} hash tag
 -- KEYS[2]  stats key           (hash of counters)                {namespace} hash tag
 -- ARGV[1]  max age             (milliseconds; -1 = any age)
--- Returns {body, age_ms} on a hit, nil on a miss. Ages use the server's clock,
--- so every replica computes the same `age`.
+-- Returns {body, age_ms, ttl_ms} on a hit (ttl_ms: the entry's remaining lifetime),
+-- nil on a miss. Ages use the server's clock, so every replica computes the same `age`.
 local entry = redis.call('HMGET', KEYS[1], 'b', 't')
 local body, stored = entry[1], tonumber(entry[2])
 if not body or not stored then
@@ -18,4 +18,4 @@ if max_age >= 0 and age > max_age then
   return nil
 end
 redis.call('HINCRBY', KEYS[2], 'hits', 1)
-return {body, age}
+return {body, age, redis.call('PTTL', KEYS[1])}

@@ -134,6 +134,7 @@ class Stages:
     async def start(self) -> None:
         self.cost.start()
         await self.dedup.start()
+        await self.exact.start()
         self._tasks.append(asyncio.create_task(self._sync_forever()))
 
     async def aclose(self) -> None:
@@ -143,6 +144,7 @@ class Stages:
                 await task
         await self.resilience.drain()
         await self.dedup.close()
+        await self.exact.close()
         await self.cost.aclose()
 
     async def _sync_forever(self) -> None:
