@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +181,30 @@ def request_key(body: Mapping[str, Any], *, namespace: str, model: str | None = 
     scoped["messages"] = [*fields["messages"][:-1], {**fields["messages"][-1]}]
     scoped["messages"][-1]["content"] = _SCOPE_PLACEHOLDER
     return RequestKey(namespace, digest, _digest(namespace, scoped), text)
+
+
+class RequestKeys:
+    """``request_key`` remembered by the request's raw bytes: a hot request (the one
+    a cache hit answers) repeats byte for byte, and bytes hash far faster than the
+    canonical form is built. Same bytes, namespace and model give the same key, so
+    the memo can only save time, never change a key."""
+
+    def __init__(self, entries: int = 2048, max_body_bytes: int = 8192) -> None:
+        self._entries = entries
+        self._max_body_bytes = max_body_bytes
+        self._memo: OrderedDict[tuple[str, str | None, bytes], RequestKey] = OrderedDict()
+
+    def key(
+        self, body: Mapping[str, Any], raw: bytes, *, namespace: str, model: str | None = None
+    ) -> RequestKey:
+        if not raw or len(raw) > self._max_body_bytes:
+            return request_key(body, namespace=namespace, model=model)
+        memo_key = (namespace, model, raw)
+        found = self._memo.get(memo_key)
+        if found is not None:
+            self._memo.move_to_end(memo_key)
+            return found
+        found = self._memo[memo_key] = request_key(body, namespace=namespace, model=model)
+        if len(self._memo) > self._entries:
+            self._memo.popitem(last=False)
+        return found

@@ -27,7 +27,7 @@ from deployments.cache_policy import (
 )
 from deployments.dedup import Role
 from deployments.provider import ProviderClient, UpstreamStream
-from deployments.request_key import RequestKey, request_key
+from deployments.request_key import RequestKey, RequestKeys
 from deployments.resilience import ResilienceResult, Target
 from deployments.sse_replay import StreamAssembler, replay_sse
 from serve_app.context import RequestContext
@@ -52,22 +52,29 @@ class Plan:
     """What the cache policy decided for a request, and its key, derived only when a
     cache tier or the single flight needs it (a BYPASS answer has none to show)."""
 
-    __slots__ = ("_body", "_key", "_model", "coalesce", "decision")
+    __slots__ = ("_ctx", "_key", "_keys", "_model", "coalesce", "decision")
 
     def __init__(
-        self, decision: CacheDecision, coalesce: bool, body: dict[str, Any], model: str
+        self,
+        decision: CacheDecision,
+        coalesce: bool,
+        ctx: RequestContext,
+        model: str,
+        keys: RequestKeys,
     ) -> None:
         self.decision = decision
         self.coalesce = coalesce
-        self._body = body
+        self._ctx = ctx
         self._model = model
+        self._keys = keys
         self._key: RequestKey | None = None
 
     @property
     def key(self) -> RequestKey:
         if self._key is None:
-            self._key = request_key(
-                self._body, namespace=self.decision.namespace, model=self._model
+            ctx = self._ctx
+            self._key = self._keys.key(
+                ctx.body, ctx.raw_body, namespace=self.decision.namespace, model=self._model
             )
         return self._key
 
@@ -111,12 +118,13 @@ class ChatPipeline:
         self.args = args
         self.stages = stages
         self.provider = provider
+        self.keys = RequestKeys()
 
     def plan(self, ctx: RequestContext, model: ModelSettings) -> Plan:
         controls = parse_controls(ctx.body.pop("cache", None), ctx.headers.get("cache-control"))
         decision = decide(ctx.body, controls, ctx.principal.tenant, self.args.cache.policy)
         coalesce = self.args.dedup.enabled and self.args.dedup.should_coalesce(decision.cacheable)
-        return Plan(decision, coalesce, ctx.body, model.target_model)
+        return Plan(decision, coalesce, ctx, model.target_model, self.keys)
 
     async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
         ticket = await Ticket.admit(ctx, self.stages)

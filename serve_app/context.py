@@ -29,6 +29,7 @@ class RequestContext:
     prompt_tokens_estimate: int = 0
     max_tokens: int | None = None
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased request headers
+    raw_body: bytes = b""  # the body as received (the request-key memo's key)
     response_headers: dict[str, str] = field(default_factory=dict)  # stages add theirs here
 
     @property

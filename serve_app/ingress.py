@@ -112,6 +112,10 @@ class Gateway:
     # -- admission -------------------------------------------------------
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
+        return (await self._read_body(request))[0]
+
+    async def _read_body(self, request: Request) -> tuple[dict[str, Any], bytes]:
+        """The JSON object the body holds, and the bytes as received."""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -123,15 +127,16 @@ class Gateway:
             if size > limit:
                 raise _too_large(limit)
             parts.append(part)
+        raw = b"".join(parts)
         try:
-            payload = orjson.loads(b"".join(parts))
+            payload = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise InvalidRequestError(
                 f"We could not parse the JSON body of your request: {exc.msg}."
             ) from None
         if not isinstance(payload, dict):
             raise InvalidRequestError("The request body must be a JSON object.")
-        return payload
+        return payload, raw
 
     def _model(self, name: str, kind: str) -> ModelSettings:
         model = self.models.get(name)
@@ -151,7 +156,7 @@ class Gateway:
 
     async def chat(self, request: Request, request_id: str) -> Response:
         principal = self.keys.authenticate(request.headers.get("authorization"))
-        body = await self._read_json(request)
+        body, raw = await self._read_body(request)
         parsed = validate(ChatCompletionRequest, body)
         model = self._model(parsed.model, "chat")
         request.state.model = model.name
@@ -166,6 +171,7 @@ class Gateway:
             prompt_tokens_estimate=estimate_prompt_tokens(body["messages"]),
             max_tokens=parsed.max_completion_tokens or parsed.max_tokens,
             headers={"cache-control": request.headers.get("cache-control", "")},
+            raw_body=raw,
         )
         return await self.pipeline.run(ctx, model)
 

@@ -157,3 +157,25 @@ def test_key_is_stable_across_processes() -> None:
         cwd=str(Path(__file__).resolve().parents[2]),
     )
     assert out.stdout.strip() == key(BASE)
+
+
+def test_the_memo_gives_the_key_request_key_gives() -> None:
+    import orjson
+
+    from deployments.request_key import RequestKeys
+
+    keys = RequestKeys(entries=2)
+    bodies = [
+        {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}], "temperature": 0}
+        for i in range(3)
+    ]
+    raws = [orjson.dumps(b) for b in bodies]
+    for _ in range(2):  # the second round is served by the memo (or re-derived once evicted)
+        for body, raw in zip(bodies, raws, strict=True):
+            for namespace, model in (("t/a", None), ("t/b", None), ("t/a", "alias-of-m")):
+                got = keys.key(body, raw, namespace=namespace, model=model)
+                assert got == request_key(body, namespace=namespace, model=model)
+    assert len(keys._memo) == 2  # bounded
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 10_000}]}
+    assert keys.key(big, orjson.dumps(big), namespace="t/a") == request_key(big, namespace="t/a")
+    assert all(len(raw) < 10_000 for _, _, raw in keys._memo)  # big bodies are not kept
