@@ -38,6 +38,7 @@ from deployments.dedup import Flight, Role, SingleFlight, StreamFlight
 from deployments.dedup_stream import follow_stream, lead_stream
 from deployments.dedup_wire import STORE_ERRORS, VALUE, decode_result, encode_error
 from deployments.script_batch import ScriptBatch
+from deployments.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,8 @@ class RedisSingleFlight:
             await asyncio.wait_for(self._ready.wait(), self.settings.poll_s)
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await cancel_and_wait(self._listener)
+        self._listener = None
 
     # -- public API ----------------------------------------------------------------
 

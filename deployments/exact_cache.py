@@ -20,7 +20,6 @@ by contrast, raise ``StoreUnavailableError``: an operator must know.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from deployments.near_cache import (
 from deployments.request_key import RequestKey
 from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
+from deployments.tasks import cancel_and_wait
 from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,8 @@ class ExactCache:
             self._listener = asyncio.create_task(self._listen())
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        await cancel_and_wait(self._listener)
+        self._listener = None
         self.near.go_dark()
         await self._count_near_hits()
 

@@ -13,7 +13,6 @@ Threshold semantics follow RedisVL: ``distance_threshold`` is a cosine distance
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from deployments.embedder import Embedder, EmbedderSettings, build_embedder
 from deployments.near_miss_guard import GuardSettings, NearMissGuard
 from deployments.semantic_index import SemanticEntry, SemanticIndex, entry_id
 from deployments.semantic_store import Change, RedisSemanticStore, SemanticStore
+from deployments.tasks import cancel_and_wait
 from serve_app.errors import StoreUnavailableError
 from serve_app.store import connect as connect_store
 from serve_app.store_settings import StoreSettings
@@ -97,11 +97,8 @@ class SemanticCache:
         self._follower = asyncio.create_task(self._follow(mark))
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+        await cancel_and_wait(self._follower)
+        self._follower = None
 
     async def _follow(self, mark: str) -> None:
         while True:

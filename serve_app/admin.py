@@ -8,7 +8,6 @@ Limits changed here are written to Redis; every replica picks them up within
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -25,6 +24,7 @@ from starlette.responses import Response
 from deployments.ledger import GroupBy
 from deployments.limiter_settings import LimiterSettings
 from deployments.recommendations import summary_csv, summary_json
+from deployments.tasks import cancel_and_wait
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
 from serve_app.scaling_record import ScalingRecord
 
@@ -106,10 +106,7 @@ class Admin:
         self._watcher = asyncio.create_task(self._watch_limits())
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await cancel_and_wait(self._watcher)
 
     async def _watch_limits(self) -> None:
         redis = self.gateway.stages.redis

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -16,18 +15,7 @@ from deployments.near_cache import (
 )
 from deployments.request_key import RequestKey, request_key
 from serve_app.embedded_store import free_port
-
-BODY = orjson.dumps(
-    {
-        "id": "c1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "m",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "4"}, "finish_reason": "stop"}
-        ],
-    }
-)
+from tests.deployments.test_exact_cache import BODY
 
 
 class Clocks:
