@@ -413,15 +413,7 @@ class _StreamRelay:
         return "coalesced" if self.role is Role.FOLLOWER else "upstream"
 
     def _bill(self, status: str) -> Any:
-        text = (
-            "".join(
-                str((choice.get("delta") or {}).get("content") or "")
-                for chunk in self.result.chunks
-                for choice in chunk.get("choices") or []
-            )
-            if self.result.usage is None
-            else ""
-        )
+        text = self.result.completion_text() if self.result.usage is None else ""
         return self.ticket.finish(
             self.result.usage,
             served_by=self.served_by,  # type: ignore[arg-type]
@@ -440,7 +432,8 @@ class _StreamRelay:
         charge = self._bill("ok")
         if not self.want_usage:
             return None
-        chunk = self.result.chunks[-1]
+        chunk = self.result.last
+        assert chunk is not None  # inspect_event just parsed it
         if charge is not None:
             chunk["usage"] = {**chunk["usage"], **charge.usage_fields()}
         return encode_event(chunk)
@@ -449,8 +442,11 @@ class _StreamRelay:
         splitter = EventSplitter()
         try:
             raw: bytes | None = first
+            # Only an answer that may be stored is assembled whole (a follower's never is).
+            keep = self.plan.decision.store and self.role is not Role.FOLLOWER
             while raw is not None:
-                self.assembler.feed(raw)
+                if keep:
+                    self.assembler.feed(raw)
                 for event in splitter.feed(raw):
                     data = event_data(event)
                     if data is not None and (out := self._event(data)) is not None:
@@ -458,7 +454,7 @@ class _StreamRelay:
                 raw = await anext(rest, None)
             if not self.result.done:
                 raise UpstreamError("The upstream stream ended before [DONE].")
-            if self.role is not Role.FOLLOWER and (body := self.assembler.body()) is not None:
+            if keep and (body := self.assembler.body()) is not None:
                 await self.pipeline._remember(self.plan, body)
         except GatewayError as exc:
             self.result.error = exc

@@ -43,12 +43,18 @@ def event_data(event: bytes) -> bytes | None:
 
 @dataclass
 class StreamResult:
-    """What a relayed stream turned out to be, for the stages after it."""
+    """What a relayed stream turned out to be, for the stages after it. It keeps the
+    streamed text (to estimate tokens when no usage comes) and the latest chunk, not
+    every parsed chunk: a long stream costs its text in memory, not its JSON."""
 
     done: bool = False
     usage: dict[str, Any] | None = None
-    chunks: list[dict[str, Any]] = field(default_factory=list)
+    last: dict[str, Any] | None = None  # the latest parsed chunk
+    text: list[str] = field(default_factory=list)  # the choices' delta contents
     error: GatewayError | None = None
+
+    def completion_text(self) -> str:
+        return "".join(self.text)
 
 
 def inspect_event(data: bytes, result: StreamResult) -> bool:
@@ -62,7 +68,11 @@ def inspect_event(data: bytes, result: StreamResult) -> bool:
         return True
     if not isinstance(chunk, dict):
         return True
-    result.chunks.append(chunk)
+    result.last = chunk
+    for choice in chunk.get("choices") or ():
+        content = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+        if isinstance(content, str) and content:
+            result.text.append(content)
     if chunk.get("usage"):
         result.usage = chunk["usage"]
         return bool(chunk.get("choices"))

@@ -23,4 +23,14 @@ def test_usage_only_chunk_is_recorded_and_flagged() -> None:
     assert not inspect_event(b'{"choices": [], "usage": {"total_tokens": 5}}', result)
     assert inspect_event(b"[DONE]", result)
     assert result.done and result.usage == {"total_tokens": 5}
-    assert len(result.chunks) == 2
+    assert result.last == {"choices": [], "usage": {"total_tokens": 5}}
+    assert result.completion_text() == "x"
+
+
+def test_only_the_streamed_text_is_kept() -> None:
+    result = StreamResult()
+    for i in range(1000):
+        inspect_event(b'{"choices": [{"index": 0, "delta": {"content": "w%d "}}]}' % i, result)
+    inspect_event(b'{"choices": [{"delta": {"role": "assistant"}}, "odd"]}', result)
+    assert result.completion_text() == "".join(f"w{i} " for i in range(1000))
+    assert result.last == {"choices": [{"delta": {"role": "assistant"}}, "odd"]}
