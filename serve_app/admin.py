@@ -1,8 +1,10 @@
 """Admin and analytics routes (admin key required): limits at run time,
 breakers, the cache, scaling, and cost summaries and recommendations.
 
-Limits changed here are written to Redis; every replica picks them up within
-``LIMITS_POLL_S`` (Serve's ``user_config`` reaches ``reconfigure`` as well).
+Limits changed here are written to Redis and announced on a pub/sub channel:
+every replica applies them as the announcement arrives, and re-reads them every
+``LIMITS_POLL_S`` in case it missed one (Serve's ``user_config`` reaches
+``reconfigure`` as well).
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ class Admin:
             param = ".".join(str(p) for p in first["loc"]) or None
             raise InvalidRequestError(f"Invalid limits: {first['msg']}", param=param) from None
         payload = settings.model_dump_json().encode()
-        await self.gateway.stages.redis.set(self._limits_key, payload)
+        redis = self.gateway.stages.redis
+        await redis.set(self._limits_key, payload)
         self._apply_limits(payload)
+        await redis.publish(self._limits_key, b"changed")  # the other replicas re-read now
         return _json(settings.model_dump(mode="json"))
 
     def _apply_limits(self, payload: bytes | None) -> None:
@@ -111,11 +115,17 @@ class Admin:
     async def _watch_limits(self) -> None:
         redis = self.gateway.stages.redis
         while True:
+            pubsub = redis.pubsub()
             try:
-                self._apply_limits(await redis.get(self._limits_key))
+                await pubsub.subscribe(self._limits_key)
+                while True:  # re-read on an announcement, and every LIMITS_POLL_S anyway
+                    self._apply_limits(await redis.get(self._limits_key))
+                    await pubsub.get_message(timeout=LIMITS_POLL_S)
             except Exception:  # a store outage must not stop the watcher
                 log.debug("limits watcher: store unavailable", exc_info=True)
-            await asyncio.sleep(LIMITS_POLL_S)
+                await asyncio.sleep(LIMITS_POLL_S)
+            finally:
+                await pubsub.aclose()
 
     # -- breakers --------------------------------------------------------
 
