@@ -153,6 +153,7 @@ def simulate(trace: Trace, p: SimParams, policy: MultiSignalPolicy) -> list[Tick
         max_replicas=p.max_replicas,
         target_ongoing_requests=p.target_ongoing,
         look_back_period_s=p.look_back_s,
+        metrics_interval_s=1.0,  # the simulation samples every second
         upscale_delay_s=p.upscale_delay_s,
         downscale_delay_s=p.downscale_delay_s,
     )
