@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.dedup import Flight, Role, SingleFlight, StreamFlight
 from deployments.dedup_stream import follow_stream, lead_stream
 from deployments.dedup_wire import STORE_ERRORS, VALUE, decode_result, encode_error
+from deployments.pubsub import Message, follow_channel
 from deployments.script_batch import ScriptBatch
 from deployments.tasks import cancel_and_wait
 
@@ -250,25 +251,23 @@ class RedisSingleFlight:
 
     async def _listen(self) -> None:
         assert self._redis is not None
-        pattern = f"{self.settings.key_prefix}:ch:*"
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.psubscribe(pattern)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if message["type"] == "psubscribe":
-                        self._ready.set()
-                    elif message["type"] == "pmessage":
-                        self._wake(message["channel"])
-            except STORE_ERRORS as exc:
-                self._ready.clear()
-                self._store_error(exc)
-                await asyncio.sleep(self.settings.poll_s)
-            finally:
-                await pubsub.aclose()
+
+        async def handle(message: Message) -> None:
+            if message is None:
+                return
+            if message["type"] == "psubscribe":
+                self._ready.set()
+            elif message["type"] == "pmessage":
+                self._wake(message["channel"])
+
+        def down(exc: BaseException) -> None:
+            self._ready.clear()
+            self._store_error(exc)
+
+        channels = f"{self.settings.key_prefix}:ch:*"
+        await follow_channel(
+            self._redis, channels, handle, on_down=down, pattern=True, retry_s=self.settings.poll_s
+        )
 
     def _wake(self, channel: bytes | str) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel

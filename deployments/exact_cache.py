@@ -41,6 +41,7 @@ from deployments.near_cache import (
     decode_invalidation,
     encode_invalidation,
 )
+from deployments.pubsub import Message, follow_channel
 from deployments.request_key import RequestKey
 from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
@@ -123,32 +124,32 @@ class ExactCache:
         await self._count_near_hits()
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
+        counted = time.monotonic()
+
+        async def handle(message: Message) -> None:
+            nonlocal counted
+            if time.monotonic() - counted >= 1.0:  # memory hits reach the stats
                 counted = time.monotonic()
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if time.monotonic() - counted >= 1.0:  # memory hits reach the stats
-                        counted = time.monotonic()
-                        await self._count_near_hits()
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        self.near.go_live()
-                    elif message["type"] == "message":
-                        data = message["data"]
-                        text = data.decode() if isinstance(data, bytes) else str(data)
-                        self.near.invalidate(*decode_invalidation(text))
-            except STORE_ERRORS as exc:
-                if self.near.active:  # once per outage, not once per retry
-                    log.warning("exact cache: invalidations unavailable, near cache off: %s", exc)
-                self.near.go_dark()
-                await asyncio.sleep(self.settings.down_backoff_s or 1.0)
-            finally:
-                self.near.go_dark()
-                await pubsub.aclose()
+                await self._count_near_hits()
+            if message is None:
+                return
+            if message["type"] == "subscribe":
+                self.near.go_live()
+            elif message["type"] == "message":
+                data = message["data"]
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                self.near.invalidate(*decode_invalidation(text))
+
+        def down(exc: BaseException) -> None:
+            if self.near.active:  # once per outage, not once per retry
+                log.warning("exact cache: invalidations unavailable, near cache off: %s", exc)
+            self.near.go_dark()
+
+        try:
+            retry_s = self.settings.down_backoff_s or 1.0
+            await follow_channel(self.redis, self.channel, handle, on_down=down, retry_s=retry_s)
+        finally:
+            self.near.go_dark()  # however the listener ends, memory must not outlive it
 
     async def _count_near_hits(self) -> None:
         """Hits served from memory join the namespace's counters in Redis (best effort)."""

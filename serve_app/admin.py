@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from deployments.ledger import GroupBy
 from deployments.limiter_settings import LimiterSettings
+from deployments.pubsub import Message, follow_channel
 from deployments.recommendations import summary_csv, summary_json
 from deployments.tasks import cancel_and_wait
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
@@ -114,18 +115,22 @@ class Admin:
 
     async def _watch_limits(self) -> None:
         redis = self.gateway.stages.redis
-        while True:
-            pubsub = redis.pubsub()
-            try:
-                await pubsub.subscribe(self._limits_key)
-                while True:  # re-read on an announcement, and every LIMITS_POLL_S anyway
-                    self._apply_limits(await redis.get(self._limits_key))
-                    await pubsub.get_message(timeout=LIMITS_POLL_S)
-            except Exception:  # a store outage must not stop the watcher
-                log.debug("limits watcher: store unavailable", exc_info=True)
-                await asyncio.sleep(LIMITS_POLL_S)
-            finally:
-                await pubsub.aclose()
+
+        async def reread(_: Message) -> None:  # on an announcement, and every LIMITS_POLL_S
+            self._apply_limits(await redis.get(self._limits_key))
+
+        def down(_: BaseException) -> None:  # a store outage must not stop the watcher
+            log.debug("limits watcher: store unavailable", exc_info=True)
+
+        await follow_channel(
+            redis,
+            self._limits_key,
+            reread,
+            on_down=down,
+            tick_s=LIMITS_POLL_S,
+            retry_s=LIMITS_POLL_S,
+            errors=(Exception,),
+        )
 
     # -- breakers --------------------------------------------------------
 
