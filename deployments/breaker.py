@@ -108,6 +108,11 @@ class BreakerSnapshot(NamedTuple):
     open_remaining_ms: int
 
 
+# Outcomes to record: (breaker name, settings, permit, outcome, open-for seconds, how many
+# equal outcomes: successes under one CLOSED permit are recorded as one call).
+Record = tuple[str, BreakerSettings, Decision, Outcome, float, int]
+
+
 class BreakerStore(Protocol):
     async def acquire(self, name: str, cfg: BreakerSettings, lease_s: float) -> Decision: ...
 
@@ -120,9 +125,7 @@ class BreakerStore(Protocol):
         open_for_s: float = 0.0,
     ) -> Decision: ...
 
-    async def record_many(
-        self, items: Sequence[tuple[str, BreakerSettings, Decision, Outcome, float, int]]
-    ) -> list[Decision]: ...
+    async def record_many(self, items: Sequence[Record]) -> list[Decision]: ...
 
     async def open_for(self, name: str, cfg: BreakerSettings, seconds: float) -> Decision: ...
 

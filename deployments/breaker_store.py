@@ -33,6 +33,7 @@ from deployments.breaker import (
     BreakerStore,
     Decision,
     Outcome,
+    Record,
     Transition,
     effective_minimum,
     ms,
@@ -41,10 +42,6 @@ from deployments.script_batch import ScriptBatch
 from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
-
-# Outcomes to record: (breaker name, settings, permit, outcome, open-for seconds, how many
-# equal outcomes: successes under one CLOSED permit are recorded as one call).
-Record = tuple[str, BreakerSettings, Decision, Outcome, float, int]
 
 _SCRIPT = resources.files("deployments").joinpath("breaker_store.lua").read_text()
 

@@ -34,6 +34,7 @@ from deployments.breaker import (
     BreakerStore,
     Decision,
     Outcome,
+    Record,
     classify,
     open_error,
 )
@@ -454,14 +455,12 @@ def _final_error(errors: list[BaseException]) -> BaseException:
     return min(errors, key=wait)
 
 
-def _coalesced(
-    outcomes: list[tuple[str, BreakerSettings, Decision, Outcome]],
-) -> list[tuple[str, BreakerSettings, Decision, Outcome, float, int]]:
+def _coalesced(outcomes: list[tuple[str, BreakerSettings, Decision, Outcome]]) -> list[Record]:
     """Equal outcomes under one CLOSED permit (no lease: permit id 0) become one record
     with a count, one store call for many; a half-open probe's stays its own."""
     counts: dict[tuple[str, int, Outcome], int] = {}
     first: dict[tuple[str, int, Outcome], tuple[str, BreakerSettings, Decision, Outcome]] = {}
-    records: list[tuple[str, BreakerSettings, Decision, Outcome, float, int]] = []
+    records: list[Record] = []
     for item in outcomes:
         name, cfg, permit, outcome = item
         if permit.permit_id:
