@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -100,10 +101,7 @@ class CostTracker:
             provider=provider,
         )
         now_ms = int(self.clock() * 1000)
-        if reservation.budgets:
-            self._background(self.guard.settle(reservation, charge.cost))
-        else:
-            reservation.settled = True  # no budget applies: nothing to settle, no task
+        self._settle_later(reservation, charge.cost)
         self.ledger.submit(
             record_for(
                 ctx,
@@ -120,10 +118,13 @@ class CostTracker:
 
     def release(self, reservation: Reservation) -> None:
         """The call failed without usage: give the hold back, in the background."""
-        if reservation.budgets:
-            self._background(self.guard.release(reservation))
-        else:
+        self._settle_later(reservation, Decimal(0))
+
+    def _settle_later(self, reservation: Reservation, cost: Decimal) -> None:
+        if not reservation.budgets:  # no budget holds anything: settled, and no task
             reservation.settled = True
+            return
+        self._background(self.guard.settle(reservation, cost))
 
     def _background(self, work: Any) -> None:
         task = asyncio.create_task(self._quietly(work))

@@ -111,9 +111,6 @@ class Gateway:
 
     # -- admission -------------------------------------------------------
 
-    async def _read_json(self, request: Request) -> dict[str, Any]:
-        return (await self._read_body(request))[0]
-
     async def _read_body(self, request: Request) -> tuple[dict[str, Any], bytes]:
         """The JSON object the body holds, and the bytes as received."""
         limit = self.args.max_body_bytes
@@ -177,7 +174,7 @@ class Gateway:
 
     async def embeddings(self, request: Request, request_id: str) -> Response:
         principal = self.keys.authenticate(request.headers.get("authorization"))
-        body = await self._read_json(request)
+        body, _ = await self._read_body(request)
         parsed = validate(EmbeddingsRequest, body)
         model = self._model(parsed.model, "embeddings")
         request.state.model = model.name
