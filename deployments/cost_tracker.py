@@ -8,7 +8,6 @@ settle and the ledger write to background work, off the answer's path.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from deployments.budget import BudgetEvent, BudgetGuard, BudgetSettings, BudgetS
 from deployments.cost import Charge, CostMeter, CostSettings, ServedBy
 from deployments.ledger import GroupBy, Ledger, LedgerSettings, SummaryRow, record_for
 from deployments.recommendations import Recommendation, RecommendationSettings, recommendations
+from deployments.tasks import Background
 from serve_app.context import RequestContext
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,14 @@ class CostTracker:
         self.guard = BudgetGuard(redis, budgets or BudgetSettings(), clock, on_threshold)
         self.ledger = Ledger(redis, self.settings.ledger, clock)
         self.clock = clock
-        self._pending: set[asyncio.Task[None]] = set()
+        self._settles = Background(log, "budget settle")
 
     def start(self) -> None:
         self.ledger.start()
 
     async def aclose(self) -> None:
         """Finish pending settles, then flush the ledger (call at replica shutdown)."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._settles.drain()
         await self.ledger.aclose()
 
     async def admit(self, ctx: RequestContext, *, provider: str | None = None) -> Reservation:
@@ -124,19 +123,7 @@ class CostTracker:
         if not reservation.budgets:  # no budget holds anything: settled, and no task
             reservation.settled = True
             return
-        self._background(self.guard.settle(reservation, cost))
-
-    def _background(self, work: Any) -> None:
-        task = asyncio.create_task(self._quietly(work))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    @staticmethod
-    async def _quietly(work: Any) -> None:
-        try:
-            await work
-        except Exception:  # the answer has gone: log, never raise into nothing
-            log.exception("budget settle failed")
+        self._settles.spawn(self.guard.settle(reservation, cost))
 
     async def summary(self, group_by: GroupBy, since: date, until: date) -> list[SummaryRow]:
         return await self.ledger.summary(group_by, since, until)

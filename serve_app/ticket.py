@@ -6,7 +6,6 @@ tokens back: they cost the upstream nothing. A failed call refunds both.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -17,34 +16,25 @@ from typing import Any
 from deployments.budget import Reservation
 from deployments.cost import Charge, ServedBy
 from deployments.limiter_decision import LimitDecision
+from deployments.tasks import Background
 from deployments.tokens import estimate_text_tokens
 from serve_app.context import RequestContext
 from serve_app.errors import GatewayError
 from serve_app.stages import Stages
 
 log = logging.getLogger(__name__)
-_BACKGROUND: set[asyncio.Task[Any]] = set()
+_BACKGROUND = Background(log, "background work")
 
 
 def in_background(work: Coroutine[Any, Any, Any]) -> None:
-    """Fire and forget, keeping a reference so the task is not collected mid-flight."""
-    task = asyncio.create_task(_quietly(work))
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+    """Fire and forget (limiter settlements, cache writes), finished at shutdown."""
+    _BACKGROUND.spawn(work)
 
 
 async def drain_background() -> None:
-    """Wait for the fire-and-forget work still running (limiter settlements, cache
-    writes): a replica shutting down finishes it rather than dropping it."""
-    while _BACKGROUND:
-        await asyncio.gather(*list(_BACKGROUND), return_exceptions=True)
-
-
-async def _quietly(work: Coroutine[Any, Any, Any]) -> None:
-    try:
-        await work
-    except Exception:
-        log.exception("background work failed")
+    """Wait for the fire-and-forget work still running: a replica shutting down
+    finishes it rather than dropping it."""
+    await _BACKGROUND.drain()
 
 
 @dataclass
