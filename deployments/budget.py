@@ -62,6 +62,12 @@ class BudgetSettings(BaseModel):
     fail_open: bool = False  # admit (unbudgeted) when Redis is down, instead of a 503
     key_prefix: str = "budget"
 
+    @property
+    def budgets_anything(self) -> bool:
+        """Some budget may apply to some request."""
+        defaults = (self.default_key, self.default_user, self.default_tenant)
+        return bool(self.keys or self.users or self.tenants) or any(defaults)
+
 
 @dataclass(frozen=True, slots=True)
 class BudgetRef:

@@ -49,6 +49,7 @@ class CostTracker:
         self.settings = settings or CostArgs()
         self.meter = CostMeter(self.settings)
         self.guard = BudgetGuard(redis, budgets or BudgetSettings(), clock, on_threshold)
+        self._budgeted = self.guard.settings.budgets_anything
         self.ledger = Ledger(redis, self.settings.ledger, clock)
         self.clock = clock
         self._settles = Background(log, "budget settle")
@@ -63,6 +64,8 @@ class CostTracker:
 
     async def admit(self, ctx: RequestContext, *, provider: str | None = None) -> Reservation:
         """Reserve the worst case; raises ``InsufficientQuotaError`` when a budget is spent."""
+        if not self._budgeted:  # no budget anywhere: nothing to price or hold
+            return Reservation(ctx.request_id, 0, ())
         amount = self.meter.reservation(
             ctx.model, ctx.prompt_tokens_estimate, ctx.max_tokens, provider=provider
         )

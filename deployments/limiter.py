@@ -30,6 +30,7 @@ Tokens are reserved before the call (prompt estimate + ``max_tokens`` or
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +107,7 @@ class RateLimiter:
         self._observer = observer
         self._batch = LimiterBatch(redis, _script(), now=self._now_arg)
         self.settings = settings
+        self._active = settings.limits_anything
         self._plans: dict[tuple[Scope, str], tuple[_Check, ...]] = {}
         self.incident_active = False  # the store is failing right now
         self.incidents = 0  # separate outages seen (each logged once)
@@ -115,6 +117,7 @@ class RateLimiter:
     def reconfigure(self, settings: LimiterSettings) -> None:
         """New limits from the next decision on; usage recorded so far stays."""
         self.settings = settings
+        self._active = settings.limits_anything
         self._plans = {}
 
     def reservation(self, ctx: RequestContext) -> int:
@@ -136,8 +139,10 @@ class RateLimiter:
     async def evaluate(self, ctx: RequestContext) -> LimitDecision:
         """As ``acquire``, but a rejection is returned, not raised (a store
         failure with failure_mode closed still raises ``StoreUnavailableError``)."""
-        started = time.perf_counter()
         settings, tokens = self.settings, self.reservation(ctx)
+        if not self._active:  # no quota anywhere: nothing to decide, time or report
+            return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
+        started = time.perf_counter()
         checks = self._checks(ctx, settings) if settings.enabled else []
         if not checks:
             outcome: Outcome = "unlimited" if settings.enabled else "disabled"
@@ -160,19 +165,47 @@ class RateLimiter:
         """Settle the token reservation to the real usage: ``None`` (an upstream
         error, no usage reported) refunds it all. Once per decision; never raises
         for a store failure (the answer has gone out already)."""
-        if decision.settled or not decision.allowed:
-            return
-        decision.settled = True
-        windows = [w for w in decision.windows if w.recorded]
-        delta = (actual_total_tokens or 0) - decision.reserved_tokens
-        if not windows or delta == 0:
+        if (work := self._settlement(decision, actual_total_tokens)) is None:
             return
         try:
-            await self._batch.settle(windows, delta, self.settings.store_timeout_s)
+            await self._batch.settle(*work, self.settings.store_timeout_s)
         except STORE_ERRORS as exc:
             self._store_failed("settle", exc)
             return
         self._store_ok()
+
+    def settle_soon(self, decision: LimitDecision, actual_total_tokens: int | None) -> None:
+        """``settle`` without waiting for it: queued for the next script run, no
+        task of its own; ``drain`` waits for what is queued."""
+        if (work := self._settlement(decision, actual_total_tokens)) is not None:
+            self._batch.settle_soon(*work, self.settings.store_timeout_s, self._settled)
+
+    async def drain(self) -> None:
+        """Wait for the queued settlements (call at replica shutdown)."""
+        await self._batch.drain()
+
+    def _settlement(
+        self, decision: LimitDecision, actual_total_tokens: int | None
+    ) -> tuple[list[WindowState], int] | None:
+        if decision.settled or not decision.allowed:
+            return None
+        decision.settled = True
+        windows = [w for w in decision.windows if w.recorded]
+        delta = (actual_total_tokens or 0) - decision.reserved_tokens
+        if not windows or delta == 0:
+            return None
+        return windows, delta
+
+    def _settled(self, future: asyncio.Future[object]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._store_ok()
+        elif isinstance(exc, STORE_ERRORS):
+            self._store_failed("settle", exc)
+        else:
+            log.error("rate-limit settlement failed", exc_info=exc)
 
     def headers(self, decision: LimitDecision) -> dict[str, str]:
         return rate_limit_headers(decision)

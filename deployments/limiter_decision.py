@@ -46,9 +46,10 @@ class LimitHit:
         return f"{self.dimension} per {per} for {self.scope} {self.name!r}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowState:
-    """One window of one quota, as the decision left it."""
+    """One window of one quota, as the decision left it (read-only: not frozen
+    only because a frozen init costs each request several microseconds)."""
 
     scope: Scope
     name: str

@@ -138,6 +138,10 @@ class ScopeQuotas(_Strict):
     def for_name(self, name: str) -> tuple[Quota, ...]:
         return self.overrides.get(name, self.default)
 
+    @property
+    def empty(self) -> bool:
+        return not self.default and not any(self.overrides.values())
+
 
 class LimiterSettings(_Strict):
     enabled: bool = True
@@ -156,3 +160,9 @@ class LimiterSettings(_Strict):
     per_user: ScopeQuotas = ScopeQuotas()
     per_tenant: ScopeQuotas = ScopeQuotas()
     per_model: ScopeQuotas = ScopeQuotas()
+
+    @property
+    def limits_anything(self) -> bool:
+        """Some quota may apply to some request: the limiter has work to do."""
+        scopes = (self.per_key, self.per_user, self.per_tenant, self.per_model)
+        return self.enabled and not all(scope.empty for scope in scopes)

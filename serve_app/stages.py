@@ -143,6 +143,7 @@ class Stages:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.resilience.drain()
+        await self.limiter.drain()
         await self.dedup.close()
         await self.exact.close()
         await self.cost.aclose()

@@ -27,7 +27,7 @@ _BACKGROUND = Background(log, "background work")
 
 
 def in_background(work: Coroutine[Any, Any, Any]) -> None:
-    """Fire and forget (limiter settlements, cache writes), finished at shutdown."""
+    """Fire and forget (cache writes), finished at shutdown."""
     _BACKGROUND.spawn(work)
 
 
@@ -53,7 +53,7 @@ class Ticket:
         try:
             reservation = await stages.cost.admit(ctx)
         except GatewayError as exc:
-            in_background(stages.limiter.settle(decision, None))
+            stages.limiter.settle_soon(decision, None)
             exc.headers = {**ctx.response_headers, **exc.headers}
             raise
         return cls(ctx, stages, decision, reservation)
@@ -115,8 +115,7 @@ class Ticket:
         self.stages.cost.release(self.reservation)
 
     def _settle_limits(self, tokens: int | None) -> None:
-        if self.decision.windows:  # an unlimited request has nothing to settle: no task
-            in_background(self.stages.limiter.settle(self.decision, tokens))
+        self.stages.limiter.settle_soon(self.decision, tokens)
 
     def _record(self, charge: Charge) -> None:
         sink, model = self.stages.metrics, self.ctx.model

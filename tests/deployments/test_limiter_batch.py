@@ -198,3 +198,36 @@ def test_shared_windows_and_checks_are_sent_once() -> None:
         b"7 1 2",
         b"8 1 2",
     ]
+
+
+async def test_settle_soon_returns_at_once_and_drain_waits_for_it(
+    redis_client: aioredis.Redis, limiter: RateLimiter
+) -> None:
+    decisions = [await limiter.acquire(ctx(key="soon", prompt=100)) for _ in range(3)]
+    for decision in decisions:
+        limiter.settle_soon(decision, 40)  # refund 60 each, no task, no await
+    limiter.settle_soon(decisions[0], 0)  # settled already: nothing more goes
+    await asyncio.wait_for(limiter.drain(), HANG_GUARD_S)
+    probe = await limiter.evaluate(ctx(key="soon"))
+    assert window(probe, 60).tokens_used == 3 * 40
+
+
+async def test_settle_soon_reports_a_store_failure_and_drain_still_ends(
+    redis_client: aioredis.Redis, limiter: RateLimiter
+) -> None:
+    decision = await limiter.acquire(ctx(key="lost", prompt=100))
+    errors = limiter.store_errors
+    (state,) = decision.windows
+    await redis_client.delete(state.costs_key)
+    await redis_client.set(state.costs_key, "not a hash")  # the settlement's script call fails
+    limiter.settle_soon(decision, 10)
+    await asyncio.wait_for(limiter.drain(), HANG_GUARD_S)
+    assert limiter.store_errors == errors + 1
+
+
+async def test_a_server_that_forgot_the_script_is_given_it_again(
+    redis_client: aioredis.Redis, limiter: RateLimiter
+) -> None:
+    await redis_client.script_flush()
+    decision = await limiter.acquire(ctx(key="flushed"))
+    assert window(decision, 60).requests_used == 1
