@@ -18,7 +18,8 @@
 -- Enforced windows record the request when all of them admit; shadow windows
 -- when every window admits (as if they were enforced too).
 
--- (limiter_common.lua, prepended, defines now, num() and record())
+-- (limiter_common.lua, prepended, defines now, num() and record(); the batch
+-- script calls flush_all() after the run's acquires)
 
 local function prune(log, costs, window)
   local edge = num(now - window)
@@ -55,34 +56,77 @@ local function wait_for(log, costs, window, field, excess)
   end
 end
 
-local function wait(log, costs, window, field, used, need, limit)
+-- One script run reads each window once and writes it once: its state is
+-- loaded on first use (pruned, totals, oldest entry), the run's admissions add
+-- up in memory and reach Redis in one record() per window (flush), before the
+-- log is read again (a wait) and at the end of the run. Decisions are the same
+-- as one call per request (tests/deployments/test_limiter_batch_equivalence.py).
+local states, loaded = {}, {}
+
+local function load(c)
+  local w = states[c.log]
+  if w then return w end
+  prune(c.log, c.costs, c.window)
+  local totals = redis.call('HMGET', c.costs, 'R', 'T')
+  local oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
+  w = {
+    log = c.log, costs = c.costs, window = c.window, resolution = c.resolution,
+    used_r = tonumber(totals[1]) or 0, used_t = tonumber(totals[2]) or 0,
+    oldest_member = oldest[1], oldest = oldest[2] and tonumber(oldest[2]) or -1,
+    add_r = 0, add_t = 0,
+  }
+  states[c.log] = w
+  loaded[#loaded + 1] = w
+  return w
+end
+
+local function flush(w)
+  if w.add_r > 0 then
+    record(w.log, w.costs, w.window, w.resolution, w.add_r, w.add_t)
+    w.add_r, w.add_t = 0, 0
+  end
+end
+
+local function flush_all()
+  for _, w in ipairs(loaded) do flush(w) end
+end
+
+local function wait(w, field, used, need, limit)
   if limit < 0 or used + need <= limit then return 0 end
   if need > limit then return -1 end
-  return wait_for(log, costs, window, field, used + need - limit)
+  flush(w) -- the log must hold this run's admissions before it is read
+  return wait_for(w.log, w.costs, w.window, field, used + need - limit)
 end
 
 local function acquire(cost, checks)
   local out = {now, 1, 1}
   local enforced_ok, all_ok = true, true
+  local mine = {}
   for i, c in ipairs(checks) do
-    prune(c.log, c.costs, c.window)
-    local totals = redis.call('HMGET', c.costs, 'R', 'T')
-    local used_r, used_t = tonumber(totals[1]) or 0, tonumber(totals[2]) or 0
-    local wait_r = wait(c.log, c.costs, c.window, 'r', used_r, 1, c.requests)
-    local wait_t = wait(c.log, c.costs, c.window, 't', used_t, cost, c.tokens)
+    local w = load(c)
+    mine[i] = w
+    local wait_r = wait(w, 'r', w.used_r, 1, c.requests)
+    local wait_t = wait(w, 't', w.used_t, cost, c.tokens)
     if wait_r ~= 0 or wait_t ~= 0 then
       all_ok = false
       if not c.shadow then enforced_ok = false end
     end
     local at = 4 + 5 * (i - 1)
-    out[at], out[at + 1], out[at + 3], out[at + 4] = used_r, used_t, wait_r, wait_t
+    out[at], out[at + 1], out[at + 3], out[at + 4] = w.used_r, w.used_t, wait_r, wait_t
   end
   for i, c in ipairs(checks) do
+    local w = mine[i]
     if enforced_ok and (all_ok or not c.shadow) then
-      record(c.log, c.costs, c.window, c.resolution, 1, cost)
+      w.used_r, w.used_t = w.used_r + 1, w.used_t + cost
+      w.add_r, w.add_t = w.add_r + 1, w.add_t + cost
+      -- The current slice's entry is the newest; it is also the oldest when it
+      -- is the only one, and it is stamped now.
+      local member = num(now - now % w.resolution)
+      if w.oldest < 0 or w.oldest_member == member then
+        w.oldest, w.oldest_member = now, member
+      end
     end
-    local oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
-    out[4 + 5 * (i - 1) + 2] = oldest[2] and tonumber(oldest[2]) or -1
+    out[4 + 5 * (i - 1) + 2] = w.oldest
   end
   out[2] = enforced_ok and 1 or 0
   out[3] = all_ok and 1 or 0

@@ -18,7 +18,7 @@
 -- still run (its own writes before the failure stay, as with any script).
 
 -- (limiter_common.lua, limiter_settle.lua and limiter_acquire.lua, prepended,
--- define now, record(), settle() and acquire())
+-- define now, record(), settle(), acquire() and flush_all())
 
 local function words(text)
   local out = {}
@@ -46,17 +46,41 @@ for c = 1, count_checks do
   }
 end
 
+-- Settlements of one window entry add up and go as one (a refund is capped by
+-- what the entry holds, so the sum gives what one after another would).
+local groups, group_list, settle_groups = {}, {}, {}
 for s = 1, count_settle do
   local w = words(ARGV[3 + count_checks + s])
-  local windows = {}
+  local delta = tonumber(w[1])
+  local mine = {}
   for j = 2, #w, 4 do
-    local k = tonumber(w[j])
-    windows[#windows + 1] = {
-      log = KEYS[2 * k - 1], costs = KEYS[2 * k], member = w[j + 1],
-      window = tonumber(w[j + 2]), resolution = tonumber(w[j + 3]),
-    }
+    local id = w[j] .. ' ' .. (delta < 0 and w[j + 1] or '+')
+    local g = groups[id]
+    if not g then
+      local k = tonumber(w[j])
+      g = {
+        delta = 0, window = {
+          log = KEYS[2 * k - 1], costs = KEYS[2 * k], member = w[j + 1],
+          window = tonumber(w[j + 2]), resolution = tonumber(w[j + 3]),
+        },
+      }
+      groups[id] = g
+      group_list[#group_list + 1] = g
+    end
+    g.delta = g.delta + delta
+    mine[#mine + 1] = g
   end
-  replies[s] = isolated(settle, tonumber(w[1]), windows)
+  settle_groups[s] = mine
+end
+for _, g in ipairs(group_list) do
+  g.reply = isolated(settle, g.delta, {g.window})
+end
+for s = 1, count_settle do
+  local reply = 1
+  for _, g in ipairs(settle_groups[s]) do
+    if type(g.reply) == 'table' and g.reply.err then reply = g.reply end
+  end
+  replies[s] = reply
 end
 
 for a = 4 + count_checks + count_settle, #ARGV do
@@ -65,4 +89,5 @@ for a = 4 + count_checks + count_settle, #ARGV do
   for j = 2, #w do mine[j - 1] = checks[tonumber(w[j])] end
   replies[#replies + 1] = isolated(acquire, tonumber(w[1]), mine)
 end
+flush_all()
 return replies

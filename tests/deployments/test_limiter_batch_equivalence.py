@@ -75,7 +75,7 @@ async def test_batched_runs_decide_as_calls_made_one_at_a_time(
                 pair = held.pop(rng.randrange(len(held)))
                 settles.append((pair, rng.choice([None, 0, 30, 150, 400])))
         calls = [
-            ctx(key=rng.choice(["a", "b"]), model=rng.choice(["m", "n"]), prompt=rng.randint(0, 300))
+            ctx(key=rng.choice("ab"), model=rng.choice("mn"), prompt=rng.randint(0, 300))
             for _ in range(rng.randint(1, 6))
         ]
         for (one, _), tokens in settles:  # settlements go first in a run
