@@ -99,7 +99,7 @@ def worst_case_cost(price: Price, prompt_tokens: int, max_tokens: int) -> Decima
     return (prompt_tokens * rates.input + max_tokens * output_rate) / MILLION
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen for a cheaper init; never mutated
 class Charge:
     """One request's bill. ``cost`` is what was paid upstream (zero when the answer came
     from the cache or a coalesced leader); ``savings`` what such an answer would have cost."""

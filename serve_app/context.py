@@ -3,8 +3,28 @@ validated: the value every stage receives (stages never see Starlette)."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+# Request ids: a random per-process prefix and a counter. As unique as uuid4 across
+# replicas and restarts, without a urandom syscall per request (~2-6 us here).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def _new_id_prefix() -> None:  # a forked child must not repeat its parent's ids
+    global _ID_PREFIX
+    _ID_PREFIX = uuid.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 
 
 @dataclass(frozen=True, slots=True)

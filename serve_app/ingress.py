@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from serve_app import store as store_module
 from serve_app.admin import Admin
 from serve_app.auth import KeyRing
 from serve_app.completion import ChatPipeline, require_json
-from serve_app.context import RequestContext
+from serve_app.context import RequestContext, new_request_id
 from serve_app.errors import (
     GatewayError,
     InvalidRequestError,
@@ -238,7 +237,7 @@ class Gateway:
             started = time.perf_counter()
             self.replica_stats.begin()
             supplied = request.headers.get("x-request-id", "")
-            request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+            request_id = supplied if _REQUEST_ID.match(supplied) else new_request_id()
             try:
                 response = await handler(request, request_id)
             except GatewayError as exc:
@@ -304,7 +303,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     else:
         error = NotFoundError(f"Unknown path: {request.url.path}", status_code=status)
     response = error_response(error)
-    response.headers["x-request-id"] = uuid.uuid4().hex
+    response.headers["x-request-id"] = new_request_id()
     return response
 
 
