@@ -58,8 +58,8 @@ end
 
 -- One script run reads each window once and writes it once: its state is
 -- loaded on first use (pruned, totals, oldest entry), the run's admissions add
--- up in memory and reach Redis in one record() per window (flush), before the
--- log is read again (a wait) and at the end of the run. Decisions are the same
+-- up in memory and reach Redis in one write per window (flush), before the log
+-- is read again (a wait) and at the end of the run. Decisions are the same
 -- as one call per request (tests/deployments/test_limiter_batch_equivalence.py).
 local states, loaded = {}, {}
 
@@ -67,23 +67,34 @@ local function load(c)
   local w = states[c.log]
   if w then return w end
   prune(c.log, c.costs, c.window)
-  local totals = redis.call('HMGET', c.costs, 'R', 'T')
+  local member = num(now - now % c.resolution)
+  local held = redis.call('HMGET', c.costs, 'R', 'T', 'r' .. member, 't' .. member)
   local oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
   w = {
     log = c.log, costs = c.costs, window = c.window, resolution = c.resolution,
-    used_r = tonumber(totals[1]) or 0, used_t = tonumber(totals[2]) or 0,
+    member = member, dirty = false,
+    -- the totals and the current slice's entry, this run's admissions included
+    used_r = tonumber(held[1]) or 0, used_t = tonumber(held[2]) or 0,
+    entry_r = tonumber(held[3]) or 0, entry_t = tonumber(held[4]) or 0,
     oldest_member = oldest[1], oldest = oldest[2] and tonumber(oldest[2]) or -1,
-    add_r = 0, add_t = 0,
   }
   states[c.log] = w
   loaded[#loaded + 1] = w
   return w
 end
 
+-- What record() does, with the sums of the whole run: one HSET of the new
+-- values (nothing else writes these fields during the run's acquires).
 local function flush(w)
-  if w.add_r > 0 then
-    record(w.log, w.costs, w.window, w.resolution, w.add_r, w.add_t)
-    w.add_r, w.add_t = 0, 0
+  if not w.dirty then return end
+  w.dirty = false
+  local added = redis.call('ZADD', w.log, 'GT', num(now), w.member)
+  redis.call('HSET', w.costs, 'R', w.used_r, 'T', w.used_t,
+    'r' .. w.member, w.entry_r, 't' .. w.member, w.entry_t)
+  if added == 1 then
+    local ttl = num(math.ceil((w.window + w.resolution) / 1000) + 1000)
+    redis.call('PEXPIRE', w.log, ttl)
+    redis.call('PEXPIRE', w.costs, ttl)
   end
 end
 
@@ -118,12 +129,12 @@ local function acquire(cost, checks)
     local w = mine[i]
     if enforced_ok and (all_ok or not c.shadow) then
       w.used_r, w.used_t = w.used_r + 1, w.used_t + cost
-      w.add_r, w.add_t = w.add_r + 1, w.add_t + cost
+      w.entry_r, w.entry_t = w.entry_r + 1, w.entry_t + cost
+      w.dirty = true
       -- The current slice's entry is the newest; it is also the oldest when it
       -- is the only one, and it is stamped now.
-      local member = num(now - now % w.resolution)
-      if w.oldest < 0 or w.oldest_member == member then
-        w.oldest, w.oldest_member = now, member
+      if w.oldest < 0 or w.oldest_member == w.member then
+        w.oldest, w.oldest_member = now, w.member
       end
     end
     out[4 + 5 * (i - 1) + 2] = w.oldest
