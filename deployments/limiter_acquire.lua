@@ -66,10 +66,13 @@ local states, loaded = {}, {}
 local function load(c)
   local w = states[c.log]
   if w then return w end
-  prune(c.log, c.costs, c.window)
+  local oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
+  if oldest[2] and tonumber(oldest[2]) <= now - c.window then -- something left the window
+    prune(c.log, c.costs, c.window)
+    oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
+  end
   local member = num(now - now % c.resolution)
   local held = redis.call('HMGET', c.costs, 'R', 'T', 'r' .. member, 't' .. member)
-  local oldest = redis.call('ZRANGE', c.log, 0, 0, 'WITHSCORES')
   w = {
     log = c.log, costs = c.costs, window = c.window, resolution = c.resolution,
     member = member, dirty = false,
