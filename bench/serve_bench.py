@@ -25,7 +25,7 @@ from bench.loadgen import LoadResult, run_wrk
 from bench.paired import paired_rounds
 from bench.serve_cluster import AUTH, OPTIONS, cluster, deploy, gateway_args, wait_http
 
-ROUNDS = 5  # interleaved rounds behind each ratio floor (bench/paired.py)
+ROUNDS = 5  # interleaved rounds behind each ratio floor (bench/paired.py); --rounds
 
 
 def body(content: str, model: str = "mock-gpt", **extra: Any) -> str:
@@ -44,7 +44,9 @@ def wrk(url: str, conns: int, seconds: float, payload: str) -> LoadResult:
     return run_wrk(url, conns, seconds, payload, headers=AUTH)
 
 
-def limiter_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict[str, Any]:
+def limiter_bench(
+    port: int, mock_port: int, redis: str, seconds: float, rounds: int = ROUNDS
+) -> dict[str, Any]:
     windows = [{"window": w, "requests": 10**9, "tokens": 10**12} for w in ("1m", "1h", "1d")]
     gateway("off", mock_port, redis)
     gateway("on", mock_port, redis, limits={"per_key": {"default": windows}})
@@ -54,14 +56,16 @@ def limiter_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict
         wait_http(url)
         wrk(url, 4, 1, payload)
     rows = {n: [wrk(u, 1, seconds, payload)] for n, u in urls.items()}
-    paired = paired_rounds(urls["off"], urls["on"], 16, seconds, ROUNDS, payload, AUTH)
+    paired = paired_rounds(urls["off"], urls["on"], 16, seconds, rounds, payload, AUTH)
     rows["off"] += paired.base
     rows["on"] += paired.other
     print(f"limiter on/off req/s at 16 conns: {paired.describe()}")
     return {"rows": rows, "floors": {"limiter on/off req/s at 16 conns (>= 85%)": paired.ratio}}
 
 
-def cache_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict[str, Any]:
+def cache_bench(
+    port: int, mock_port: int, redis: str, seconds: float, rounds: int = ROUNDS
+) -> dict[str, Any]:
     gateway("cached", mock_port, redis)
     payload = body("what is the capital of France?", temperature=0)
     url = f"http://127.0.0.1:{port}/cached/v1/chat/completions"
@@ -71,7 +75,7 @@ def cache_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict[s
     hit = httpx.post(url, content=payload, headers=AUTH, timeout=10)
     assert hit.headers.get("x-cache") == "HIT", (first.headers, hit.headers)
     wrk(url, 4, 1, payload)
-    paired = paired_rounds(noop, url, 16, seconds, ROUNDS, payload, AUTH)
+    paired = paired_rounds(noop, url, 16, seconds, rounds, payload, AUTH)
     print(f"exact-hit/no-op req/s at 16 conns: {paired.describe()}")
     rows = {
         "noop": [*paired.base, wrk(noop, 25, seconds, payload)],
@@ -105,7 +109,9 @@ def _hang(url: str, payload: str, stop: threading.Event, conns: int) -> list[thr
     return threads
 
 
-def breaker_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict[str, Any]:
+def breaker_bench(
+    port: int, mock_port: int, redis: str, seconds: float, rounds: int = ROUNDS
+) -> dict[str, Any]:
     base = f"http://127.0.0.1:{mock_port}/v1"
     upstreams = {"healthy": {"base_url": base}, "sick": {"base_url": base, "read_timeout_s": 20}}
     models = [
@@ -151,23 +157,27 @@ def breaker_bench(port: int, mock_port: int, redis: str, seconds: float) -> dict
     httpx.post(f"http://127.0.0.1:{mock_port}/_mock/reset", timeout=5)
     for t in threads:
         t.join(timeout=30)
+    # Alone again once the hang is over: the ratio is against the mean of the two, so a
+    # drift of the host's speed across the three measurements cancels to first order.
+    alone_after = wrk(url, 16, seconds, healthy)
+    alone_rps = (alone.requests_per_s + alone_after.requests_per_s) / 2
     return {
         "rows": {
             "refusal_open": refusals,
             "noop": noop_rows,
-            "healthy_alone": [alone],
+            "healthy_alone": [alone, alone_after],
             "healthy_beside_hang": [beside],
         },
         "floors": {
             "healthy req/s beside a hanging upstream / alone (>= 90%)": beside.requests_per_s
-            / alone.requests_per_s,
+            / alone_rps,
             "refusal p50 ms at 1 conn (vs no-op)": refusals[0].p50_ms,
             "no-op p50 ms at 1 conn": noop_rows[0].p50_ms,
         },
     }
 
 
-BENCHES: dict[str, Callable[[int, int, str, float], dict[str, Any]]] = {
+BENCHES: dict[str, Callable[[int, int, str, float, int], dict[str, Any]]] = {
     "limiter": limiter_bench,
     "cache": cache_bench,
     "breaker": breaker_bench,
@@ -178,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("bench", choices=[*BENCHES, "all"])
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--default-proxy", action="store_true")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     chosen = list(BENCHES) if args.bench == "all" else [args.bench]
     with cluster(args.default_proxy) as c:
-        results = {name: BENCHES[name](c.port, c.mock_port, c.redis_url, args.duration)
+        results = {name: BENCHES[name](c.port, c.mock_port, c.redis_url, args.duration, args.rounds)
                    for name in chosen}  # fmt: skip
     for name, result in results.items():
         print(f"\n== {name}")
