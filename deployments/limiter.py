@@ -291,29 +291,34 @@ class RateLimiter:
 def _decision(checks: Sequence[_Check], tokens: int, reply: list[int]) -> LimitDecision:
     now, enforced_ok, all_ok = reply[0], reply[1] == 1, reply[2] == 1
     windows: list[WindowState] = []
-    for i, check in enumerate(checks):
-        used_r, used_t, oldest, wait_r, wait_t = reply[3 + 5 * i : 8 + 5 * i]
-        recorded = enforced_ok and (all_ok or not check.quota.shadow)
+    at = 3
+    for check in checks:
+        used_r, used_t, oldest, wait_r, wait_t = reply[at : at + 5]
+        at += 5
+        quota, window_us = check.quota, check.window_us
+        recorded = enforced_ok and (all_ok or not quota.shadow)
         windows.append(
             WindowState(
-                scope=check.scope,
-                name=check.name,
-                window_us=check.window_us,
-                shadow=check.quota.shadow,
-                requests_limit=check.quota.requests,
-                tokens_limit=check.quota.tokens,
-                requests_used=used_r + 1 if recorded else used_r,
-                tokens_used=used_t + tokens if recorded else used_t,
-                recorded=recorded,
-                reset_us=max(0, oldest + check.window_us - now) if oldest >= 0 else 0,
-                requests_wait_us=wait_r,
-                tokens_wait_us=wait_t,
-                log_key=check.log_key,
-                costs_key=check.costs_key,
-                slice_us=now - now % check.resolution_us,
-                resolution_us=check.resolution_us,
+                check.scope,
+                check.name,
+                window_us,
+                quota.shadow,
+                quota.requests,
+                quota.tokens,
+                used_r + 1 if recorded else used_r,
+                used_t + tokens if recorded else used_t,
+                recorded,
+                max(0, oldest + window_us - now) if oldest >= 0 else 0,
+                wait_r,
+                wait_t,
+                check.log_key,
+                check.costs_key,
+                now - now % check.resolution_us,
+                check.resolution_us,
             )
         )
+    if all_ok:  # every window admits: no limit to name
+        return LimitDecision(True, "allowed", tokens, 0.0, now, tuple(windows))
     return _judge(tuple(windows), tokens, now, enforced_ok)
 
 

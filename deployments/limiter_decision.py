@@ -145,17 +145,21 @@ def format_reset(us: int) -> str:
 def rate_limit_headers(decision: LimitDecision) -> dict[str, str]:
     """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` of the tightest
     enforced window per dimension (least remaining; then the later reset)."""
+    best_r: tuple[int, int, int] | None = None
+    best_t: tuple[int, int, int] | None = None
+    for window in decision.windows:
+        if window.shadow:
+            continue
+        if (limit := window.requests_limit) is not None:
+            candidate = (max(0, limit - window.requests_used), -window.reset_us, limit)
+            if best_r is None or candidate < best_r:
+                best_r = candidate
+        if (limit := window.tokens_limit) is not None:
+            candidate = (max(0, limit - window.tokens_used), -window.reset_us, limit)
+            if best_t is None or candidate < best_t:
+                best_t = candidate
     headers: dict[str, str] = {}
-    for dimension in DIMENSIONS:
-        best: tuple[int, int, int] | None = None
-        for window in decision.windows:
-            limit = window.limit(dimension)
-            if window.shadow or limit is None:
-                continue
-            remaining = max(0, limit - window.used(dimension))
-            candidate = (remaining, -window.reset_us, limit)
-            if best is None or candidate < best:
-                best = candidate
+    for dimension, best in (("requests", best_r), ("tokens", best_t)):
         if best is not None:
             remaining, minus_reset, limit = best
             headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
