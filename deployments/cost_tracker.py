@@ -20,7 +20,8 @@ from pydantic import Field
 
 from deployments.budget import BudgetEvent, BudgetGuard, BudgetSettings, BudgetStatus, Reservation
 from deployments.cost import Charge, CostMeter, CostSettings, ServedBy
-from deployments.ledger import GroupBy, Ledger, LedgerSettings, SummaryRow, record_for
+from deployments.ledger import GroupBy, Ledger, LedgerSettings, SummaryRow
+from deployments.ledger_record import record_for
 from deployments.recommendations import Recommendation, RecommendationSettings, recommendations
 from deployments.tasks import Background
 from serve_app.context import RequestContext

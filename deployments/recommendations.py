@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.budget import BudgetStatus
 from deployments.cost import TokenUsage, cost_of, format_usd
-from deployments.ledger import LedgerRecord, SummaryRow
+from deployments.ledger import SummaryRow
+from deployments.ledger_record import LedgerRecord
 from deployments.pricing import PriceBook
 
 

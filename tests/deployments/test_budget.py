@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from deployments.budget import BudgetEvent, BudgetGuard, BudgetLimit, BudgetSettings, Reservation
 from deployments.cost import CostMeter
-from deployments.ledger import Ledger, LedgerRecord
+from deployments.ledger import Ledger
+from deployments.ledger_record import LedgerRecord
 from deployments.tokens import estimate_prompt_tokens
 from serve_app.errors import InsufficientQuotaError
 

@@ -15,14 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from deployments.cost import CostMeter, from_pico
-from deployments.ledger import (
-    FIELDS,
-    Ledger,
-    LedgerRecord,
-    LedgerSettings,
-    prompt_fingerprint,
-    record_for,
-)
+from deployments.ledger import Ledger, LedgerSettings
+from deployments.ledger_record import FIELDS, LedgerRecord, prompt_fingerprint, record_for
 from serve_app.context import Principal, RequestContext
 from serve_app.embedded_store import EmbeddedStore
 

@@ -12,7 +12,8 @@ import pytest
 
 from deployments.budget import BudgetStatus
 from deployments.cost import CostMeter, to_pico
-from deployments.ledger import LedgerRecord, SummaryRow
+from deployments.ledger import SummaryRow
+from deployments.ledger_record import LedgerRecord
 from deployments.pricing import PriceBook
 from deployments.recommendations import (
     RecommendationSettings,
