@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -45,6 +45,7 @@ from serve_app.streaming import (
 from serve_app.ticket import Ticket, in_background
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 JSON = "application/json"
 
 
@@ -262,15 +263,12 @@ class ChatPipeline:
             return pack(meta, body)
 
         async def attempt(target: Target) -> tuple[bytes, Any]:
-            payload = orjson.dumps({**ctx.body, "model": target.model})
-            started = time.perf_counter()
-            response = await self.provider.post(
-                target.upstream, "/chat/completions", payload, ctx.request_id
-            )
-            self.stages.metrics.observe(
+            response = await self._timed(
                 "gateway_upstream_duration_seconds",
-                time.perf_counter() - started,
-                {"upstream": target.upstream},
+                target,
+                self.provider.post(
+                    target.upstream, "/chat/completions", _payload(ctx.body, target), ctx.request_id
+                ),
             )
             return response.body, require_json(response.body).get("usage")
 
@@ -343,6 +341,14 @@ class ChatPipeline:
             relay.run(first, iterator), headers=headers, media_type="text/event-stream"
         )
 
+    async def _timed(self, metric: str, target: Target, call: Awaitable[T]) -> T:
+        """Await an upstream call and record how long it took (whole answer, or first byte)."""
+        started = time.perf_counter()
+        value = await call
+        elapsed = time.perf_counter() - started
+        self.stages.metrics.observe(metric, elapsed, {"upstream": target.upstream})
+        return value
+
     def _upstream_bytes(
         self,
         ctx: RequestContext,
@@ -351,17 +357,13 @@ class ChatPipeline:
         holder: dict[str, ResilienceResult[UpstreamStream]],
     ) -> Callable[[], AsyncIterator[bytes]]:
         async def attempt(target: Target) -> UpstreamStream:
-            payload = orjson.dumps({**body, "model": target.model})
-            started = time.perf_counter()
-            stream = await self.provider.open_stream(
-                target.upstream, "/chat/completions", payload, ctx.request_id
-            )
-            self.stages.metrics.observe(
+            return await self._timed(
                 "gateway_upstream_ttft_seconds",
-                time.perf_counter() - started,
-                {"upstream": target.upstream},
+                target,
+                self.provider.open_stream(
+                    target.upstream, "/chat/completions", _payload(body, target), ctx.request_id
+                ),
             )
-            return stream
 
         async def generate() -> AsyncIterator[bytes]:
             result = await self.stages.resilience.call(
@@ -461,6 +463,11 @@ class _StreamRelay:
             yield error_event(exc)
         finally:
             self._bill("ok" if self.result.done and self.result.error is None else "error")
+
+
+def _payload(body: dict[str, Any], target: Target) -> bytes:
+    """The request as the target upstream gets it: its own model name."""
+    return orjson.dumps({**body, "model": target.model})
 
 
 __all__ = ["ChatPipeline", "Plan", "pack", "require_json", "unpack"]
