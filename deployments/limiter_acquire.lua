@@ -62,6 +62,43 @@ end
 -- is read again (a wait) and at the end of the run. Decisions are the same
 -- as one call per request (tests/deployments/test_limiter_batch_equivalence.py).
 local states, loaded = {}, {}
+local deferred = {} -- log key -> settlement groups to apply when the window loads
+
+-- A settlement of a window this run loads anyway is applied to it in memory:
+-- a refund of the current slice's entry, or a charge (it always lands on the
+-- current slice). It then costs no call of its own.
+local function defer(log, group)
+  local list = deferred[log]
+  if not list then
+    list = {}
+    deferred[log] = list
+  end
+  list[#list + 1] = group
+end
+
+local function stamp_now(w)
+  w.stamp, w.dirty = true, true
+  -- The current slice's entry is the newest; it is also the oldest when it
+  -- is the only one, and it is stamped now.
+  if w.oldest < 0 or w.oldest_member == w.member then
+    w.oldest, w.oldest_member = now, w.member
+  end
+end
+
+local function apply_deferred(w)
+  for _, g in ipairs(deferred[w.log] or {}) do
+    if g.delta < 0 then -- settle(): at most what the entry holds comes back
+      local give = math.min(-g.delta, w.entry_t)
+      if give > 0 then
+        w.entry_t, w.used_t, w.dirty = w.entry_t - give, w.used_t - give, true
+      end
+    else -- record(..., 0, delta)
+      w.entry_t, w.used_t = w.entry_t + g.delta, w.used_t + g.delta
+      stamp_now(w)
+    end
+    g.applied, g.reply = true, 1
+  end
+end
 
 local function load(c)
   local w = states[c.log]
@@ -75,29 +112,34 @@ local function load(c)
   local held = redis.call('HMGET', c.costs, 'R', 'T', 'r' .. member, 't' .. member)
   w = {
     log = c.log, costs = c.costs, window = c.window, resolution = c.resolution,
-    member = member, dirty = false,
+    member = member, stamp = false, dirty = false,
     -- the totals and the current slice's entry, this run's admissions included
     used_r = tonumber(held[1]) or 0, used_t = tonumber(held[2]) or 0,
     entry_r = tonumber(held[3]) or 0, entry_t = tonumber(held[4]) or 0,
     oldest_member = oldest[1], oldest = oldest[2] and tonumber(oldest[2]) or -1,
   }
+  apply_deferred(w)
   states[c.log] = w
   loaded[#loaded + 1] = w
   return w
 end
 
--- What record() does, with the sums of the whole run: one HSET of the new
--- values (nothing else writes these fields during the run's acquires).
+-- What record() and settle() do, with the sums of the whole run: the entry is
+-- stamped (ZADD) if it gained usage, and its counts and the totals are one
+-- HSET of the new values (nothing else writes these fields during the run).
 local function flush(w)
-  if not w.dirty then return end
-  w.dirty = false
-  local added = redis.call('ZADD', w.log, 'GT', num(now), w.member)
-  redis.call('HSET', w.costs, 'R', w.used_r, 'T', w.used_t,
-    'r' .. w.member, w.entry_r, 't' .. w.member, w.entry_t)
-  if added == 1 then
-    local ttl = num(math.ceil((w.window + w.resolution) / 1000) + 1000)
-    redis.call('PEXPIRE', w.log, ttl)
-    redis.call('PEXPIRE', w.costs, ttl)
+  if w.dirty then
+    w.dirty = false
+    redis.call('HSET', w.costs, 'R', w.used_r, 'T', w.used_t,
+      'r' .. w.member, w.entry_r, 't' .. w.member, w.entry_t)
+  end
+  if w.stamp then -- after the HSET: a new entry's PEXPIRE needs both keys to exist
+    w.stamp = false
+    if redis.call('ZADD', w.log, 'GT', num(now), w.member) == 1 then
+      local ttl = num(math.ceil((w.window + w.resolution) / 1000) + 1000)
+      redis.call('PEXPIRE', w.log, ttl)
+      redis.call('PEXPIRE', w.costs, ttl)
+    end
   end
 end
 
@@ -133,12 +175,7 @@ local function acquire(cost, checks)
     if enforced_ok and (all_ok or not c.shadow) then
       w.used_r, w.used_t = w.used_r + 1, w.used_t + cost
       w.entry_r, w.entry_t = w.entry_r + 1, w.entry_t + cost
-      w.dirty = true
-      -- The current slice's entry is the newest; it is also the oldest when it
-      -- is the only one, and it is stamped now.
-      if w.oldest < 0 or w.oldest_member == w.member then
-        w.oldest, w.oldest_member = now, w.member
-      end
+      stamp_now(w)
     end
     out[4 + 5 * (i - 1) + 2] = w.oldest
   end

@@ -18,7 +18,7 @@
 -- still run (its own writes before the failure stay, as with any script).
 
 -- (limiter_common.lua, limiter_settle.lua and limiter_acquire.lua, prepended,
--- define now, record(), settle(), acquire() and flush_all())
+-- define now, record(), settle(), defer(), acquire() and flush_all())
 
 local function words(text)
   local out = {}
@@ -72,8 +72,30 @@ for s = 1, count_settle do
   end
   settle_groups[s] = mine
 end
+-- The windows the acquires will read (log key -> resolution).
+local loads = {}
+for _, c in ipairs(checks) do loads[c.log] = c.resolution end
 for _, g in ipairs(group_list) do
-  g.reply = isolated(settle, g.delta, {g.window})
+  local w = g.window
+  if loads[w.log] == w.resolution
+      and (g.delta > 0 or w.member == num(now - now % w.resolution)) then
+    defer(w.log, g)
+  else
+    g.reply = isolated(settle, g.delta, {w})
+  end
+end
+
+for a = 4 + count_checks + count_settle, #ARGV do
+  local w = words(ARGV[a])
+  local mine = {}
+  for j = 2, #w do mine[j - 1] = checks[tonumber(w[j])] end
+  replies[a - 3 - count_checks] = isolated(acquire, tonumber(w[1]), mine)
+end
+flush_all()
+
+-- A deferred settlement whose window no acquire managed to load goes on its own.
+for _, g in ipairs(group_list) do
+  if g.reply == nil then g.reply = isolated(settle, g.delta, {g.window}) end
 end
 for s = 1, count_settle do
   local reply = 1
@@ -82,12 +104,4 @@ for s = 1, count_settle do
   end
   replies[s] = reply
 end
-
-for a = 4 + count_checks + count_settle, #ARGV do
-  local w = words(ARGV[a])
-  local mine = {}
-  for j = 2, #w do mine[j - 1] = checks[tonumber(w[j])] end
-  replies[#replies + 1] = isolated(acquire, tonumber(w[1]), mine)
-end
-flush_all()
 return replies
