@@ -143,10 +143,9 @@ class RateLimiter:
         if not self._active:  # no quota anywhere: nothing to decide, time or report
             return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
         started = time.perf_counter()
-        checks = self._checks(ctx, settings) if settings.enabled else []
-        if not checks:
-            outcome: Outcome = "unlimited" if settings.enabled else "disabled"
-            decision = LimitDecision(True, outcome, tokens)
+        checks = self._checks(ctx, settings)
+        if not checks:  # quotas exist, but none for this key/user/tenant/model
+            decision = LimitDecision(True, "unlimited", tokens)
         else:
             try:
                 decision = await self._decide(checks, tokens, settings.store_timeout_s)

@@ -18,8 +18,8 @@
 -- Enforced windows record the request when all of them admit; shadow windows
 -- when every window admits (as if they were enforced too).
 
--- (limiter_common.lua, prepended, defines now, num() and record(); the batch
--- script calls flush_all() after the run's acquires)
+-- (limiter_common.lua, prepended, defines now, num() and keep_alive(); the
+-- batch script calls flush_all() after the run's acquires)
 
 local function prune(log, costs, window)
   local edge = num(now - window)
@@ -92,11 +92,11 @@ local function apply_deferred(w)
       if give > 0 then
         w.entry_t, w.used_t, w.dirty = w.entry_t - give, w.used_t - give, true
       end
-    else -- record(..., 0, delta)
+    else -- charge()
       w.entry_t, w.used_t = w.entry_t + g.delta, w.used_t + g.delta
       stamp_now(w)
     end
-    g.applied, g.reply = true, 1
+    g.reply = 1
   end
 end
 
@@ -124,7 +124,7 @@ local function load(c)
   return w
 end
 
--- What record() and settle() do, with the sums of the whole run: the entry is
+-- What charge() and settle() do, with the sums of the whole run: the entry is
 -- stamped (ZADD) if it gained usage, and its counts and the totals are one
 -- HSET of the new values (nothing else writes these fields during the run).
 local function flush(w)
@@ -136,9 +136,7 @@ local function flush(w)
   if w.stamp then -- after the HSET: a new entry's PEXPIRE needs both keys to exist
     w.stamp = false
     if redis.call('ZADD', w.log, 'GT', num(now), w.member) == 1 then
-      local ttl = num(math.ceil((w.window + w.resolution) / 1000) + 1000)
-      redis.call('PEXPIRE', w.log, ttl)
-      redis.call('PEXPIRE', w.costs, ttl)
+      keep_alive(w.log, w.costs, w.window, w.resolution)
     end
   end
 end

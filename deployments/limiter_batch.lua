@@ -18,7 +18,7 @@
 -- still run (its own writes before the failure stay, as with any script).
 
 -- (limiter_common.lua, limiter_settle.lua and limiter_acquire.lua, prepended,
--- define now, record(), settle(), defer(), acquire() and flush_all())
+-- define now, keep_alive(), settle(), defer(), acquire() and flush_all())
 
 local function words(text)
   local out = {}
@@ -81,7 +81,7 @@ for _, g in ipairs(group_list) do
       and (g.delta > 0 or w.member == num(now - now % w.resolution)) then
     defer(w.log, g)
   else
-    g.reply = isolated(settle, g.delta, {w})
+    g.reply = isolated(settle, g.delta, w)
   end
 end
 
@@ -95,7 +95,7 @@ flush_all()
 
 -- A deferred settlement whose window no acquire managed to load goes on its own.
 for _, g in ipairs(group_list) do
-  if g.reply == nil then g.reply = isolated(settle, g.delta, {g.window}) end
+  if g.reply == nil then g.reply = isolated(settle, g.delta, g.window) end
 end
 for s = 1, count_settle do
   local reply = 1

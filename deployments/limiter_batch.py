@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
+from deployments.tasks import wait_all
+
 MAX_CALLS = 64  # acquires + settlements per script run: bounds how long it holds the server
 
 
@@ -125,8 +127,7 @@ class LimiterBatch:
 
     async def drain(self) -> None:
         """Wait until every settlement queued by ``settle_soon`` has left and answered."""
-        while self._unsettled:
-            await asyncio.gather(*list(self._unsettled), return_exceptions=True)
+        await wait_all(self._unsettled)
 
     def _queue_settle(
         self, windows: Sequence[SettledWindow], delta: int, timeout_s: float

@@ -18,6 +18,13 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
 
 
+async def wait_all(pending: set[asyncio.Future[Any]]) -> None:
+    """Wait until ``pending`` is empty: its members remove themselves when done, and
+    work added meanwhile is waited for too; their failures are their owners' to report."""
+    while pending:
+        await asyncio.gather(*list(pending), return_exceptions=True)
+
+
 class Background:
     """Fire-and-forget work that is still finished, not dropped: each task is kept
     (so it is not collected mid-flight), its failure is logged (the answer has gone,
@@ -35,8 +42,7 @@ class Background:
 
     async def drain(self) -> None:
         """Wait for the running work, and for work it starts meanwhile."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await wait_all(self._tasks)
 
     async def _quietly(self, work: Coroutine[Any, Any, Any]) -> None:
         try:
