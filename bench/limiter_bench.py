@@ -6,8 +6,13 @@ Uses ``REDIS_URL`` when set (its keys go under a fresh {hash tag} and are
 deleted afterwards), else starts an embedded Valkey for the run. Every request
 passes 1, 3 or 6 windows, each limiting requests and tokens, with limits high
 enough that all are admitted: the steady-state path, logs growing to their
-``precision`` entries. One process, asyncio tasks sharing one client.
-"server us" is the script's own time per decision inside the server.
+``precision`` entries; each request settles to half its token reservation,
+as an answer would. One process, asyncio tasks sharing one client.
+Each row runs twice: "exact" (``lease_requests: 0``, every decision is
+decided in the store) and "leased" (the default: a busy key far from its
+limits is decided from leases, deployments/limiter_lease.py).
+"server us" is the script's own time per decision inside the server, "runs"
+the script runs per decision (settlements and leases included).
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ WINDOWS = ("1m", "1h", "1d", "90s", "10m", "7d")
 KEYS = 50  # API keys the requests are spread over
 
 
-def settings(windows: int, prefix: str) -> LimiterSettings:
+def settings(windows: int, prefix: str, lease_requests: int) -> LimiterSettings:
     quotas = [{"window": w, "requests": 10**9, "tokens": 10**12} for w in WINDOWS[:windows]]
-    return LimiterSettings.model_validate({"key_prefix": prefix, "per_key": {"default": quotas}})
+    return LimiterSettings.model_validate(
+        {"key_prefix": prefix, "per_key": {"default": quotas}, "lease_requests": lease_requests}
+    )
 
 
 async def run(limiter: RateLimiter, seconds: float, concurrency: int) -> tuple[int, list[float]]:
@@ -52,6 +59,7 @@ async def run(limiter: RateLimiter, seconds: float, concurrency: int) -> tuple[i
             latencies.append(time.perf_counter() - started)
             if not decision.allowed or decision.outcome != "allowed":
                 raise RuntimeError(f"unexpected decision {decision.outcome}")
+            limiter.settle_soon(decision, 50)
             n += concurrency
 
     started = time.perf_counter()
@@ -75,26 +83,28 @@ async def main(seconds: float, concurrencies: list[int]) -> None:
         prefix = "{rlbench-" + uuid.uuid4().hex[:8] + "}"
         stack.push_async_callback(_delete, client, prefix)
         print(f"store {url}; {seconds:g}s per row, requests spread over {KEYS} keys")
-        print(
-            f"{'windows':>7} {'tasks':>5} {'decisions/s':>12} {'p50 ms':>8} {'p99 ms':>8}", end=""
-        )
-        print(f" {'server us':>10}")
+        print(f"{'mode':>6} {'windows':>7} {'tasks':>5} {'decisions/s':>12}", end="")
+        print(f" {'p50 ms':>8} {'p99 ms':>8} {'server us':>10} {'runs':>6}")
         for windows in (1, 3, 6):
-            limiter = RateLimiter(client, settings(windows, prefix))
-            for concurrency in concurrencies:
-                before = await _script_usec(client)
-                rate, latencies = await run(limiter, seconds, concurrency)
-                usec = await _script_usec(client) - before
-                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                print(f"{windows:>7} {concurrency:>5} {rate:>12} {p50:>8.3f} {p99:>8.3f}", end="")
-                # Per decision, not per script call: concurrent decisions share one run.
-                print(f" {usec / max(len(latencies), 1):>10.1f}")
+            for mode, lease_requests in (("exact", 0), ("leased", 64)):
+                limiter = RateLimiter(client, settings(windows, prefix, lease_requests))
+                for concurrency in concurrencies:
+                    before = await _script_stats(client)
+                    rate, latencies = await run(limiter, seconds, concurrency)
+                    await limiter.drain()
+                    after = await _script_stats(client)
+                    usec, calls = after[0] - before[0], after[1] - before[1]
+                    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                    print(f"{mode:>6} {windows:>7} {concurrency:>5} {rate:>12}", end="")
+                    # Per decision, not per script call: concurrent decisions share one run.
+                    count = max(len(latencies), 1)
+                    print(f" {p50:>8.3f} {p99:>8.3f} {usec / count:>10.1f} {calls / count:>6.2f}")
 
 
-async def _script_usec(client: aioredis.Redis) -> int:
-    """Server time spent in scripts so far (INFO commandstats)."""
-    stats = await client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {"usec": 0})["usec"])
+async def _script_stats(client: aioredis.Redis) -> tuple[int, int]:
+    """Server time spent in scripts so far, and script runs (INFO commandstats)."""
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {"usec": 0, "calls": 0})
+    return int(stats["usec"]), int(stats["calls"])
 
 
 async def _delete(client: aioredis.Redis, prefix: str) -> None:

@@ -26,6 +26,11 @@ It counts while that stamp is within W, so
 
 Tokens are reserved before the call (prompt estimate + ``max_tokens`` or
 ``default_max_tokens``) and settled to the reported usage afterwards.
+
+Far from its limits, a busy route (key, user, tenant, model) is decided from a
+lease instead: a small share of each of its windows, taken in one script run
+and spent locally (``limiter_lease.py``, which states what that costs in
+accuracy: never over-admitting still holds). ``lease_requests: 0`` turns that off.
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ from deployments.limiter_decision import (
     WindowState,
     rate_limit_headers,
 )
+from deployments.limiter_lease import FIRST_REQUESTS, MIN_REQUESTS, Lease, lease_size, next_size
 from deployments.limiter_settings import LimiterSettings, Quota
+from deployments.tasks import wait_all
 from serve_app.context import RequestContext
 from serve_app.errors import StoreUnavailableError
 
@@ -86,6 +93,21 @@ class _Check:
     spec: bytes  # as limiter_batch.lua reads it: window resolution limits shadow
 
 
+@dataclass(eq=False, slots=True)
+class _Route:
+    """The checks of one key/user/tenant/model combination, and its lease."""
+
+    checks: tuple[_Check, ...]
+    shortest_us: int  # the smallest slice among its windows
+    lease: Lease | None = None
+    timer: asyncio.TimerHandle | None = None  # gives the lease back when it ends
+    asking: bool = False  # a lease is being asked for
+    retired: bool = False  # limits changed since: a lease granted now goes back
+    size: int = FIRST_REQUESTS  # requests the next lease asks for
+    last_us: int = 0  # the store's clock at its latest exact admission
+    last_windows: tuple[WindowState, ...] = ()  # and the windows it left
+
+
 def _script() -> str:
     package = resources.files("deployments")
     parts = ("common", "settle", "acquire", "batch")
@@ -109,6 +131,13 @@ class RateLimiter:
         self.settings = settings
         self._active = settings.limits_anything
         self._plans: dict[tuple[Scope, str], tuple[_Check, ...]] = {}
+        self._routes: dict[tuple[str, str | None, str, str], _Route] = {}
+        self._local = clock or time.monotonic  # seconds, for lease deadlines
+        self._loop: asyncio.AbstractEventLoop | None = None  # where leases live
+        self._leased: set[_Route] = set()  # routes holding a lease
+        self._asking: set[asyncio.Task[None]] = set()
+        self.leases = 0  # granted so far
+        self.leased = 0  # requests admitted from a lease
         self.incident_active = False  # the store is failing right now
         self.incidents = 0  # separate outages seen (each logged once)
         self.store_errors = 0  # failed store calls in all
@@ -119,6 +148,7 @@ class RateLimiter:
         self.settings = settings
         self._active = settings.limits_anything
         self._plans = {}
+        self._forget_routes()
 
     def reservation(self, ctx: RequestContext) -> int:
         """Tokens held for a request until it settles: its prompt estimate plus,
@@ -143,16 +173,45 @@ class RateLimiter:
         if not self._active:  # no quota anywhere: nothing to decide, time or report
             return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
         started = time.perf_counter()
-        checks = self._checks(ctx, settings)
-        if not checks:  # quotas exist, but none for this key/user/tenant/model
+        route = self._route(ctx, settings)
+        if (lease := route.lease) is not None:
+            now = self._local()
+            leased = lease.take(tokens, now)
+            if leased is not None:
+                self.leased += 1
+                return self._observed(leased, started)
+            self._give_back(route)  # spent, ended, or too small for this request
+        if not route.checks:  # quotas exist, but none for this key/user/tenant/model
             decision = LimitDecision(True, "unlimited", tokens)
         else:
             try:
-                decision = await self._decide(checks, tokens, settings.store_timeout_s)
+                decision = await self._decide(route.checks, tokens, settings.store_timeout_s)
             except STORE_ERRORS as exc:
                 self._store_failed("acquire", exc)
                 closed = settings.failure_mode == "closed"
                 decision = LimitDecision(not closed, "fail_closed" if closed else "fail_open", 0)
+            else:
+                if (lease := route.lease) is not None:  # granted while this call was out
+                    decision = self._beside_lease(lease, decision, tokens)
+                if (
+                    decision.outcome == "allowed"
+                    and decision.lease is None
+                    and settings.lease_requests >= MIN_REQUESTS
+                ):
+                    self._consider_lease(route, decision, tokens)
+        return self._observed(decision, started)
+
+    def _beside_lease(self, lease: Lease, decision: LimitDecision, tokens: int) -> LimitDecision:
+        """An exact decision made while the route holds a lease: the store counts
+        the lease's unused part as used, the route does not; a rejection the
+        lease can cover is admitted from it."""
+        if not decision.allowed and (leased := lease.take(tokens, self._local())) is not None:
+            self.leased += 1
+            return leased
+        decision.windows = lease.rebase(decision.windows)
+        return decision
+
+    def _observed(self, decision: LimitDecision, started: float) -> LimitDecision:
         decision.latency_s = time.perf_counter() - started
         if self._observer is not None:
             self._observer.on_decision(decision)
@@ -180,7 +239,11 @@ class RateLimiter:
             self._batch.settle_soon(*work, self.settings.store_timeout_s, self._settled)
 
     async def drain(self) -> None:
-        """Wait for the queued settlements (call at replica shutdown)."""
+        """Give every lease back and wait for the queued settlements (call at
+        replica shutdown)."""
+        await wait_all(self._asking)
+        for route in list(self._leased):
+            self._give_back(route)
         await self._batch.drain()
 
     def _settlement(
@@ -192,6 +255,8 @@ class RateLimiter:
         windows = [w for w in decision.windows if w.recorded]
         delta = (actual_total_tokens or 0) - decision.reserved_tokens
         if not windows or delta == 0:
+            return None
+        if decision.lease is not None and decision.lease.absorb(delta):
             return None
         return windows, delta
 
@@ -209,8 +274,14 @@ class RateLimiter:
     def headers(self, decision: LimitDecision) -> dict[str, str]:
         return rate_limit_headers(decision)
 
-    def _checks(self, ctx: RequestContext, settings: LimiterSettings) -> list[_Check]:
+    def _route(self, ctx: RequestContext, settings: LimiterSettings) -> _Route:
         tenant = ctx.principal.tenant
+        ident = (ctx.principal.key_id, ctx.user, tenant, ctx.model)
+        route = self._routes.get(ident)
+        if route is not None:
+            return route
+        if len(self._routes) >= PLAN_CACHE_SIZE:
+            self._forget_routes()
         named: list[tuple[Scope, str | None, str]] = [
             ("key", ctx.principal.key_id, ctx.principal.key_id),
             # End users are named by the client, so one tenant's "alice" is not another's.
@@ -219,10 +290,98 @@ class RateLimiter:
             ("model", ctx.model, ctx.model),
         ]
         checks: list[_Check] = []
-        for scope, name, ident in named:
+        for scope, name, id_ in named:
             if name is not None:
-                checks += self._plan(settings, scope, name, ident)
-        return checks
+                checks += self._plan(settings, scope, name, id_)
+        shortest = min((check.resolution_us for check in checks), default=0)
+        route = self._routes[ident] = _Route(tuple(checks), shortest)
+        return route
+
+    def _forget_routes(self) -> None:
+        """Drop every route; their leases go back (from any thread: Serve may call
+        ``reconfigure`` off the event loop)."""
+        routes, self._routes = self._routes, {}
+        for route in routes.values():
+            route.retired = True  # a lease still being asked for goes back when granted
+        for route in list(self._leased):
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._give_back, route)
+
+    def _consider_lease(self, route: _Route, decision: LimitDecision, tokens: int) -> None:
+        """Ask for a lease after an exact admission, when the route is busy (two
+        admissions at different times within one slice) and far from its limits."""
+        before, elapsed = route.last_windows, decision.at_us - route.last_us
+        if elapsed == 0:  # decided in the same script run: no pace to read
+            return
+        route.last_us, route.last_windows = decision.at_us, decision.windows
+        if not before or elapsed >= route.shortest_us or route.asking or route.lease:
+            return
+        settings = self.settings
+        lifetime = min(round(settings.lease_max_s * 1_000_000), route.shortest_us)
+        wanted = min(route.size, settings.lease_requests)
+        size = lease_size(decision.windows, before, elapsed, lifetime, tokens, wanted)
+        if not size:
+            return
+        route.asking = True
+        self._loop = loop = asyncio.get_running_loop()
+        task = loop.create_task(self._ask_lease(route, size, tokens))
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+
+    async def _ask_lease(self, route: _Route, size: int, tokens: int) -> None:
+        settings = self.settings
+        started = self._local()
+        for_us = round(settings.lease_max_s * 1_000_000)
+        try:
+            reply = await self._batch.acquire(
+                route.checks, size * tokens, settings.store_timeout_s, (size, for_us)
+            )
+        except STORE_ERRORS as exc:
+            self._store_failed("lease", exc)
+            return
+        finally:
+            route.asking = False
+        self._store_ok()
+        values = [int(value) for value in reply]
+        if values[2] != 1:  # it no longer fits: the route stays exact
+            return
+        now, until = values[0], values[-1]
+        entries = _windows(route.checks, values, 0, 0)
+        lease = Lease(entries, size, size * tokens, now, started, started + (until - now) / 1e6)
+        self.leases += 1
+        route.lease = lease
+        self._leased.add(route)
+        if route.retired:
+            self._give_back(route)
+            return
+        loop = asyncio.get_running_loop()
+        route.timer = loop.call_later((until - now) / 1e6, self._expire, route, lease)
+
+    def _expire(self, route: _Route, lease: Lease) -> None:
+        if route.lease is lease:
+            self._give_back(route)
+
+    def _give_back(self, route: _Route) -> None:
+        """End the route's lease: what it did not admit goes back to its windows."""
+        lease, route.lease = route.lease, None
+        self._leased.discard(route)
+        if lease is not None:
+            lease.ended = True
+        if route.timer is not None:
+            route.timer.cancel()
+            route.timer = None
+        if lease is None:
+            return
+        most = self.settings.lease_requests
+        route.size = next_size(route.size, lease.granted, lease.requests, lease.requests == 0, most)
+        if lease.requests or lease.tokens:
+            self._batch.settle_soon(
+                lease.entries,
+                -lease.tokens,
+                self.settings.store_timeout_s,
+                self._settled,
+                requests=-lease.requests,
+            )
 
     def _plan(
         self, settings: LimiterSettings, scope: Scope, name: str, ident: str
@@ -256,7 +415,9 @@ class RateLimiter:
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(round(self._clock() * 1_000_000))
 
-    async def _decide(self, checks: list[_Check], tokens: int, timeout_s: float) -> LimitDecision:
+    async def _decide(
+        self, checks: tuple[_Check, ...], tokens: int, timeout_s: float
+    ) -> LimitDecision:
         reply = await self._batch.acquire(checks, tokens, timeout_s)
         self._store_ok()
         return _decision(checks, tokens, [int(value) for value in reply])
@@ -289,6 +450,18 @@ class RateLimiter:
 
 def _decision(checks: Sequence[_Check], tokens: int, reply: list[int]) -> LimitDecision:
     now, enforced_ok, all_ok = reply[0], reply[1] == 1, reply[2] == 1
+    windows = _windows(checks, reply, 1, tokens)
+    if all_ok:  # every window admits: no limit to name
+        return LimitDecision(True, "allowed", tokens, 0.0, now, windows)
+    return _judge(windows, tokens, now, enforced_ok)
+
+
+def _windows(
+    checks: Sequence[_Check], reply: list[int], requests: int, tokens: int
+) -> tuple[WindowState, ...]:
+    """Each window as an acquire's reply left it; a window that recorded the
+    acquire counts its ``requests`` and ``tokens`` as used."""
+    now, enforced_ok, all_ok = reply[0], reply[1] == 1, reply[2] == 1
     windows: list[WindowState] = []
     at = 3
     for check in checks:
@@ -304,10 +477,11 @@ def _decision(checks: Sequence[_Check], tokens: int, reply: list[int]) -> LimitD
                 quota.shadow,
                 quota.requests,
                 quota.tokens,
-                used_r + 1 if recorded else used_r,
+                used_r + requests if recorded else used_r,
                 used_t + tokens if recorded else used_t,
                 recorded,
-                max(0, oldest + window_us - now) if oldest >= 0 else 0,
+                # a lease's usage is stamped ahead (limiter_lease.py)
+                min(window_us, max(0, oldest + window_us - now)) if oldest >= 0 else 0,
                 wait_r,
                 wait_t,
                 check.log_key,
@@ -316,9 +490,7 @@ def _decision(checks: Sequence[_Check], tokens: int, reply: list[int]) -> LimitD
                 check.resolution_us,
             )
         )
-    if all_ok:  # every window admits: no limit to name
-        return LimitDecision(True, "allowed", tokens, 0.0, now, tuple(windows))
-    return _judge(tuple(windows), tokens, now, enforced_ok)
+    return tuple(windows)
 
 
 def _judge(

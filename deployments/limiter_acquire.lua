@@ -9,14 +9,22 @@
 --   costs  HASH  "r<member>" / "t<member>": requests / tokens of that entry;
 --                "R" / "T": totals over the live entries
 --
--- acquire(cost, checks): `cost` = tokens the request reserves (it is always 1
--- request); each check = {log, costs, window (us), resolution (us), request
--- limit, token limit (-1 = no limit), shadow (true = report only)}.
+-- acquire(cost, checks[, lease]): `cost` = tokens the request reserves (it is
+-- always 1 request); each check = {log, costs, window (us), resolution (us),
+-- request limit, token limit (-1 = no limit), shadow (true = report only)}.
 -- Returns {now, enforced_ok, all_ok, then 5 per check: requests used, tokens
 --   used (both before this request), oldest entry's score (-1 = empty),
 --   request wait, token wait (us; 0 = fits, -1 = can never fit)}.
 -- Enforced windows record the request when all of them admit; shadow windows
 -- when every window admits (as if they were enforced too).
+--
+-- A lease (deployments/limiter_lease.py) = {requests, for_us}: `requests` and
+-- `cost` tokens in one go, recorded only if every window, shadow ones too,
+-- stays at most half full with them. It ends (`until`, appended to the reply) after for_us or at the
+-- end of the current slice of any of its windows, whichever comes first; its
+-- usage is stamped `until` (it is spent before then), so it leaves each window
+-- no earlier than the hits it stands for, and stays in the current slice's
+-- entry. A lease that does not fit reports waits of 1 (none are computed).
 
 -- (limiter_common.lua, prepended, defines now, num() and keep_alive(); the
 -- batch script calls flush_all() after the run's acquires)
@@ -76,25 +84,29 @@ local function defer(log, group)
   list[#list + 1] = group
 end
 
-local function stamp_now(w)
-  w.stamp, w.dirty = true, true
+-- The current slice's entry gained usage: its score rises to `at` (ZADD GT).
+local function stamp_at(w, at)
+  w.stamp, w.dirty = math.max(w.stamp or at, at), true
   -- The current slice's entry is the newest; it is also the oldest when it
-  -- is the only one, and it is stamped now.
-  if w.oldest < 0 or w.oldest_member == w.member then
-    w.oldest, w.oldest_member = now, w.member
+  -- is the only one.
+  if w.oldest < 0 then
+    w.oldest, w.oldest_member = at, w.member
+  elseif w.oldest_member == w.member then
+    w.oldest = math.max(w.oldest, at)
   end
 end
 
 local function apply_deferred(w)
   for _, g in ipairs(deferred[w.log] or {}) do
-    if g.delta < 0 then -- settle(): at most what the entry holds comes back
-      local give = math.min(-g.delta, w.entry_t)
-      if give > 0 then
-        w.entry_t, w.used_t, w.dirty = w.entry_t - give, w.used_t - give, true
-      end
+    if g.delta < 0 or g.requests < 0 then -- settle(): at most what the entry holds
+      local give = math.min(-math.min(g.delta, 0), w.entry_t)
+      local give_r = math.min(-g.requests, w.entry_r)
+      w.entry_t, w.used_t = w.entry_t - give, w.used_t - give
+      w.entry_r, w.used_r = w.entry_r - give_r, w.used_r - give_r
+      if give > 0 or give_r > 0 then w.dirty = true end
     else -- charge()
       w.entry_t, w.used_t = w.entry_t + g.delta, w.used_t + g.delta
-      stamp_now(w)
+      stamp_at(w, now)
     end
     g.reply = 1
   end
@@ -112,7 +124,7 @@ local function load(c)
   local held = redis.call('HMGET', c.costs, 'R', 'T', 'r' .. member, 't' .. member)
   w = {
     log = c.log, costs = c.costs, window = c.window, resolution = c.resolution,
-    member = member, stamp = false, dirty = false,
+    member = member, stamp = nil, dirty = false,
     -- the totals and the current slice's entry, this run's admissions included
     used_r = tonumber(held[1]) or 0, used_t = tonumber(held[2]) or 0,
     entry_r = tonumber(held[3]) or 0, entry_t = tonumber(held[4]) or 0,
@@ -134,8 +146,9 @@ local function flush(w)
       'r' .. w.member, w.entry_r, 't' .. w.member, w.entry_t)
   end
   if w.stamp then -- after the HSET: a new entry's PEXPIRE needs both keys to exist
-    w.stamp = false
-    if redis.call('ZADD', w.log, 'GT', num(now), w.member) == 1 then
+    local at = w.stamp
+    w.stamp = nil
+    if redis.call('ZADD', w.log, 'GT', num(at), w.member) == 1 then
       keep_alive(w.log, w.costs, w.window, w.resolution)
     end
   end
@@ -152,18 +165,33 @@ local function wait(w, field, used, need, limit)
   return wait_for(w.log, w.costs, w.window, field, used + need - limit)
 end
 
-local function acquire(cost, checks)
+local function acquire(cost, checks, lease)
   local out = {now, 1, 1}
   local enforced_ok, all_ok = true, true
+  local count, stamp = 1, now
+  if lease then
+    count, stamp = lease.requests, now + lease.for_us
+    for _, c in ipairs(checks) do
+      stamp = math.min(stamp, now - now % c.resolution + c.resolution - 1)
+    end
+  end
   local mine = {}
   for i, c in ipairs(checks) do
     local w = load(c)
     mine[i] = w
-    local wait_r = wait(w, 'r', w.used_r, 1, c.requests)
-    local wait_t = wait(w, 't', w.used_t, cost, c.tokens)
+    local wait_r, wait_t
+    if lease then
+      -- a lease keeps every window at most half full: the rest is decided exactly
+      local fits_r = c.requests < 0 or w.used_r + count <= math.floor(c.requests / 2)
+      local fits_t = c.tokens < 0 or w.used_t + cost <= math.floor(c.tokens / 2)
+      wait_r, wait_t = fits_r and 0 or 1, fits_t and 0 or 1
+    else
+      wait_r = wait(w, 'r', w.used_r, 1, c.requests)
+      wait_t = wait(w, 't', w.used_t, cost, c.tokens)
+    end
     if wait_r ~= 0 or wait_t ~= 0 then
       all_ok = false
-      if not c.shadow then enforced_ok = false end
+      if not c.shadow or lease then enforced_ok = false end
     end
     local at = 4 + 5 * (i - 1)
     out[at], out[at + 1], out[at + 3], out[at + 4] = w.used_r, w.used_t, wait_r, wait_t
@@ -171,13 +199,14 @@ local function acquire(cost, checks)
   for i, c in ipairs(checks) do
     local w = mine[i]
     if enforced_ok and (all_ok or not c.shadow) then
-      w.used_r, w.used_t = w.used_r + 1, w.used_t + cost
-      w.entry_r, w.entry_t = w.entry_r + 1, w.entry_t + cost
-      stamp_now(w)
+      w.used_r, w.used_t = w.used_r + count, w.used_t + cost
+      w.entry_r, w.entry_t = w.entry_r + count, w.entry_t + cost
+      stamp_at(w, stamp)
     end
     out[4 + 5 * (i - 1) + 2] = w.oldest
   end
   out[2] = enforced_ok and 1 or 0
   out[3] = all_ok and 1 or 0
+  if lease then out[#out + 1] = stamp end
   return out
 end

@@ -9,10 +9,11 @@
 --   [2] C, the number of checks; [3] S, the number of settlements
 --   [3 + c], c = 1..C, one check: "k window resolution request_limit
 --       token_limit shadow" (limits -1 = none; shadow 1 = report only)
---   [3 + C + s], s = 1..S, one settlement: "delta" then, per window that
---       recorded the request, " k member window resolution" (member = the
+--   [3 + C + s], s = 1..S, one settlement: "delta requests" then, per window
+--       that recorded the request, " k member window resolution" (member = the
 --       reservation's entry)
---   then one per acquire: "tokens" then " c" per check that applies
+--   then one per acquire: "tokens" then " c" per check that applies; a lease
+--       starts "L requests for_us tokens" instead of "tokens"
 -- Returns one reply per settlement (1) then one per acquire (acquire()'s), in
 -- ARGV order; a call that fails is an error reply in its place, the others
 -- still run (its own writes before the failure stay, as with any script).
@@ -51,15 +52,16 @@ end
 local groups, group_list, settle_groups = {}, {}, {}
 for s = 1, count_settle do
   local w = words(ARGV[3 + count_checks + s])
-  local delta = tonumber(w[1])
+  local delta, requests = tonumber(w[1]), tonumber(w[2])
+  local refund = delta < 0 or requests < 0
   local mine = {}
-  for j = 2, #w, 4 do
-    local id = w[j] .. ' ' .. (delta < 0 and w[j + 1] or '+')
+  for j = 3, #w, 4 do
+    local id = w[j] .. ' ' .. (refund and w[j + 1] or '+')
     local g = groups[id]
     if not g then
       local k = tonumber(w[j])
       g = {
-        delta = 0, window = {
+        delta = 0, requests = 0, window = {
           log = KEYS[2 * k - 1], costs = KEYS[2 * k], member = w[j + 1],
           window = tonumber(w[j + 2]), resolution = tonumber(w[j + 3]),
         },
@@ -67,7 +69,7 @@ for s = 1, count_settle do
       groups[id] = g
       group_list[#group_list + 1] = g
     end
-    g.delta = g.delta + delta
+    g.delta, g.requests = g.delta + delta, g.requests + requests
     mine[#mine + 1] = g
   end
   settle_groups[s] = mine
@@ -77,25 +79,30 @@ local loads = {}
 for _, c in ipairs(checks) do loads[c.log] = c.resolution end
 for _, g in ipairs(group_list) do
   local w = g.window
+  local refund = g.delta < 0 or g.requests < 0
   if loads[w.log] == w.resolution
-      and (g.delta > 0 or w.member == num(now - now % w.resolution)) then
+      and (not refund or w.member == num(now - now % w.resolution)) then
     defer(w.log, g)
   else
-    g.reply = isolated(settle, g.delta, w)
+    g.reply = isolated(settle, g.delta, g.requests, w)
   end
 end
 
 for a = 4 + count_checks + count_settle, #ARGV do
   local w = words(ARGV[a])
+  local first, lease = 2, nil
+  if w[1] == 'L' then
+    first, lease = 5, {requests = tonumber(w[2]), for_us = tonumber(w[3])}
+  end
   local mine = {}
-  for j = 2, #w do mine[j - 1] = checks[tonumber(w[j])] end
-  replies[a - 3 - count_checks] = isolated(acquire, tonumber(w[1]), mine)
+  for j = first, #w do mine[j - first + 1] = checks[tonumber(w[j])] end
+  replies[a - 3 - count_checks] = isolated(acquire, tonumber(w[first - 1]), mine, lease)
 end
 flush_all()
 
 -- A deferred settlement whose window no acquire managed to load goes on its own.
 for _, g in ipairs(group_list) do
-  if g.reply == nil then g.reply = isolated(settle, g.delta, g.window) end
+  if g.reply == nil then g.reply = isolated(settle, g.delta, g.requests, g.window) end
 end
 for s = 1, count_settle do
   local reply = 1

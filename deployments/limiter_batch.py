@@ -67,6 +67,7 @@ class _Acquire:
     tokens: int
     timeout_s: float
     future: asyncio.Future[list[int]]
+    lease: tuple[int, int] | None = None  # (requests, for_us): a lease, not one request
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class _Settle:
     delta: int
     timeout_s: float
     future: asyncio.Future[Any]
+    requests: int = 0  # <= 0: requests given back (a lease's unused part)
 
 
 class LimiterBatch:
@@ -97,19 +99,27 @@ class LimiterBatch:
         self._unsettled: set[asyncio.Future[Any]] = set()  # settle_soon's, until applied
 
     async def acquire(
-        self, checks: Sequence[BatchCheck], tokens: int, timeout_s: float
+        self,
+        checks: Sequence[BatchCheck],
+        tokens: int,
+        timeout_s: float,
+        lease: tuple[int, int] | None = None,
     ) -> list[int]:
-        """The script's reply for one request (``acquire()`` in limiter_acquire.lua)."""
+        """The script's reply for one request, or for a lease of ``(requests,
+        for_us)`` (``acquire()`` in limiter_acquire.lua)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[int]] = loop.create_future()
-        self._acquires.append(_Acquire(checks, tokens, timeout_s, future))
+        self._acquires.append(_Acquire(checks, tokens, timeout_s, future, lease))
         if self._flusher is None:
             self._start_flush(loop)
         return await future
 
-    async def settle(self, windows: Sequence[SettledWindow], delta: int, timeout_s: float) -> None:
-        """Apply a token settlement once; returns when it has been applied."""
-        await self._queue_settle(windows, delta, timeout_s)
+    async def settle(
+        self, windows: Sequence[SettledWindow], delta: int, timeout_s: float, requests: int = 0
+    ) -> None:
+        """Apply a settlement once (``delta`` tokens; ``requests`` <= 0 gives
+        requests back); returns when it has been applied."""
+        await self._queue_settle(windows, delta, timeout_s, requests)
 
     def settle_soon(
         self,
@@ -117,10 +127,11 @@ class LimiterBatch:
         delta: int,
         timeout_s: float,
         done: Callable[[asyncio.Future[Any]], None],
+        requests: int = 0,
     ) -> None:
         """Queue a settlement and return at once; ``done`` gets its future when it
         has been applied or has failed."""
-        future = self._queue_settle(windows, delta, timeout_s)
+        future = self._queue_settle(windows, delta, timeout_s, requests)
         self._unsettled.add(future)
         future.add_done_callback(self._unsettled.discard)
         future.add_done_callback(done)
@@ -130,11 +141,11 @@ class LimiterBatch:
         await wait_all(self._unsettled)
 
     def _queue_settle(
-        self, windows: Sequence[SettledWindow], delta: int, timeout_s: float
+        self, windows: Sequence[SettledWindow], delta: int, timeout_s: float, requests: int
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._settles.append(_Settle(windows, delta, timeout_s, future))
+        self._settles.append(_Settle(windows, delta, timeout_s, future, requests))
         if self._flusher is None and self._timer is None:
             self._timer = loop.call_later(self._settle_delay_s, self._on_timer)
         return future
@@ -223,14 +234,17 @@ def _encode(
 
     settle_args: list[bytes] = []
     for settle in settles:
-        parts = [b"%d" % settle.delta]
+        parts = [b"%d %d" % (settle.delta, settle.requests)]
         for w in settle.windows:
             k = pair(w.log_key, w.costs_key)
             parts.append(b"%d %d %d %d" % (k, w.slice_us, w.window_us, w.resolution_us))
         settle_args.append(b" ".join(parts))
     acquire_args: list[bytes] = []
     for acquire in acquires:
-        parts = [b"%d" % acquire.tokens]
+        if acquire.lease is None:
+            parts = [b"%d" % acquire.tokens]
+        else:
+            parts = [b"L %d %d %d" % (*acquire.lease, acquire.tokens)]
         for check in acquire.checks:
             ref = refs.get(id(check))
             if ref is None:

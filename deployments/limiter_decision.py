@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from deployments.limiter_settings import format_window
 from serve_app.errors import RateLimitError
@@ -101,6 +101,7 @@ class LimitDecision:
     shadow_hits: tuple[LimitHit, ...] = ()
     retry_after_us: int | None = None  # rejected: when it would fit; NEVER
     settled: bool = False
+    lease: Any = None  # the limiter_lease.Lease that admitted it, if one did
 
     def error(self) -> RateLimitError:
         """The 429 a rejected decision answers with."""

@@ -45,6 +45,18 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+async def replicas(
+    redis_url: str, redis_client: aioredis.Redis
+) -> AsyncIterator[list[aioredis.Redis]]:
+    """Separate clients, as separate ingress replicas would have (the first is
+    the flushed fixture client)."""
+    clients = [redis_client] + [aioredis.from_url(redis_url) for _ in range(3)]
+    yield clients
+    for client in clients[1:]:
+        await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def mock_server() -> Iterator[MockServer]:
     server = MockServer()

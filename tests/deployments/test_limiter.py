@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -65,16 +64,6 @@ def window(decision: LimitDecision, seconds: float, shadow: bool = False) -> Any
         w for w in decision.windows if w.window_us == seconds * 1_000_000 and w.shadow == shadow
     ]
     return found
-
-
-@pytest.fixture
-async def replicas(redis_url: str, redis_client: aioredis.Redis) -> AsyncIterator[list[Any]]:
-    """Separate clients, as separate ingress replicas would have (the first is
-    the flushed fixture client)."""
-    clients = [redis_client] + [aioredis.from_url(redis_url) for _ in range(3)]
-    yield clients
-    for client in clients[1:]:
-        await client.aclose()
 
 
 @pytest.mark.parametrize(

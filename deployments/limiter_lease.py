@@ -1,0 +1,168 @@
+"""Leases: a replica takes a small share of every window of a route (key, user,
+tenant, model) in one store call and admits requests from it locally, with no
+round trip, until the share is spent or the lease ends.
+
+Only where that cannot change a decision much: a lease is granted only after
+an exact decision that every window admitted, shadow ones included, while the
+route has steady traffic (two exact decisions, at different times, within one
+slice of its shortest window), only while the lease keeps every window at
+most half full - the script checks that atomically - even if the route's usage
+(all replicas') keeps growing at the pace seen between those two decisions
+for the lease's lifetime, and a lease holds at most 1/32 of any limit. Limits
+under 64 requests (or tokens for 64 requests) a window, the second half of
+every window, and a burst out of quiet are therefore decided one request at a
+time.
+
+What it costs in accuracy (deployments/limiter.py has the exact algorithm):
+
+* never over-admitting still holds: a lease is recorded in full in every
+  window before its first request, atomically, in the current slice's entry,
+  stamped when the lease ends (at most ``lease_max_s`` after it starts and
+  never past the end of that slice), so it leaves each window no earlier than
+  any request it admitted;
+* under-admission, while a lease is live: its unused part counts as used for
+  other replicas; at most 1/32 of a limit per replica and route, until the
+  lease ends (<= ``lease_max_s``, and <= one slice of the shortest window:
+  0.6 s for a minute window at precision 100) and its unused part is given
+  back (``limiter_settle.lua``);
+* a lease the store cannot take back (it failed, and fail-open goes on)
+  keeps counting its unused part until that leaves the window;
+* headers of a leased admission show the windows as the lease found them plus
+  what this replica has admitted from it since (other replicas' usage in the
+  meantime is not seen, for at most the lease's lifetime).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from deployments.limiter_decision import LimitDecision, WindowState
+
+SHARE = 32  # a lease holds at most 1/SHARE of any limit of its route
+MIN_REQUESTS = 2  # a smaller lease saves nothing over the exact decision it rides on
+FIRST_REQUESTS = 8  # a route's first lease; then it follows demand
+
+
+def lease_size(
+    windows: Sequence[WindowState],
+    before: Sequence[WindowState],
+    elapsed_us: int,
+    lifetime_us: int,
+    tokens: int,
+    wanted: int,
+) -> int:
+    """Requests a lease may hold, each reserving ``tokens`` (0: none), after a
+    decision that left ``windows`` ``elapsed_us`` after one that left ``before``:
+    the route's usage, all replicas', growing at that pace for the lease's
+    ``lifetime_us``, must leave room for it in the lower half of every window."""
+    size = wanted
+    for now, then in zip(windows, before, strict=True):
+        for limit, used, was, per in (
+            (now.requests_limit, now.requests_used, then.requests_used, 1),
+            (now.tokens_limit, now.tokens_used, then.tokens_used, tokens),
+        ):
+            if limit is None or per == 0:
+                continue
+            coming = max(0, used - was) * lifetime_us // elapsed_us
+            room = min(limit // SHARE, limit // 2 - used - coming)
+            size = min(size, room // per)
+    return size if size >= MIN_REQUESTS else 0
+
+
+def next_size(size: int, granted: int, left: int, exhausted: bool, most: int) -> int:
+    """The route's next lease, after one of ``granted`` requests ended with ``left``
+    unused: twice as big when it ran out, half when it was mostly left over."""
+    if exhausted:
+        return min(most, max(size, granted) * 2)
+    if left * 4 > granted * 3:
+        return max(MIN_REQUESTS, size // 2)
+    return size
+
+
+@dataclass(slots=True)
+class Lease:
+    """A granted share: ``requests`` and ``tokens`` still to admit, until the
+    local clock reads ``deadline`` (the store's ``until`` mapped onto it, early
+    rather than late)."""
+
+    entries: tuple[WindowState, ...]  # where the lease is recorded (given back there)
+    requests: int
+    tokens: int
+    at_us: int  # the store's clock when it granted the lease
+    started: float  # the local clock before the lease was asked for
+    deadline: float
+    granted: int = field(init=False)
+    # The windows' admitted usage as last seen (the lease's unused part not
+    # counted), and what the lease admitted since: the headers it answers with.
+    view: tuple[WindowState, ...] = field(init=False)
+    since_requests: int = 0
+    since_tokens: int = 0
+    ended: bool = False  # given back: settlements go to the store
+
+    def __post_init__(self) -> None:
+        self.granted = self.requests
+        self.view = self.entries
+
+    def live(self, now: float) -> bool:
+        return now < self.deadline
+
+    def rebase(self, windows: tuple[WindowState, ...]) -> tuple[WindowState, ...]:
+        """Windows an exact decision read from the store, which counts this
+        lease in full: returned (and kept as the view) with its unused part
+        not counted as used."""
+        self.view = windows = tuple(
+            replace(
+                w,
+                requests_used=w.requests_used - self.requests,
+                tokens_used=w.tokens_used - self.tokens,
+            )
+            for w in windows
+        )
+        self.since_requests = self.since_tokens = 0
+        return windows
+
+    def absorb(self, delta: int) -> bool:
+        """Settle a request it admitted within the lease: a refund goes back into
+        it, a charge comes out of it if it can; False when the store must."""
+        if self.ended or delta > self.tokens:
+            return False
+        self.tokens -= delta
+        self.since_tokens += delta
+        return True
+
+    def take(self, tokens: int, now: float) -> LimitDecision | None:
+        """Admit one request reserving ``tokens`` from the lease, or None when the
+        lease has ended or cannot cover it."""
+        if self.requests < 1 or tokens > self.tokens or now >= self.deadline:
+            return None
+        self.requests -= 1
+        self.tokens -= tokens
+        self.since_requests += 1
+        self.since_tokens += tokens
+        at_us = self.at_us + round((now - self.started) * 1_000_000)
+        elapsed_us = at_us - self.at_us
+        windows = tuple(
+            WindowState(
+                w.scope,
+                w.name,
+                w.window_us,
+                w.shadow,
+                w.requests_limit,
+                w.tokens_limit,
+                w.requests_used + self.since_requests,
+                w.tokens_used + self.since_tokens,
+                True,
+                max(0, w.reset_us - elapsed_us),
+                0,
+                0,
+                w.log_key,
+                w.costs_key,
+                entry.slice_us,
+                w.resolution_us,
+            )
+            for w, entry in zip(self.view, self.entries, strict=True)
+        )
+        decision = LimitDecision(True, "allowed", tokens, 0.0, at_us, windows)
+        decision.lease = self
+        return decision

@@ -1,0 +1,168 @@
+"""Leases (deployments/limiter_lease.py): how big, and, against a real Redis,
+that they save store calls without ever admitting more than a limit."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from deployments.limiter import RateLimiter
+from deployments.limiter_decision import LimitDecision, WindowState
+from deployments.limiter_lease import MIN_REQUESTS, SHARE, lease_size, next_size
+from tests.deployments.test_limiter import FakeClock, ctx, per_key
+
+
+def state(requests: int | None = None, tokens: int | None = None, used_r: int = 0, used_t: int = 0):
+    return WindowState(
+        "key", "k", 60_000_000, False, requests, tokens, used_r, used_t, True,
+        0, 0, 0, "log", "cost", 0, 600_000,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("now", "before", "elapsed", "tokens", "expected"),
+    [
+        # 1/SHARE of the limit at most
+        (state(1000, used_r=10), state(1000, used_r=9), 1000, 0, 1000 // SHARE),
+        # small limits are always exact
+        (state(SHARE * MIN_REQUESTS - 1), state(SHARE * MIN_REQUESTS - 1), 1000, 0, 0),
+        # the lower half only
+        (state(1000, used_r=495), state(1000, used_r=495), 1000, 0, 5),
+        (state(1000, used_r=499), state(1000, used_r=499), 1000, 0, 0),
+        # usage growing 10 per ms for the 10 ms lifetime eats 100 of the room
+        (state(1000, used_r=300), state(1000, used_r=290), 1000, 0, 31),
+        (state(1000, used_r=380), state(1000, used_r=370), 1000, 0, 20),
+        # tokens: 1/SHARE of a token limit is 3 requests of 100 tokens
+        (state(None, 10_000), state(None, 10_000), 1000, 100, 3),
+        (state(None, 10_000), state(None, 10_000), 1000, 0, 64),
+    ],
+)
+def test_lease_size(
+    now: WindowState, before: WindowState, elapsed: int, tokens: int, expected: int
+) -> None:
+    assert lease_size([now], [before], elapsed, 10_000, tokens, 64) == expected
+
+
+def test_next_size_follows_demand() -> None:
+    assert next_size(8, 8, 0, True, 64) == 16
+    assert next_size(64, 64, 0, True, 64) == 64
+    assert next_size(16, 16, 14, False, 64) == 8
+    assert next_size(16, 16, 4, False, 64) == 16
+    assert next_size(2, 2, 2, False, 64) == MIN_REQUESTS
+
+
+pytestmark = pytest.mark.integration
+
+
+async def totals(redis: aioredis.Redis, decision: LimitDecision) -> list[tuple[int, int]]:
+    """Each window's (requests, tokens) as the store counts them."""
+    out = []
+    for window in decision.windows:
+        r, t = await redis.hmget(window.costs_key, "R", "T")
+        out.append((int(r or 0), int(t or 0)))
+    return out
+
+
+async def steady(limiter: RateLimiter, clock: FakeClock, count: int, **kw: Any) -> list[Any]:
+    """``count`` sequential requests, 1 ms apart."""
+    decisions = []
+    for _ in range(count):
+        decisions.append(await limiter.evaluate(ctx(**kw)))
+        clock.now += 0.001
+    return decisions
+
+
+async def test_a_busy_route_is_decided_from_leases_and_the_store_counts_exactly(
+    redis_client: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    quotas = [
+        {"window": "1m", "requests": 10_000, "tokens": 10**7},
+        {"window": "1h", "requests": 10**5},
+    ]
+    limiter = RateLimiter(redis_client, per_key(*quotas), clock=clock)
+    decisions = await steady(limiter, clock, 300, prompt=10, max_tokens=20)
+    assert all(d.allowed for d in decisions)
+    assert limiter.leases >= 3 and limiter.leased >= 250
+    # Headers keep counting, leased or not.
+    used = [d.windows[0].requests_used for d in decisions]
+    assert used == list(range(1, 301))
+    # Settle half of them to other usage; give the leases back: the store holds
+    # exactly what was admitted, no more (unused lease) and no less.
+    for d in decisions[:150]:
+        limiter.settle_soon(d, 25)
+    await limiter.drain()
+    assert await totals(redis_client, decisions[-1]) == [(300, 150 * 25 + 150 * 30)] * 2
+
+
+async def test_replicas_with_leases_never_admit_more_than_the_limit(
+    replicas: list[aioredis.Redis],
+) -> None:
+    clock = FakeClock()
+    limit = 640
+    settings = per_key({"window": "1m", "requests": limit}, lease_max_s=0.05)
+    limiters = [RateLimiter(c, settings, clock=clock) for c in replicas]
+    allowed = 0
+    for _ in range(300):  # waves of 4 concurrent requests, one per replica, 10 ms apart
+        wave = await asyncio.gather(*(lim.evaluate(ctx()) for lim in limiters))
+        allowed += sum(d.allowed for d in wave)
+        assert allowed <= limit
+        clock.now += 0.01
+    assert sum(lim.leases for lim in limiters) > 0
+    # Leases stop at half the window: the second half was decided exactly, and
+    # once every lease is back, what was left unused is admitted again.
+    for lim in limiters:
+        await lim.drain()
+    for lim in limiters:
+        while (await lim.evaluate(ctx())).allowed:
+            allowed += 1
+    assert allowed == limit
+
+
+async def test_leased_usage_leaves_the_window_no_earlier_than_the_lease_ends(
+    redis_client: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    settings = per_key({"window": "1m", "requests": 6400}, lease_max_s=0.05)
+    limiter = RateLimiter(redis_client, settings, clock=clock)
+    decisions = await steady(limiter, clock, 30)
+    assert limiter.leased > 0
+    last = decisions[-1].windows[0]
+    scores = await redis_client.zrange(last.log_key, 0, -1, withscores=True)
+    newest = max(score for _, score in scores)
+    # The newest entry is stamped at the end of the newest lease, ahead of the
+    # clock at its last request, and within its slice.
+    assert newest > clock.now * 1e6 - 1000
+    assert newest < last.slice_us + last.resolution_us
+    await limiter.drain()
+
+
+async def test_small_limits_bursts_and_the_upper_half_never_lease(
+    redis_client: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    small = RateLimiter(redis_client, per_key({"window": "1m", "requests": 63}), clock=clock)
+    await steady(small, clock, 60)
+    assert small.leases == 0
+    # A burst out of quiet, all in one script run: no pace, no lease.
+    burst = RateLimiter(
+        redis_client, per_key({"window": "1m", "requests": 10_000}, key_prefix="{b}")
+    )
+    await asyncio.gather(*(burst.evaluate(ctx()) for _ in range(50)))
+    assert burst.leases == 0
+    await small.drain()
+    await burst.drain()
+
+
+async def test_reconfigure_gives_the_leases_back(redis_client: aioredis.Redis) -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(redis_client, per_key({"window": "1m", "requests": 10_000}), clock=clock)
+    decisions = await steady(limiter, clock, 40)
+    assert limiter.leases > 0
+    limiter.reconfigure(per_key({"window": "1m", "requests": 20_000}))
+    await asyncio.sleep(0)  # the give-back is scheduled on the loop
+    await limiter.drain()
+    assert (await totals(redis_client, decisions[-1]))[0][0] == 40
