@@ -78,6 +78,9 @@ class LimiterObserver(Protocol):
 
     def on_store_error(self, operation: str) -> None: ...
 
+    def on_lease(self, granted: int, used: int) -> None:
+        """A lease of ``granted`` requests ended having admitted ``used``."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Check:
@@ -374,6 +377,8 @@ class RateLimiter:
             return
         most = self.settings.lease_requests
         route.size = next_size(route.size, lease.granted, lease.requests, lease.requests == 0, most)
+        if self._observer is not None:
+            self._observer.on_lease(lease.granted, lease.granted - lease.requests)
         if lease.requests or lease.tokens:
             self._batch.settle_soon(
                 lease.entries,

@@ -75,6 +75,18 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         (),
         _FAST_BUCKETS,
     ),
+    "gateway_ratelimit_leases_total": (
+        "counter",
+        "Rate-limit leases ended (deployments/limiter_lease.py).",
+        (),
+        None,
+    ),
+    "gateway_ratelimit_leased_requests_total": (
+        "counter",
+        "Requests admitted from a lease, with no store round trip.",
+        (),
+        None,
+    ),
     "gateway_ratelimit_store_errors_total": (
         "counter",
         "Limiter store errors.",

@@ -78,6 +78,11 @@ class _LimiterMetrics:
     def on_store_error(self, operation: str) -> None:
         self._sink.inc("gateway_ratelimit_store_errors_total", 1, {"operation": operation})
 
+    def on_lease(self, granted: int, used: int) -> None:
+        self._sink.inc("gateway_ratelimit_leases_total")
+        if used:
+            self._sink.inc("gateway_ratelimit_leased_requests_total", used)
+
 
 @dataclass
 class Stages:

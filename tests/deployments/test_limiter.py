@@ -277,6 +277,9 @@ async def test_the_observer_sees_every_decision(redis_client: aioredis.Redis) ->
         def on_store_error(self, operation: str) -> None:
             raise AssertionError(operation)
 
+        def on_lease(self, granted: int, used: int) -> None:
+            raise AssertionError("no lease for a limit of 1")
+
     limiter = RateLimiter(
         redis_client, per_key({"window": "1m", "requests": 1}), observer=Observer()
     )

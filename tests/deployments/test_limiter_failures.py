@@ -52,6 +52,9 @@ class Recorder:
     def on_store_error(self, operation: str) -> None:
         self.store_errors.append(operation)
 
+    def on_lease(self, granted: int, used: int) -> None:
+        raise AssertionError("no leases here")
+
 
 def incident_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [

@@ -83,7 +83,19 @@ async def test_a_busy_route_is_decided_from_leases_and_the_store_counts_exactly(
         {"window": "1m", "requests": 10_000, "tokens": 10**7},
         {"window": "1h", "requests": 10**5},
     ]
-    limiter = RateLimiter(redis_client, per_key(*quotas), clock=clock)
+    ended: list[tuple[int, int]] = []
+
+    class Observer:
+        def on_decision(self, decision: LimitDecision) -> None:
+            pass
+
+        def on_store_error(self, operation: str) -> None:
+            raise AssertionError(operation)
+
+        def on_lease(self, granted: int, used: int) -> None:
+            ended.append((granted, used))
+
+    limiter = RateLimiter(redis_client, per_key(*quotas), clock=clock, observer=Observer())
     decisions = await steady(limiter, clock, 300, prompt=10, max_tokens=20)
     assert all(d.allowed for d in decisions)
     assert limiter.leases >= 3 and limiter.leased >= 250
@@ -96,6 +108,10 @@ async def test_a_busy_route_is_decided_from_leases_and_the_store_counts_exactly(
         limiter.settle_soon(d, 25)
     await limiter.drain()
     assert await totals(redis_client, decisions[-1]) == [(300, 150 * 25 + 150 * 30)] * 2
+    # Every lease ended, and reported what it admitted; they grew with demand.
+    assert len(ended) == limiter.leases
+    assert sum(used for _, used in ended) == limiter.leased
+    assert max(granted for granted, _ in ended) == 64
 
 
 async def test_replicas_with_leases_never_admit_more_than_the_limit(

@@ -59,6 +59,7 @@ USER_QUOTAS: dict[str, list[dict[str, Any]]] = {
     "atomic-day": [_quota("1d", 3)],
     "tokens": [_quota("1m", 1000, TOKEN_LIMIT)],
     "fail-open": [_quota("1m", 1000)],
+    "leased": [_quota("1m", 1_000_000)],
 }
 LIMITS: dict[str, Any] = {
     "key_prefix": "{rl-e2e}",
@@ -171,6 +172,26 @@ def test_a_day_window_rejection_consumes_nothing_from_the_minute_window(
     assert free.headers["x-ratelimit-limit-requests"] == "50"
     assert free.headers["x-ratelimit-remaining-requests"] == str(50 - 4)
     assert mock_behaviour.stats.calls == 4
+
+
+def test_a_busy_user_far_from_its_limit_is_counted_exactly_through_leases(
+    http: httpx.Client, redis_url: str
+) -> None:
+    # Steady traffic on both replicas, far from the limit: decided from leases
+    # (deployments/limiter_lease.py), which the store counts in full while they
+    # last. Once they end, it holds exactly what was admitted and used.
+    used = 0
+    for body in _bodies("leased", 300):
+        response = http.post(CHAT, json=body, headers=auth())
+        assert response.status_code == 200
+        _assert_rate_headers(response)
+        used += response.json()["usage"]["total_tokens"]
+    costs = "{rl-e2e}:user:local%2Fleased:60000000:cost"
+    with redis.Redis.from_url(redis_url) as store:
+        wait_until(
+            lambda: [int(v or 0) for v in store.hmget(costs, "R", "T")] == [300, used],
+            timeout_s=5,
+        )
 
 
 def _tokens_left(http: httpx.Client) -> int:
