@@ -37,10 +37,11 @@ WINDOWS = ("1m", "1h", "1d", "90s", "10m", "7d")
 KEYS = 50  # API keys the requests are spread over
 
 
-def settings(windows: int, prefix: str, lease_requests: int) -> LimiterSettings:
+def settings(windows: int, prefix: str, leases: bool) -> LimiterSettings:
     quotas = [{"window": w, "requests": 10**9, "tokens": 10**12} for w in WINDOWS[:windows]]
+    extra = {} if leases else {"lease_requests": 0}
     return LimiterSettings.model_validate(
-        {"key_prefix": prefix, "per_key": {"default": quotas}, "lease_requests": lease_requests}
+        {"key_prefix": prefix, "per_key": {"default": quotas}, **extra}
     )
 
 
@@ -86,8 +87,8 @@ async def main(seconds: float, concurrencies: list[int]) -> None:
         print(f"{'mode':>6} {'windows':>7} {'tasks':>5} {'decisions/s':>12}", end="")
         print(f" {'p50 ms':>8} {'p99 ms':>8} {'server us':>10} {'runs':>6}")
         for windows in (1, 3, 6):
-            for mode, lease_requests in (("exact", 0), ("leased", 64)):
-                limiter = RateLimiter(client, settings(windows, prefix, lease_requests))
+            for mode in ("exact", "leased"):
+                limiter = RateLimiter(client, settings(windows, prefix, mode == "leased"))
                 for concurrency in concurrencies:
                     before = await _script_stats(client)
                     rate, latencies = await run(limiter, seconds, concurrency)

@@ -98,17 +98,18 @@ class _Check:
 
 @dataclass(eq=False, slots=True)
 class _Route:
-    """The checks of one key/user/tenant/model combination, and its lease."""
+    """The checks of one key/user/tenant/model combination, and its leases."""
 
     checks: tuple[_Check, ...]
     shortest_us: int  # the smallest slice among its windows
-    lease: Lease | None = None
-    timer: asyncio.TimerHandle | None = None  # gives the lease back when it ends
+    lease: Lease | None = None  # admitting now
+    spare: Lease | None = None  # asked for ahead: admits once ``lease`` is spent
     asking: bool = False  # a lease is being asked for
     retired: bool = False  # limits changed since: a lease granted now goes back
-    size: int = FIRST_REQUESTS  # requests the next lease asks for
-    last_us: int = 0  # the store's clock at its latest exact admission
-    last_windows: tuple[WindowState, ...] = ()  # and the windows it left
+    size: int = FIRST_REQUESTS  # requests the next lease asks for, by demand
+    room: int = 0  # requests the next lease may hold, by the latest two store readings
+    last_us: int = 0  # the store's clock at the latest reading
+    last_windows: tuple[WindowState, ...] = ()  # usage as it read then
 
 
 def _script() -> str:
@@ -177,13 +178,8 @@ class RateLimiter:
             return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
         started = time.perf_counter()
         route = self._route(ctx, settings)
-        if (lease := route.lease) is not None:
-            now = self._local()
-            leased = lease.take(tokens, now)
-            if leased is not None:
-                self.leased += 1
-                return self._observed(leased, started)
-            self._give_back(route)  # spent, ended, or too small for this request
+        if route.lease is not None and (leased := self._from_lease(route, tokens)) is not None:
+            return self._observed(leased, started)
         if not route.checks:  # quotas exist, but none for this key/user/tenant/model
             decision = LimitDecision(True, "unlimited", tokens)
         else:
@@ -196,13 +192,25 @@ class RateLimiter:
             else:
                 if (lease := route.lease) is not None:  # granted while this call was out
                     decision = self._beside_lease(lease, decision, tokens)
-                if (
-                    decision.outcome == "allowed"
-                    and decision.lease is None
-                    and settings.lease_requests >= MIN_REQUESTS
-                ):
-                    self._consider_lease(route, decision, tokens)
+                if decision.outcome == "allowed" and decision.lease is None:
+                    self._read(route, decision.at_us, decision.windows, tokens)
+                    self._ask_ahead(route, tokens)
         return self._observed(decision, started)
+
+    def _from_lease(self, route: _Route, tokens: int) -> LimitDecision | None:
+        now = self._local()
+        lease = route.lease
+        leased = lease.take(tokens, now) if lease is not None else None
+        if leased is None and lease is not None:
+            self._end(route, lease)  # spent, ended, or too small: the spare takes over
+            if (lease := route.lease) is not None:
+                leased = lease.take(tokens, now)
+        if leased is None or lease is None:
+            return None
+        self.leased += 1
+        if lease.requests * 4 <= lease.granted:  # mostly spent: the next one is asked now
+            self._ask_ahead(route, tokens)
+        return leased
 
     def _beside_lease(self, lease: Lease, decision: LimitDecision, tokens: int) -> LimitDecision:
         """An exact decision made while the route holds a lease: the store counts
@@ -246,7 +254,7 @@ class RateLimiter:
         replica shutdown)."""
         await wait_all(self._asking)
         for route in list(self._leased):
-            self._give_back(route)
+            self._end_all(route)
         await self._batch.drain()
 
     def _settlement(
@@ -255,11 +263,16 @@ class RateLimiter:
         if decision.settled or not decision.allowed:
             return None
         decision.settled = True
-        windows = [w for w in decision.windows if w.recorded]
         delta = (actual_total_tokens or 0) - decision.reserved_tokens
-        if not windows or delta == 0:
+        if delta == 0:
             return None
-        if decision.lease is not None and decision.lease.absorb(delta):
+        if (lease := decision.lease) is None:
+            windows = [w for w in decision.windows if w.recorded]
+        elif lease.absorb(delta):
+            return None
+        else:  # the lease has ended: its entries hold the reservation
+            windows = list(lease.entries)
+        if not windows:
             return None
         return windows, delta
 
@@ -308,22 +321,28 @@ class RateLimiter:
             route.retired = True  # a lease still being asked for goes back when granted
         for route in list(self._leased):
             if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._give_back, route)
+                self._loop.call_soon_threadsafe(self._end_all, route)
 
-    def _consider_lease(self, route: _Route, decision: LimitDecision, tokens: int) -> None:
-        """Ask for a lease after an exact admission, when the route is busy (two
-        admissions at different times within one slice) and far from its limits."""
-        before, elapsed = route.last_windows, decision.at_us - route.last_us
-        if elapsed == 0:  # decided in the same script run: no pace to read
+    def _read(
+        self, route: _Route, at_us: int, windows: tuple[WindowState, ...], tokens: int
+    ) -> None:
+        """A store reading of the route's usage (an exact admission, or a lease
+        grant): with the one before, how big the next lease may be (``room``)."""
+        before, elapsed = route.last_windows, at_us - route.last_us
+        if elapsed == 0:  # the same script run: no pace to read
             return
-        route.last_us, route.last_windows = decision.at_us, decision.windows
-        if not before or elapsed >= route.shortest_us or route.asking or route.lease:
-            return
+        route.last_us, route.last_windows = at_us, windows
         settings = self.settings
+        if not before or elapsed >= route.shortest_us or settings.lease_requests < MIN_REQUESTS:
+            route.room = 0  # no steady traffic (or leases are off)
+            return
         lifetime = min(round(settings.lease_max_s * 1_000_000), route.shortest_us)
-        wanted = min(route.size, settings.lease_requests)
-        size = lease_size(decision.windows, before, elapsed, lifetime, tokens, wanted)
-        if not size:
+        route.room = lease_size(windows, before, elapsed, lifetime, tokens, settings.lease_requests)
+
+    def _ask_ahead(self, route: _Route, tokens: int) -> None:
+        """Ask for the route's next lease, unless one is on its way or waiting."""
+        size = min(route.size, route.room)
+        if size < MIN_REQUESTS or route.asking or route.spare is not None or route.retired:
             return
         route.asking = True
         self._loop = loop = asyncio.get_running_loop()
@@ -347,38 +366,50 @@ class RateLimiter:
         self._store_ok()
         values = [int(value) for value in reply]
         if values[2] != 1:  # it no longer fits: the route stays exact
+            route.room = 0
             return
         now, until = values[0], values[-1]
+        self._read(route, now, _windows(route.checks, values, size, size * tokens), tokens)
         entries = _windows(route.checks, values, 0, 0)
         lease = Lease(entries, size, size * tokens, now, started, started + (until - now) / 1e6)
         self.leases += 1
-        route.lease = lease
+        lease.timer = asyncio.get_running_loop().call_later(
+            (until - now) / 1e6, self._end, route, lease
+        )
+        if route.lease is None:
+            route.lease = lease
+        else:
+            route.spare = lease
         self._leased.add(route)
         if route.retired:
-            self._give_back(route)
-            return
-        loop = asyncio.get_running_loop()
-        route.timer = loop.call_later((until - now) / 1e6, self._expire, route, lease)
+            self._end_all(route)
 
-    def _expire(self, route: _Route, lease: Lease) -> None:
+    def _end_all(self, route: _Route) -> None:
+        for lease in (route.spare, route.lease):
+            if lease is not None:
+                self._end(route, lease)
+
+    def _end(self, route: _Route, lease: Lease) -> None:
+        """End one of the route's leases: a spare takes over from the lease, and
+        what the lease did not admit goes back to its windows (or on in the
+        spare, when both are in the same slice)."""
         if route.lease is lease:
-            self._give_back(route)
-
-    def _give_back(self, route: _Route) -> None:
-        """End the route's lease: what it did not admit goes back to its windows."""
-        lease, route.lease = route.lease, None
-        self._leased.discard(route)
-        if lease is not None:
-            lease.ended = True
-        if route.timer is not None:
-            route.timer.cancel()
-            route.timer = None
-        if lease is None:
-            return
+            route.lease, route.spare = route.spare, None
+        elif route.spare is lease:
+            route.spare = None
+        else:
+            return  # ended already
+        if route.lease is None:
+            self._leased.discard(route)
+        lease.ended = True
+        if lease.timer is not None:
+            lease.timer.cancel()
         most = self.settings.lease_requests
         route.size = next_size(route.size, lease.granted, lease.requests, lease.requests == 0, most)
         if self._observer is not None:
             self._observer.on_lease(lease.granted, lease.granted - lease.requests)
+        if route.lease is not None and route.lease.inherit(lease):
+            return  # what it left goes on in the lease that took over
         if lease.requests or lease.tokens:
             self._batch.settle_soon(
                 lease.entries,

@@ -102,6 +102,8 @@ class LimitDecision:
     retry_after_us: int | None = None  # rejected: when it would fit; NEVER
     settled: bool = False
     lease: Any = None  # the limiter_lease.Lease that admitted it, if one did
+    # A leased admission carries its headers instead of window states.
+    headers: dict[str, str] | None = None
 
     def error(self) -> RateLimitError:
         """The 429 a rejected decision answers with."""
@@ -133,9 +135,10 @@ def format_reset(us: int) -> str:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    whole, millis = divmod(ms, 1000)
+    hours, whole = divmod(whole, 3600)
+    minutes, whole = divmod(whole, 60)
+    seconds = f"{whole}.{millis:03d}".rstrip("0") if millis else str(whole)
     if hours:
         return f"{hours}h{minutes}m{seconds}s"
     if minutes:
@@ -143,12 +146,15 @@ def format_reset(us: int) -> str:
     return f"{seconds}s"
 
 
-def rate_limit_headers(decision: LimitDecision) -> dict[str, str]:
-    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` of the tightest
-    enforced window per dimension (least remaining; then the later reset)."""
+Tightest = tuple[Dimension, int, int, int]  # dimension, limit, remaining, reset (us)
+
+
+def tightest(windows: tuple[WindowState, ...]) -> list[Tightest]:
+    """Per dimension, the enforced window with the least remaining (then the
+    later reset): what the ``x-ratelimit-*`` headers show."""
     best_r: tuple[int, int, int] | None = None
     best_t: tuple[int, int, int] | None = None
-    for window in decision.windows:
+    for window in windows:
         if window.shadow:
             continue
         if (limit := window.requests_limit) is not None:
@@ -159,11 +165,26 @@ def rate_limit_headers(decision: LimitDecision) -> dict[str, str]:
             candidate = (max(0, limit - window.tokens_used), -window.reset_us, limit)
             if best_t is None or candidate < best_t:
                 best_t = candidate
-    headers: dict[str, str] = {}
+    out: list[Tightest] = []
     for dimension, best in (("requests", best_r), ("tokens", best_t)):
         if best is not None:
             remaining, minus_reset, limit = best
-            headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{dimension}"] = str(remaining)
-            headers[f"x-ratelimit-reset-{dimension}"] = format_reset(-minus_reset)
+            out.append((dimension, limit, remaining, -minus_reset))
+    return out
+
+
+def headers_for(tight: list[Tightest]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for dimension, limit, remaining, reset_us in tight:
+        headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{dimension}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{dimension}"] = format_reset(reset_us)
     return headers
+
+
+def rate_limit_headers(decision: LimitDecision) -> dict[str, str]:
+    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` of the tightest
+    enforced window per dimension (least remaining; then the later reset)."""
+    if decision.headers is not None:
+        return decision.headers
+    return headers_for(tightest(decision.windows))

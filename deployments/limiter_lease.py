@@ -34,10 +34,17 @@ What it costs in accuracy (deployments/limiter.py has the exact algorithm):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from deployments.limiter_decision import LimitDecision, WindowState
+from deployments.limiter_decision import (
+    LimitDecision,
+    Tightest,
+    WindowState,
+    format_reset,
+    tightest,
+)
 
 SHARE = 32  # a lease holds at most 1/SHARE of any limit of its route
 MIN_REQUESTS = 2  # a smaller lease saves nothing over the exact decision it rides on
@@ -98,11 +105,14 @@ class Lease:
     view: tuple[WindowState, ...] = field(init=False)
     since_requests: int = 0
     since_tokens: int = 0
+    _tight: list[Tightest] = field(init=False)
     ended: bool = False  # given back: settlements go to the store
+    timer: asyncio.TimerHandle | None = None  # ends it on time
 
     def __post_init__(self) -> None:
         self.granted = self.requests
         self.view = self.entries
+        self._tight = tightest(self.entries)
 
     def live(self, now: float) -> bool:
         return now < self.deadline
@@ -119,8 +129,26 @@ class Lease:
             )
             for w in windows
         )
+        self._tight = tightest(windows)
         self.since_requests = self.since_tokens = 0
         return windows
+
+    def inherit(self, ended: Lease) -> bool:
+        """Take over what an ended lease left, if both are recorded in the same
+        entries (one slice): nothing then goes back to the store. True if so."""
+        for mine, theirs in zip(self.entries, ended.entries, strict=True):
+            if mine.slice_us != theirs.slice_us or mine.log_key != theirs.log_key:
+                return False
+        self.requests += ended.requests
+        self.tokens += ended.tokens
+        self.granted += ended.requests
+        # This lease's view counted the ended one in full as used.
+        self._tight = [
+            (dim, limit, remaining + (ended.requests if dim == "requests" else ended.tokens), reset)
+            for dim, limit, remaining, reset in self._tight
+        ]
+        ended.requests = ended.tokens = 0
+        return True
 
     def absorb(self, delta: int) -> bool:
         """Settle a request it admitted within the lease: a refund goes back into
@@ -133,36 +161,22 @@ class Lease:
 
     def take(self, tokens: int, now: float) -> LimitDecision | None:
         """Admit one request reserving ``tokens`` from the lease, or None when the
-        lease has ended or cannot cover it."""
+        lease has ended or cannot cover it. Its headers are the view's tightest
+        windows less what the lease admitted since (every window loses the same,
+        so the tightest stays the tightest)."""
         if self.requests < 1 or tokens > self.tokens or now >= self.deadline:
             return None
         self.requests -= 1
         self.tokens -= tokens
         self.since_requests += 1
         self.since_tokens += tokens
-        at_us = self.at_us + round((now - self.started) * 1_000_000)
-        elapsed_us = at_us - self.at_us
-        windows = tuple(
-            WindowState(
-                w.scope,
-                w.name,
-                w.window_us,
-                w.shadow,
-                w.requests_limit,
-                w.tokens_limit,
-                w.requests_used + self.since_requests,
-                w.tokens_used + self.since_tokens,
-                True,
-                max(0, w.reset_us - elapsed_us),
-                0,
-                0,
-                w.log_key,
-                w.costs_key,
-                entry.slice_us,
-                w.resolution_us,
-            )
-            for w, entry in zip(self.view, self.entries, strict=True)
-        )
-        decision = LimitDecision(True, "allowed", tokens, 0.0, at_us, windows)
-        decision.lease = self
+        elapsed_us = round((now - self.started) * 1_000_000)
+        headers: dict[str, str] = {}
+        for dimension, limit, remaining, reset_us in self._tight:
+            spent = self.since_requests if dimension == "requests" else self.since_tokens
+            headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{dimension}"] = str(max(0, remaining - spent))
+            headers[f"x-ratelimit-reset-{dimension}"] = format_reset(max(0, reset_us - elapsed_us))
+        decision = LimitDecision(True, "allowed", tokens, 0.0, self.at_us + elapsed_us)
+        decision.lease, decision.headers = self, headers
         return decision

@@ -155,7 +155,7 @@ class LimiterSettings(_Strict):
     # A busy route far from its limits is decided from leases of at most this
     # many requests, each for at most lease_max_s (deployments/limiter_lease.py
     # states the accuracy cost); 0: every decision is one store round trip.
-    lease_requests: int = Field(64, ge=0, le=10_000)
+    lease_requests: int = Field(256, ge=0, le=10_000)
     lease_max_s: float = Field(1.0, gt=0, le=60)
     # Bound on one store round trip, connecting and retries included.
     store_timeout_s: float = Field(0.5, gt=0, le=10)

@@ -100,18 +100,19 @@ async def test_a_busy_route_is_decided_from_leases_and_the_store_counts_exactly(
     assert all(d.allowed for d in decisions)
     assert limiter.leases >= 3 and limiter.leased >= 250
     # Headers keep counting, leased or not.
-    used = [d.windows[0].requests_used for d in decisions]
-    assert used == list(range(1, 301))
+    remaining = [int(limiter.headers(d)["x-ratelimit-remaining-requests"]) for d in decisions]
+    assert remaining == [10_000 - n for n in range(1, 301)]
+    assert any(d.lease for d in decisions[:10]) and not any(d.windows for d in decisions if d.lease)
     # Settle half of them to other usage; give the leases back: the store holds
     # exactly what was admitted, no more (unused lease) and no less.
     for d in decisions[:150]:
         limiter.settle_soon(d, 25)
     await limiter.drain()
-    assert await totals(redis_client, decisions[-1]) == [(300, 150 * 25 + 150 * 30)] * 2
+    assert await totals(redis_client, decisions[0]) == [(300, 150 * 25 + 150 * 30)] * 2
     # Every lease ended, and reported what it admitted; they grew with demand.
     assert len(ended) == limiter.leases
     assert sum(used for _, used in ended) == limiter.leased
-    assert max(granted for granted, _ in ended) == 64
+    assert max(granted for granted, _ in ended) >= 64
 
 
 async def test_replicas_with_leases_never_admit_more_than_the_limit(
@@ -146,7 +147,7 @@ async def test_leased_usage_leaves_the_window_no_earlier_than_the_lease_ends(
     limiter = RateLimiter(redis_client, settings, clock=clock)
     decisions = await steady(limiter, clock, 30)
     assert limiter.leased > 0
-    last = decisions[-1].windows[0]
+    last = decisions[0].windows[0]
     scores = await redis_client.zrange(last.log_key, 0, -1, withscores=True)
     newest = max(score for _, score in scores)
     # The newest entry is stamped at the end of the newest lease, ahead of the
@@ -181,4 +182,4 @@ async def test_reconfigure_gives_the_leases_back(redis_client: aioredis.Redis) -
     limiter.reconfigure(per_key({"window": "1m", "requests": 20_000}))
     await asyncio.sleep(0)  # the give-back is scheduled on the loop
     await limiter.drain()
-    assert (await totals(redis_client, decisions[-1]))[0][0] == 40
+    assert (await totals(redis_client, decisions[0]))[0][0] == 40
