@@ -1,17 +1,22 @@
 """Leases: a replica takes a small share of every window of a route (key, user,
 tenant, model) in one store call and admits requests from it locally, with no
-round trip, until the share is spent or the lease ends.
+round trip, until the share is spent or the lease ends. A request's token
+settlement goes into the lease it came from; the next lease is asked for when
+the current one is three-quarters spent and waits as a spare; what a lease
+leaves goes back to the store when it ends, or on in the spare when both are
+recorded in the same slice. Leases follow demand: 8 requests at first, twice
+as many each time one runs out, half when one ends mostly unused, at most
+``lease_requests``.
 
-Only where that cannot change a decision much: a lease is granted only after
-an exact decision that every window admitted, shadow ones included, while the
-route has steady traffic (two exact decisions, at different times, within one
-slice of its shortest window), only while the lease keeps every window at
-most half full - the script checks that atomically - even if the route's usage
-(all replicas') keeps growing at the pace seen between those two decisions
-for the lease's lifetime, and a lease holds at most 1/32 of any limit. Limits
-under 64 requests (or tokens for 64 requests) a window, the second half of
-every window, and a burst out of quiet are therefore decided one request at a
-time.
+Only where that cannot change a decision much: a lease is granted only while
+the route has steady traffic (two store readings - exact admissions or lease
+grants - at different times within one slice of its shortest window), only
+while it keeps every window, shadow ones included, at most half full - the
+script checks that atomically - even if the route's usage (all replicas')
+keeps growing at the pace seen between those two readings for the lease's
+lifetime, and a lease holds at most 1/32 of any limit. Limits under 64
+requests (or tokens for 64 requests) a window, the second half of every
+window, and a burst out of quiet are therefore decided one request at a time.
 
 What it costs in accuracy (deployments/limiter.py has the exact algorithm):
 
@@ -20,11 +25,13 @@ What it costs in accuracy (deployments/limiter.py has the exact algorithm):
   stamped when the lease ends (at most ``lease_max_s`` after it starts and
   never past the end of that slice), so it leaves each window no earlier than
   any request it admitted;
-* under-admission, while a lease is live: its unused part counts as used for
-  other replicas; at most 1/32 of a limit per replica and route, until the
-  lease ends (<= ``lease_max_s``, and <= one slice of the shortest window:
-  0.6 s for a minute window at precision 100) and its unused part is given
-  back (``limiter_settle.lua``);
+* under-admission, while leases are live: their unused part counts as used
+  for other replicas; a lease holds at most 1/32 of a limit and a route at
+  most two (the spare is asked for once the current lease is three-quarters
+  spent), so under 1/25 of a limit per replica and route, until the lease
+  ends (<= ``lease_max_s``, and <= one slice of the shortest window: 0.6 s for
+  a minute window at precision 100) and its unused part is given back
+  (``limiter_settle.lua``);
 * a lease the store cannot take back (it failed, and fail-open goes on)
   keeps counting its unused part until that leaves the window;
 * headers of a leased admission show the windows as the lease found them plus

@@ -183,3 +183,33 @@ async def test_reconfigure_gives_the_leases_back(redis_client: aioredis.Redis) -
     await asyncio.sleep(0)  # the give-back is scheduled on the loop
     await limiter.drain()
     assert (await totals(redis_client, decisions[0]))[0][0] == 40
+
+
+async def test_a_shadow_quota_is_leased_only_in_its_lower_half_and_reports_exactly(
+    redis_client: aioredis.Redis,
+) -> None:
+    clock = FakeClock()
+    shadow = {"window": "1m", "requests": 320, "shadow": True}
+    settings = per_key({"window": "1m", "requests": 10_000}, shadow, lease_max_s=0.05)
+    limiter = RateLimiter(redis_client, settings, clock=clock)
+    decisions = await steady(limiter, clock, 400)
+    assert limiter.leased > 0
+    assert all(d.allowed for d in decisions)
+    assert [d.outcome for d in decisions] == ["allowed"] * 320 + ["shadow_rejected"] * 80
+    assert not any(d.lease for d in decisions[160:])  # the upper half was decided exactly
+    await limiter.drain()
+
+
+async def test_requests_of_any_size_leave_exact_totals(redis_client: aioredis.Redis) -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(redis_client, per_key({"window": "1m", "tokens": 10**7}), clock=clock)
+    sizes = [(i * 37) % 500 for i in range(400)]  # reservations from 0 to 499 tokens
+    decisions = []
+    for size in sizes:
+        decisions.append(await limiter.evaluate(ctx(prompt=size, max_tokens=0)))
+        clock.now += 0.001
+    assert all(d.allowed for d in decisions) and limiter.leased > 100
+    for decision, size in zip(decisions, sizes, strict=True):
+        limiter.settle_soon(decision, size // 2)
+    await limiter.drain()
+    assert await totals(redis_client, decisions[0]) == [(400, sum(s // 2 for s in sizes))]
