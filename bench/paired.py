@@ -9,6 +9,7 @@ minute; measuring all of A and then all of B puts that drift into the ratio.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.loadgen import LoadResult, run_wrk
@@ -46,9 +47,20 @@ def paired_rounds(
     body: str,
     headers: dict[str, str] | None = None,
 ) -> Paired:
+    def measure(url: str) -> Callable[[], LoadResult]:
+        return lambda: run_wrk(url, connections, duration_s, body, headers=headers)
+
+    return paired_measures(measure(base_url), measure(other_url), rounds)
+
+
+def paired_measures(
+    base: Callable[[], LoadResult], other: Callable[[], LoadResult], rounds: int
+) -> Paired:
+    """The same rounds for any two measurements (e.g. one target alone, then
+    beside some other load)."""
     paired = Paired()
     for n in range(rounds):
-        order = [(base_url, paired.base), (other_url, paired.other)]
-        for url, results in order if n % 2 == 0 else reversed(order):
-            results.append(run_wrk(url, connections, duration_s, body, headers=headers))
+        order = [(base, paired.base), (other, paired.other)]
+        for measure, results in order if n % 2 == 0 else reversed(order):
+            results.append(measure())
     return paired

@@ -22,7 +22,7 @@ import httpx
 import orjson
 
 from bench.loadgen import LoadResult, run_wrk
-from bench.paired import paired_rounds
+from bench.paired import paired_measures, paired_rounds
 from bench.serve_cluster import AUTH, OPTIONS, cluster, deploy, gateway_args, wait_http
 
 ROUNDS = 5  # interleaved rounds behind each ratio floor (bench/paired.py); --rounds
@@ -143,34 +143,35 @@ def breaker_bench(
     httpx.post(admin.replace("/open", "/close"), json={"name": name}, headers=AUTH, timeout=10)
     noop_rows = [wrk(noop, c, seconds, healthy) for c in (1, 16)]
     wrk(url, 4, 1, healthy)
-    alone = wrk(url, 16, seconds, healthy)
-    httpx.post(
-        f"http://127.0.0.1:{mock_port}/_mock/faults",
-        json={"faults": {"mock-hang": {"hang_s": 10}}},
-        timeout=5,
-    ).raise_for_status()
-    stop = threading.Event()
-    threads = _hang(url, hang, stop, 24)
-    time.sleep(1)
-    beside = wrk(url, 16, seconds, healthy)
-    stop.set()
-    httpx.post(f"http://127.0.0.1:{mock_port}/_mock/reset", timeout=5)
-    for t in threads:
-        t.join(timeout=30)
-    # Alone again once the hang is over: the ratio is against the mean of the two, so a
-    # drift of the host's speed across the three measurements cancels to first order.
-    alone_after = wrk(url, 16, seconds, healthy)
-    alone_rps = (alone.requests_per_s + alone_after.requests_per_s) / 2
+
+    def beside_hang() -> LoadResult:
+        # Each round's hang outlasts its measurement, and is over before the next.
+        httpx.post(
+            f"http://127.0.0.1:{mock_port}/_mock/faults",
+            json={"faults": {"mock-hang": {"hang_s": seconds + 2}}},
+            timeout=5,
+        ).raise_for_status()
+        stop = threading.Event()
+        threads = _hang(url, hang, stop, 24)
+        time.sleep(1)
+        beside = wrk(url, 16, seconds, healthy)
+        stop.set()
+        httpx.post(f"http://127.0.0.1:{mock_port}/_mock/reset", timeout=5)
+        for t in threads:
+            t.join(timeout=30)
+        return beside
+
+    paired = paired_measures(lambda: wrk(url, 16, seconds, healthy), beside_hang, rounds)
+    print(f"healthy req/s beside a hanging upstream / alone: {paired.describe()}")
     return {
         "rows": {
             "refusal_open": refusals,
             "noop": noop_rows,
-            "healthy_alone": [alone, alone_after],
-            "healthy_beside_hang": [beside],
+            "healthy_alone": paired.base,
+            "healthy_beside_hang": paired.other,
         },
         "floors": {
-            "healthy req/s beside a hanging upstream / alone (>= 90%)": beside.requests_per_s
-            / alone_rps,
+            "healthy req/s beside a hanging upstream / alone (>= 90%)": paired.ratio,
             "refusal p50 ms at 1 conn (vs no-op)": refusals[0].p50_ms,
             "no-op p50 ms at 1 conn": noop_rows[0].p50_ms,
         },
