@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
@@ -49,17 +49,14 @@ from redis.exceptions import RedisError
 
 from deployments.limiter_batch import LimiterBatch
 from deployments.limiter_decision import (
-    DIMENSIONS,
-    NEVER,
     LimitDecision,
-    LimitHit,
-    Outcome,
     Scope,
     WindowState,
     rate_limit_headers,
 )
 from deployments.limiter_lease import FIRST_REQUESTS, MIN_REQUESTS, Lease, lease_size, next_size
-from deployments.limiter_settings import LimiterSettings, Quota
+from deployments.limiter_reply import Check, decision_from, windows_from
+from deployments.limiter_settings import LimiterSettings
 from deployments.tasks import wait_all
 from serve_app.context import RequestContext
 from serve_app.errors import StoreUnavailableError
@@ -82,25 +79,11 @@ class LimiterObserver(Protocol):
         """A lease of ``granted`` requests ended having admitted ``used``."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Check:
-    """One quota applied to one key/user/tenant/model."""
-
-    scope: Scope
-    name: str
-    quota: Quota
-    window_us: int
-    resolution_us: int
-    log_key: str
-    costs_key: str
-    spec: bytes  # as limiter_batch.lua reads it: window resolution limits shadow
-
-
 @dataclass(eq=False, slots=True)
 class _Route:
     """The checks of one key/user/tenant/model combination, and its leases."""
 
-    checks: tuple[_Check, ...]
+    checks: tuple[Check, ...]
     shortest_us: int  # the smallest slice among its windows
     lease: Lease | None = None  # admitting now
     spare: Lease | None = None  # asked for ahead: admits once ``lease`` is spent
@@ -134,7 +117,7 @@ class RateLimiter:
         self._batch = LimiterBatch(redis, _script(), now=self._now_arg)
         self.settings = settings
         self._active = settings.limits_anything
-        self._plans: dict[tuple[Scope, str], tuple[_Check, ...]] = {}
+        self._plans: dict[tuple[Scope, str], tuple[Check, ...]] = {}
         self._routes: dict[tuple[str, str | None, str, str], _Route] = {}
         self._local = clock or time.monotonic  # seconds, for lease deadlines
         self._loop: asyncio.AbstractEventLoop | None = None  # where leases live
@@ -305,7 +288,7 @@ class RateLimiter:
             ("tenant", tenant, tenant),
             ("model", ctx.model, ctx.model),
         ]
-        checks: list[_Check] = []
+        checks: list[Check] = []
         for scope, name, id_ in named:
             if name is not None:
                 checks += self._plan(settings, scope, name, id_)
@@ -369,8 +352,8 @@ class RateLimiter:
             route.room = 0
             return
         now, until = values[0], values[-1]
-        self._read(route, now, _windows(route.checks, values, size, size * tokens), tokens)
-        entries = _windows(route.checks, values, 0, 0)
+        self._read(route, now, windows_from(route.checks, values, size, size * tokens), tokens)
+        entries = windows_from(route.checks, values, 0, 0)
         lease = Lease(entries, size, size * tokens, now, started, started + (until - now) / 1e6)
         self.leases += 1
         lease.timer = asyncio.get_running_loop().call_later(
@@ -421,7 +404,7 @@ class RateLimiter:
 
     def _plan(
         self, settings: LimiterSettings, scope: Scope, name: str, ident: str
-    ) -> tuple[_Check, ...]:
+    ) -> tuple[Check, ...]:
         """The checks of one key/user/tenant/model, kept until the next reconfigure."""
         plan = self._plans.get((scope, ident))
         if plan is not None:
@@ -430,7 +413,7 @@ class RateLimiter:
             self._plans.clear()
         quotas = getattr(settings, f"per_{scope}").for_name(name)
         base = f"{settings.key_prefix}:{scope}:{quote(ident, safe='')}"
-        checks: list[_Check] = []
+        checks: list[Check] = []
         for quota in quotas:
             window_us = round(quota.window * 1_000_000)
             key = f"{base}:{window_us}" + (":shadow" if quota.shadow else "")
@@ -443,7 +426,7 @@ class RateLimiter:
                 1 if quota.shadow else 0,
             )
             checks.append(
-                _Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost", spec)
+                Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost", spec)
             )
         plan = self._plans[(scope, ident)] = tuple(checks)
         return plan
@@ -452,11 +435,11 @@ class RateLimiter:
         return "" if self._clock is None else str(round(self._clock() * 1_000_000))
 
     async def _decide(
-        self, checks: tuple[_Check, ...], tokens: int, timeout_s: float
+        self, checks: tuple[Check, ...], tokens: int, timeout_s: float
     ) -> LimitDecision:
         reply = await self._batch.acquire(checks, tokens, timeout_s)
         self._store_ok()
-        return _decision(checks, tokens, [int(value) for value in reply])
+        return decision_from(checks, tokens, [int(value) for value in reply])
 
     def _store_failed(self, operation: str, exc: BaseException) -> None:
         self.store_errors += 1
@@ -482,75 +465,3 @@ class RateLimiter:
             log.warning(
                 "rate-limit store answers again (%d failed calls so far)", self.store_errors
             )
-
-
-def _decision(checks: Sequence[_Check], tokens: int, reply: list[int]) -> LimitDecision:
-    now, enforced_ok, all_ok = reply[0], reply[1] == 1, reply[2] == 1
-    windows = _windows(checks, reply, 1, tokens)
-    if all_ok:  # every window admits: no limit to name
-        return LimitDecision(True, "allowed", tokens, 0.0, now, windows)
-    return _judge(windows, tokens, now, enforced_ok)
-
-
-def _windows(
-    checks: Sequence[_Check], reply: list[int], requests: int, tokens: int
-) -> tuple[WindowState, ...]:
-    """Each window as an acquire's reply left it; a window that recorded the
-    acquire counts its ``requests`` and ``tokens`` as used."""
-    now, enforced_ok, all_ok = reply[0], reply[1] == 1, reply[2] == 1
-    windows: list[WindowState] = []
-    at = 3
-    for check in checks:
-        used_r, used_t, oldest, wait_r, wait_t = reply[at : at + 5]
-        at += 5
-        quota, window_us = check.quota, check.window_us
-        recorded = enforced_ok and (all_ok or not quota.shadow)
-        windows.append(
-            WindowState(
-                check.scope,
-                check.name,
-                window_us,
-                quota.shadow,
-                quota.requests,
-                quota.tokens,
-                used_r + requests if recorded else used_r,
-                used_t + tokens if recorded else used_t,
-                recorded,
-                # a lease's usage is stamped ahead (limiter_lease.py)
-                min(window_us, max(0, oldest + window_us - now)) if oldest >= 0 else 0,
-                wait_r,
-                wait_t,
-                check.log_key,
-                check.costs_key,
-                now - now % check.resolution_us,
-                check.resolution_us,
-            )
-        )
-    return tuple(windows)
-
-
-def _judge(
-    windows: tuple[WindowState, ...], tokens: int, now: int, enforced_ok: bool
-) -> LimitDecision:
-    """Name the binding limit: the one whose wait is longest (a never-fit first)."""
-    enforced: list[tuple[int, LimitHit]] = []
-    shadow: list[LimitHit] = []
-    for window in windows:
-        for dimension in DIMENSIONS:
-            wait = window.wait_us(dimension)
-            if wait == 0:
-                continue
-            if window.shadow:
-                shadow.append(window.hit(dimension))
-            else:
-                rank = 2**62 if wait == NEVER else wait
-                enforced.append((rank, window.hit(dimension)))
-    if not enforced_ok:
-        rank, hit = max(enforced, key=lambda pair: pair[0])
-        retry = NEVER if rank == 2**62 else rank
-        return LimitDecision(
-            False, "rejected", tokens, 0.0, now, windows, hit, tuple(shadow), retry
-        )
-    outcome: Outcome = "shadow_rejected" if shadow else "allowed"
-    first = shadow[0] if shadow else None
-    return LimitDecision(True, outcome, tokens, 0.0, now, windows, first, tuple(shadow))
