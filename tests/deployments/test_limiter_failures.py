@@ -157,3 +157,24 @@ async def test_store_killed_and_restarted_fail_closed(
         own_store.start()
         decision: Any = await limiter.acquire(ctx())
     assert decision.outcome == "allowed"
+
+
+async def test_leases_outlive_the_store_for_their_lifetime_and_never_hang(
+    own_store: EmbeddedStore, own_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="deployments.limiter")
+    busy = LimiterSettings.model_validate(
+        {"store_timeout_s": 0.5, "per_key": {"default": [{"window": "1m", "requests": 10**6}]}}
+    )
+    limiter = RateLimiter(own_client, busy)
+    async with asyncio.timeout(HANG_GUARD_S * 3):
+        while not limiter.leased:  # steady traffic until a lease admits
+            assert (await limiter.acquire(ctx())).outcome == "allowed"
+            await asyncio.sleep(0.001)
+        own_store.kill()
+        # What the lease holds is admitted without the store; then fail-open.
+        outcomes = [(await limiter.acquire(ctx())).outcome for _ in range(300)]
+        assert outcomes[0] == "allowed" and outcomes[-1] == "fail_open"
+        assert set(outcomes) == {"allowed", "fail_open"}
+        await limiter.drain()  # the unused part cannot go back: counted, logged, no hang
+    assert limiter.store_errors > 0 and len(incident_lines(caplog)) == 1
