@@ -31,7 +31,9 @@ What it costs in accuracy (deployments/limiter.py has the exact algorithm):
   spent), so under 1/25 of a limit per replica and route, until the lease
   ends (<= ``lease_max_s``, and <= one slice of the shortest window: 0.6 s for
   a minute window at precision 100) and its unused part is given back
-  (``limiter_settle.lua``);
+  (``limiter_settle.lua``). Routes that share a window (the users of one
+  tenant, say) each hold their own; however many there are, leases never take
+  a window past half its limit;
 * a lease the store cannot take back (it failed, and fail-open goes on)
   keeps counting its unused part until that leaves the window;
 * headers of a leased admission show the windows as the lease found them plus
