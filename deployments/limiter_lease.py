@@ -123,9 +123,6 @@ class Lease:
         self.view = self.entries
         self._tight = tightest(self.entries)
 
-    def live(self, now: float) -> bool:
-        return now < self.deadline
-
     def rebase(self, windows: tuple[WindowState, ...]) -> tuple[WindowState, ...]:
         """Windows an exact decision read from the store, which counts this
         lease in full: returned (and kept as the view) with its unused part
