@@ -12,8 +12,9 @@ than the script costs the server, so calls share one:
   waits for every queued one, at shutdown.
 
 Each caller still gets its own reply or error. The script decides each
-acquire on its own, all windows and both dimensions at once, exactly as one
-call per request would; the whole run is atomic and reads the clock once.
+acquire on its own (a lease, ``limiter_lease.py``, is one acquire of many
+requests), all windows and both dimensions at once, exactly as one call per
+request would; the whole run is atomic and reads the clock once.
 A call's time bound (the smallest ``timeout_s`` among its callers) applies to
 the one round trip: when it passes, every caller in it gets ``TimeoutError``.
 """
