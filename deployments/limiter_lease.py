@@ -34,8 +34,10 @@ What it costs in accuracy (deployments/limiter.py has the exact algorithm):
   (``limiter_settle.lua``). Routes that share a window (the users of one
   tenant, say) each hold their own; however many there are, leases never take
   a window past half its limit;
-* a lease the store cannot take back (it failed, and fail-open goes on)
-  keeps counting its unused part until that leaves the window;
+* a live lease keeps admitting while the store is down, fail-closed or not:
+  it is usage the store has recorded already (for at most its lifetime);
+  a lease the store cannot take back keeps counting its unused part until
+  that leaves the window;
 * headers of a leased admission show the windows as the lease found them plus
   what this replica has admitted from it since (other replicas' usage in the
   meantime is not seen, for at most the lease's lifetime).
