@@ -174,7 +174,7 @@ class RateLimiter:
                 decision = LimitDecision(not closed, "fail_closed" if closed else "fail_open", 0)
             else:
                 if (lease := route.lease) is not None:  # granted while this call was out
-                    decision = self._beside_lease(lease, decision, tokens)
+                    decision = self._beside_lease(lease, route.spare, decision, tokens)
                 if decision.outcome == "allowed" and decision.lease is None:
                     self._read(route, decision.at_us, decision.windows, tokens)
                     self._ask_ahead(route, tokens)
@@ -195,14 +195,16 @@ class RateLimiter:
             self._ask_ahead(route, tokens)
         return leased
 
-    def _beside_lease(self, lease: Lease, decision: LimitDecision, tokens: int) -> LimitDecision:
+    def _beside_lease(
+        self, lease: Lease, spare: Lease | None, decision: LimitDecision, tokens: int
+    ) -> LimitDecision:
         """An exact decision made while the route holds a lease: the store counts
-        the lease's unused part as used, the route does not; a rejection the
+        the leases' unused parts as used, the route does not; a rejection the
         lease can cover is admitted from it."""
         if not decision.allowed and (leased := lease.take(tokens, self._local())) is not None:
             self.leased += 1
             return leased
-        decision.windows = lease.rebase(decision.windows)
+        decision.windows = lease.rebase(decision.windows, spare)
         return decision
 
     def _observed(self, decision: LimitDecision, started: float) -> LimitDecision:

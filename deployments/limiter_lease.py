@@ -125,16 +125,17 @@ class Lease:
         self.view = self.entries
         self._tight = tightest(self.entries)
 
-    def rebase(self, windows: tuple[WindowState, ...]) -> tuple[WindowState, ...]:
+    def rebase(
+        self, windows: tuple[WindowState, ...], spare: Lease | None = None
+    ) -> tuple[WindowState, ...]:
         """Windows an exact decision read from the store, which counts this
-        lease in full: returned (and kept as the view) with its unused part
-        not counted as used."""
+        lease (and the route's spare) in full: returned, and kept as the view,
+        with their unused parts not counted as used."""
+        requests, tokens = self.requests, self.tokens
+        if spare is not None:
+            requests, tokens = requests + spare.requests, tokens + spare.tokens
         self.view = windows = tuple(
-            replace(
-                w,
-                requests_used=w.requests_used - self.requests,
-                tokens_used=w.tokens_used - self.tokens,
-            )
+            replace(w, requests_used=w.requests_used - requests, tokens_used=w.tokens_used - tokens)
             for w in windows
         )
         self._tight = tightest(windows)

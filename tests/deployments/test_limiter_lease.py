@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from deployments.limiter import RateLimiter
 from deployments.limiter_decision import LimitDecision, WindowState
-from deployments.limiter_lease import MIN_REQUESTS, SHARE, lease_size, next_size
+from deployments.limiter_lease import MIN_REQUESTS, SHARE, Lease, lease_size, next_size
 from tests.deployments.test_limiter import FakeClock, ctx, per_key
 
 
@@ -53,6 +53,18 @@ def test_next_size_follows_demand() -> None:
     assert next_size(16, 16, 14, False, 64) == 8
     assert next_size(16, 16, 4, False, 64) == 16
     assert next_size(2, 2, 2, False, 64) == MIN_REQUESTS
+
+
+def test_an_exact_reading_beside_leases_counts_only_what_they_admitted() -> None:
+    lease = Lease((state(1000, 10**6, 100, 5000),), 8, 800, 0, 0.0, 1.0)
+    spare = Lease((state(1000, 10**6, 108, 5800),), 16, 1600, 0, 0.0, 1.0)
+    assert lease.take(100, 0.5) is not None  # 7 requests and 700 tokens left
+    # The store counts both leases in full: 100 before + 8 + 16 (+ 1 just decided).
+    (window,) = lease.rebase((state(1000, 10**6, 125, 12_500),), spare)
+    assert (window.requests_used, window.tokens_used) == (125 - 7 - 16, 12_500 - 700 - 1600)
+    taken = lease.take(100, 0.6)
+    assert taken is not None and taken.headers is not None
+    assert taken.headers["x-ratelimit-remaining-requests"] == str(1000 - 102 - 1)
 
 
 pytestmark = pytest.mark.integration
