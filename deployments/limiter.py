@@ -161,8 +161,9 @@ class RateLimiter:
             return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
         started = time.perf_counter()
         route = self._route(ctx, settings)
-        if route.lease is not None and (leased := self._from_lease(route, tokens)) is not None:
-            return self._observed(leased, started)
+        if (lease := route.lease) is not None:
+            if (leased := self._from_lease(route, lease, tokens)) is not None:
+                return self._observed(leased, started)
         if not route.checks:  # quotas exist, but none for this key/user/tenant/model
             decision = LimitDecision(True, "unlimited", tokens)
         else:
@@ -180,16 +181,12 @@ class RateLimiter:
                     self._ask_ahead(route, tokens)
         return self._observed(decision, started)
 
-    def _from_lease(self, route: _Route, tokens: int) -> LimitDecision | None:
+    def _from_lease(self, route: _Route, lease: Lease, tokens: int) -> LimitDecision | None:
         now = self._local()
-        lease = route.lease
-        leased = lease.take(tokens, now) if lease is not None else None
-        if leased is None and lease is not None:
+        if (leased := lease.take(tokens, now)) is None:
             self._end(route, lease)  # spent, ended, or too small: the spare takes over
-            if (lease := route.lease) is not None:
-                leased = lease.take(tokens, now)
-        if leased is None or lease is None:
-            return None
+            if (lease := route.lease) is None or (leased := lease.take(tokens, now)) is None:
+                return None
         self.leased += 1
         if lease.requests * 4 <= lease.granted:  # mostly spent: the next one is asked now
             self._ask_ahead(route, tokens)
@@ -390,7 +387,7 @@ class RateLimiter:
         if lease.timer is not None:
             lease.timer.cancel()
         most = self.settings.lease_requests
-        route.size = next_size(route.size, lease.granted, lease.requests, lease.requests == 0, most)
+        route.size = next_size(route.size, lease.granted, lease.requests, most)
         if self._observer is not None:
             self._observer.on_lease(lease.granted, lease.granted - lease.requests)
         if route.lease is not None and route.lease.inherit(lease):

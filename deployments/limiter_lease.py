@@ -53,7 +53,7 @@ from deployments.limiter_decision import (
     LimitDecision,
     Tightest,
     WindowState,
-    format_reset,
+    headers_for,
     tightest,
 )
 
@@ -88,10 +88,10 @@ def lease_size(
     return size if size >= MIN_REQUESTS else 0
 
 
-def next_size(size: int, granted: int, left: int, exhausted: bool, most: int) -> int:
+def next_size(size: int, granted: int, left: int, most: int) -> int:
     """The route's next lease, after one of ``granted`` requests ended with ``left``
     unused: twice as big when it ran out, half when it was mostly left over."""
-    if exhausted:
+    if left == 0:
         return min(most, max(size, granted) * 2)
     if left * 4 > granted * 3:
         return max(MIN_REQUESTS, size // 2)
@@ -111,30 +111,28 @@ class Lease:
     started: float  # the local clock before the lease was asked for
     deadline: float
     granted: int = field(init=False)
-    # The windows' admitted usage as last seen (the lease's unused part not
+    # The tightest windows' admitted usage as last seen (unused leases not
     # counted), and what the lease admitted since: the headers it answers with.
-    view: tuple[WindowState, ...] = field(init=False)
+    _tight: list[Tightest] = field(init=False)
     since_requests: int = 0
     since_tokens: int = 0
-    _tight: list[Tightest] = field(init=False)
     ended: bool = False  # given back: settlements go to the store
     timer: asyncio.TimerHandle | None = None  # ends it on time
 
     def __post_init__(self) -> None:
         self.granted = self.requests
-        self.view = self.entries
         self._tight = tightest(self.entries)
 
     def rebase(
         self, windows: tuple[WindowState, ...], spare: Lease | None = None
     ) -> tuple[WindowState, ...]:
         """Windows an exact decision read from the store, which counts this
-        lease (and the route's spare) in full: returned, and kept as the view,
-        with their unused parts not counted as used."""
+        lease (and the route's spare) in full: returned, and the lease's headers
+        based on them, with their unused parts not counted as used."""
         requests, tokens = self.requests, self.tokens
         if spare is not None:
             requests, tokens = requests + spare.requests, tokens + spare.tokens
-        self.view = windows = tuple(
+        windows = tuple(
             replace(w, requests_used=w.requests_used - requests, tokens_used=w.tokens_used - tokens)
             for w in windows
         )
@@ -151,7 +149,7 @@ class Lease:
         self.requests += ended.requests
         self.tokens += ended.tokens
         self.granted += ended.requests
-        # This lease's view counted the ended one in full as used.
+        # This lease's windows counted the ended one in full as used.
         self._tight = [
             (dim, limit, remaining + (ended.requests if dim == "requests" else ended.tokens), reset)
             for dim, limit, remaining, reset in self._tight
@@ -170,9 +168,9 @@ class Lease:
 
     def take(self, tokens: int, now: float) -> LimitDecision | None:
         """Admit one request reserving ``tokens`` from the lease, or None when the
-        lease has ended or cannot cover it. Its headers are the view's tightest
-        windows less what the lease admitted since (every window loses the same,
-        so the tightest stays the tightest)."""
+        lease has ended or cannot cover it. Its headers are the tightest windows
+        less what the lease admitted since (every window loses the same, so the
+        tightest stays the tightest)."""
         if self.requests < 1 or tokens > self.tokens or now >= self.deadline:
             return None
         self.requests -= 1
@@ -180,12 +178,11 @@ class Lease:
         self.since_requests += 1
         self.since_tokens += tokens
         elapsed_us = round((now - self.started) * 1_000_000)
-        headers: dict[str, str] = {}
-        for dimension, limit, remaining, reset_us in self._tight:
-            spent = self.since_requests if dimension == "requests" else self.since_tokens
-            headers[f"x-ratelimit-limit-{dimension}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{dimension}"] = str(max(0, remaining - spent))
-            headers[f"x-ratelimit-reset-{dimension}"] = format_reset(max(0, reset_us - elapsed_us))
+        spent = {"requests": self.since_requests, "tokens": self.since_tokens}
+        now_tight: list[Tightest] = [
+            (dimension, limit, max(0, remaining - spent[dimension]), max(0, reset - elapsed_us))
+            for dimension, limit, remaining, reset in self._tight
+        ]
         decision = LimitDecision(True, "allowed", tokens, 0.0, self.at_us + elapsed_us)
-        decision.lease, decision.headers = self, headers
+        decision.lease, decision.headers = self, headers_for(now_tight)
         return decision

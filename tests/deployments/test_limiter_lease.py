@@ -48,11 +48,11 @@ def test_lease_size(
 
 
 def test_next_size_follows_demand() -> None:
-    assert next_size(8, 8, 0, True, 64) == 16
-    assert next_size(64, 64, 0, True, 64) == 64
-    assert next_size(16, 16, 14, False, 64) == 8
-    assert next_size(16, 16, 4, False, 64) == 16
-    assert next_size(2, 2, 2, False, 64) == MIN_REQUESTS
+    assert next_size(8, 8, 0, 64) == 16
+    assert next_size(64, 64, 0, 64) == 64
+    assert next_size(16, 16, 14, 64) == 8
+    assert next_size(16, 16, 4, 64) == 16
+    assert next_size(2, 2, 2, 64) == MIN_REQUESTS
 
 
 def test_an_exact_reading_beside_leases_counts_only_what_they_admitted() -> None:
