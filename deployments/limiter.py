@@ -42,7 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
-from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -55,7 +54,7 @@ from deployments.limiter_decision import (
     rate_limit_headers,
 )
 from deployments.limiter_lease import FIRST_REQUESTS, MIN_REQUESTS, Lease, lease_size, next_size
-from deployments.limiter_reply import Check, decision_from, windows_from
+from deployments.limiter_reply import Check, check_for, decision_from, windows_from
 from deployments.limiter_settings import LimiterSettings
 from deployments.tasks import wait_all
 from serve_app.context import RequestContext
@@ -411,22 +410,10 @@ class RateLimiter:
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.clear()
         quotas = getattr(settings, f"per_{scope}").for_name(name)
-        base = f"{settings.key_prefix}:{scope}:{quote(ident, safe='')}"
-        checks: list[Check] = []
-        for quota in quotas:
-            window_us = round(quota.window * 1_000_000)
-            key = f"{base}:{window_us}" + (":shadow" if quota.shadow else "")
-            resolution = max(1, window_us // settings.precision)
-            spec = b"%d %d %d %d %d" % (
-                window_us,
-                resolution,
-                -1 if quota.requests is None else quota.requests,
-                -1 if quota.tokens is None else quota.tokens,
-                1 if quota.shadow else 0,
-            )
-            checks.append(
-                Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost", spec)
-            )
+        checks = [
+            check_for(settings.key_prefix, scope, name, ident, quota, settings.precision)
+            for quota in quotas
+        ]
         plan = self._plans[(scope, ident)] = tuple(checks)
         return plan
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from deployments.limiter_decision import (
     DIMENSIONS,
@@ -31,6 +32,26 @@ class Check:
     log_key: str
     costs_key: str
     spec: bytes  # as limiter_batch.lua reads it: window resolution limits shadow
+
+
+def check_for(
+    prefix: str, scope: Scope, name: str, ident: str, quota: Quota, precision: int
+) -> Check:
+    """The check of one quota applied to one key/user/tenant/model (``ident``
+    names it in its keys): its two keys and its limits as the script reads them."""
+    window_us = round(quota.window * 1_000_000)
+    key = f"{prefix}:{scope}:{quote(ident, safe='')}:{window_us}" + (
+        ":shadow" if quota.shadow else ""
+    )
+    resolution = max(1, window_us // precision)
+    spec = b"%d %d %d %d %d" % (
+        window_us,
+        resolution,
+        -1 if quota.requests is None else quota.requests,
+        -1 if quota.tokens is None else quota.tokens,
+        1 if quota.shadow else 0,
+    )
+    return Check(scope, name, quota, window_us, resolution, key + ":log", key + ":cost", spec)
 
 
 def decision_from(checks: Sequence[Check], tokens: int, reply: list[int]) -> LimitDecision:

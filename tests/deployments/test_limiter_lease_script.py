@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from deployments.limiter import _script
 from deployments.limiter_batch import LimiterBatch
-from deployments.limiter_reply import Check, windows_from
+from deployments.limiter_reply import Check, check_for, windows_from
 from deployments.limiter_settings import Quota
 from tests.deployments.test_limiter import FakeClock
 
@@ -27,21 +27,7 @@ QUOTAS = [
 
 
 def checks(prefix: str, key: str) -> tuple[Check, ...]:
-    out = []
-    for quota in QUOTAS:
-        window_us = round(quota.window * 1_000_000)
-        resolution = window_us // 20
-        base = f"{prefix}:key:{key}:{window_us}" + (":shadow" if quota.shadow else "")
-        spec = b"%d %d %d %d %d" % (
-            window_us,
-            resolution,
-            quota.requests if quota.requests is not None else -1,
-            quota.tokens if quota.tokens is not None else -1,
-            int(quota.shadow),
-        )
-        keys = (base + ":log", base + ":cost")
-        out.append(Check("key", key, quota, window_us, resolution, *keys, spec))
-    return tuple(out)
+    return tuple(check_for(prefix, "key", key, key, quota, 20) for quota in QUOTAS)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
