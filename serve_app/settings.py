@@ -32,7 +32,7 @@ class UpstreamSettings(_Strict):
 
     base_url: HttpUrl  # up to and including the API version, e.g. https://api.openai.com/v1
     api_key_env: str | None = None  # the NAME of the env var holding the upstream's key
-    transport: Literal["aiohttp", "httpx-http2"] = "aiohttp"
+    transport: Literal["http1", "aiohttp", "httpx-http2"] = "http1"
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0)  # whole non-streamed answer / gap between chunks
     max_connections: int = Field(256, ge=1)
