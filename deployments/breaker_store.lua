@@ -108,6 +108,11 @@ local function window_add(code, count)
   if wtype == 0 then
     local head = num(W, 'head')
     local n, f, s = num(W, 'n'), num(W, 'f'), num(W, 's')
+    if n == wsize and f == 0 and s == 0 and failed == 0 and slow == 0 then
+      -- A full window of fast successes (a healthy upstream) stays one: only the head moves.
+      redis.call('HSET', W, 'head', (head + count) % wsize)
+      return n, f, s
+    end
     for _ = 1, math.min(count, wsize) do  -- more than the window holds would be overwritten
       local old = redis.call('HGET', W, 'r' .. head)
       if old then

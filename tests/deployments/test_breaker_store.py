@@ -435,3 +435,29 @@ async def test_a_counted_record_equals_that_many_single_records(
     # A count window of 10 has pushed the failure out; a time window still holds it.
     expected = (10, 0) if window_type == "COUNT_BASED" else (14, 1)
     assert seen == {(BreakerState.CLOSED, *expected)}
+
+
+@pytest.mark.integration
+async def test_successes_into_a_full_window_of_successes_then_failures_match_memory(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The script's shortcut (a full window of fast successes only moves its head) must
+    leave the ring as the one-slot-at-a-time path would: failures then displace the
+    same outcomes in the same order."""
+    from deployments.breaker import Outcome
+    from deployments.breaker_store import MemoryBreakerStore, RedisBreakerStore
+
+    cfg = BreakerSettings(window_size=10, minimum_calls=5, failure_rate_threshold=50)
+    shared, local = RedisBreakerStore(redis_client, prefix="full"), MemoryBreakerStore()
+    seen: list[set[tuple[BreakerState, int, int]]] = []
+    steps = [(Outcome.SUCCESS, 10), (Outcome.SUCCESS, 7), (Outcome.SLOW_SUCCESS, 1)]
+    steps += [(Outcome.FAILURE, 1)] * 6
+    for outcome, count in steps:
+        for store in (shared, local):
+            permit = await store.acquire("b", cfg, 5)
+            if permit.allowed:
+                await store.record_many([("b", cfg, permit, outcome, 0.0, count)])
+        snapshots = [await s.snapshot("b", cfg) for s in (shared, local)]
+        seen.append({(x.state, x.calls, x.failed_calls) for x in snapshots})
+    assert all(len(step) == 1 for step in seen), seen
+    assert seen[-1] == {(BreakerState.OPEN, 10, 5)}
