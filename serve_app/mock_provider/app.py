@@ -58,7 +58,8 @@ class MockProvider:
     async def _gate(self, path: str, raw: bytes, model: str) -> Response | None:
         """Count the call, wait the configured latency, inject the configured fault."""
         self.behaviour.record(path, model, raw)
-        await asyncio.sleep(self.behaviour.delay_s(model))
+        if delay := self.behaviour.delay_s(model):  # sleep(0) would still yield a loop turn
+            await asyncio.sleep(delay)
         decision = self.behaviour.decide(model)
         if decision == "error":
             faults = self.behaviour.faults_for(model)
