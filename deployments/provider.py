@@ -104,7 +104,9 @@ class AiohttpTransport:
         if self._session is None or self._session.closed:
             s = self._settings
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=s.max_connections, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(
+                    limit=s.max_connections, keepalive_timeout=s.keepalive_timeout_s
+                ),
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s
                 ),
@@ -191,6 +193,7 @@ class Http1Transport:
                     max_connections=s.max_connections,
                     connect_timeout_s=s.connect_timeout_s,
                     read_timeout_s=s.read_timeout_s,
+                    idle_timeout_s=s.keepalive_timeout_s,
                 )
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             route = self._routes[url] = (pool, target or "/")

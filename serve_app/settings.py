@@ -36,6 +36,9 @@ class UpstreamSettings(_Strict):
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0)  # whole non-streamed answer / gap between chunks
     max_connections: int = Field(256, ge=1)
+    # Idle keep-alive connections are retired after this, before the upstream drops them
+    # (uvicorn, and so vLLM, drops them after 5 s): a request never meets a closing socket.
+    keepalive_timeout_s: float = Field(4.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
 
     def api_key(self) -> str | None:

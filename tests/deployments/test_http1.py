@@ -7,8 +7,6 @@ import asyncio
 import gzip
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -20,81 +18,13 @@ from deployments.http1 import (
     Http1TimeoutError,
 )
 from serve_app.embedded_store import free_port
+from tests.deployments.scripted_upstream import Upstream, answer, ok, upstream
 
-Reply = Callable[[asyncio.StreamWriter, bytes, int], Awaitable[bool]]
 HEADERS = {"content-type": "application/json", "x-request-id": "r1"}
 
 
-def ok(body: bytes, *extra: bytes) -> bytes:
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-    return head + b"".join(extra) + b"content-length: %d\r\n\r\n" % len(body) + body
-
-
-def answer(raw: bytes, keep: bool = True) -> Reply:
-    """A reply that writes the same bytes to every request."""
-
-    async def reply(writer: asyncio.StreamWriter, request: bytes, n: int) -> bool:
-        writer.write(raw)
-        return keep
-
-    return reply
-
-
-class Upstream:
-    """Reads each request (head and content-length body), hands it to ``reply``
-    with the connection's number; ``reply`` writes the answer and says whether
-    the connection stays open."""
-
-    def __init__(self, reply: Reply) -> None:
-        self.reply = reply
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.open = 0
-        self._arrived = asyncio.Condition()
-
-    async def received(self, count: int) -> None:
-        async with self._arrived:
-            await self._arrived.wait_for(lambda: len(self.requests) >= count)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.open += 1
-        number = self.connections
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                length = 0
-                for line in head.split(b"\r\n"):
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length":
-                        length = int(value)
-                request = head + await reader.readexactly(length)
-                async with self._arrived:
-                    self.requests.append(request)
-                    self._arrived.notify_all()
-                if not await self.reply(writer, request, number):
-                    return
-        finally:
-            self.open -= 1
-            writer.close()
-
-
-@asynccontextmanager
-async def upstream(reply: Reply, tls: ssl.SSLContext | None = None) -> AsyncIterator[Upstream]:
-    server_state = Upstream(reply)
-    server = await asyncio.start_server(server_state.handle, "127.0.0.1", 0, ssl=tls)
-    server_state.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    try:
-        yield server_state
-    finally:
-        server.close()
-
-
 def pool_for(up: Upstream, scheme: str = "http", **options: float) -> Http1Pool:
-    return Http1Pool(f"{scheme}://127.0.0.1:{up.port}", **options)  # type: ignore[attr-defined, arg-type]
+    return Http1Pool(f"{scheme}://127.0.0.1:{up.port}", **options)  # type: ignore[arg-type]
 
 
 async def test_whole_answers_reuse_one_connection() -> None:
@@ -111,7 +41,7 @@ async def test_whole_answers_reuse_one_connection() -> None:
         assert up.connections == 1
         first = up.requests[0]
         assert first.startswith(b"POST /v1/chat HTTP/1.1\r\n")
-        assert b"\r\nhost: 127.0.0.1:%d\r\n" % up.port in first  # type: ignore[attr-defined]
+        assert b"\r\nhost: 127.0.0.1:%d\r\n" % up.port in first
         assert b"\r\nx-request-id: r1\r\n" in first and first.endswith(b'{"i": 0}')
         await pool.aclose()
 
