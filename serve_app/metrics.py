@@ -169,7 +169,9 @@ _Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
 def _key(name: str, tags: Mapping[str, str] | None) -> _Key:
-    return name, tuple(sorted(tags.items())) if tags else ()
+    # Unsorted: a call site builds its tags in one order. Two orders of the same tags
+    # would only be two buffered entries, each added to the same series at flush.
+    return name, tuple(tags.items()) if tags else ()
 
 
 class ServeMetrics:
