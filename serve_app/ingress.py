@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from deployments.provider import ProviderClient
 from deployments.resilience import Target
@@ -288,10 +289,41 @@ class Gateway:
             ("/v1/cost/recommendations", admin.cost_recommendations, "GET"),
         ):
             routes.append(route(path, admin.guarded(handler), method))
-        return Starlette(
+        return _GatewayApp(
+            self._endpoint("/v1/chat/completions", self.chat),
             routes=routes,
             exception_handlers={HTTPException: _http_exception},
         )
+
+
+class _GatewayApp(Starlette):
+    """Starlette, but the hot route (``POST /v1/chat/completions``) goes straight to
+    its endpoint, past the middleware stack and the router: the endpoint renders
+    every error itself (``Gateway._endpoint``), so they only cost it CPU (~7 % of
+    the gateway's own per request, measured in process). Serve still sees a
+    Starlette app, whose routes name the request in its metrics."""
+
+    def __init__(self, chat: Callable[[Request], Awaitable[Response]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and _route_path(scope) == "/v1/chat/completions"
+        ):
+            scope["app"] = self
+            response = await self._chat(Request(scope, receive, send))
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the app's mount point (Serve mounts it at its route prefix)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

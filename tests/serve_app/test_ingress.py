@@ -1,0 +1,74 @@
+"""The ingress in process (no Ray): the chat route's fast path, mounted under a
+prefix as Serve mounts it, answers and renders errors like the routed app."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+import orjson
+import pytest
+
+from deployments.provider import ProviderClient, UpstreamResponse
+from serve_app.ingress import Gateway
+from serve_app.settings import GatewayArgs, hash_key
+
+ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+)
+
+
+class CannedTransport:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        self.calls += 1
+        return UpstreamResponse(200, {}, ANSWER)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.integration
+async def test_chat_fast_path_under_a_prefix(redis_url: str) -> None:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}],
+            "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
+            "store": {"url": redis_url},
+        }
+    )
+    transport = CannedTransport()
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": transport}))
+    await gateway.start()
+    app = gateway.asgi()
+    try:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, root_path="/gw"),
+            base_url="http://gw",
+            headers={"authorization": "Bearer sk-k"},
+        )
+        chat = "/gw/v1/chat/completions"
+        ok = await client.post(
+            chat, json={"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "hi"
+        assert ok.headers["x-request-id"] and ok.headers["x-cache"] == "BYPASS"
+        bad = await client.post(chat, content=b"{not json")
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        assert app.middleware_stack is None  # the router never ran: the fast path did
+        wrong_method = await client.get(chat)
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        assert transport.calls == 1
+        await client.aclose()
+    finally:
+        await gateway.aclose()
