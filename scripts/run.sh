@@ -32,9 +32,18 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
   "$VENV/bin/ray" start --head --port="$RAY_GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port=8265 \
   --metrics-export-port=8080 --disable-usage-stats >/dev/null
+SERVE_PID=
 cleanup() {
   trap - EXIT INT TERM
-  # A graceful drain of the app, bounded: `ray stop` ends whatever is left.
+  # `serve run` first (a SIGTERM from a supervisor reaches only this script), then a
+  # graceful drain of the app, bounded: `ray stop` ends whatever is left.
+  if [ -n "$SERVE_PID" ]; then
+    kill -TERM "$SERVE_PID" 2>/dev/null || true
+    for _ in $(seq 30); do
+      kill -0 "$SERVE_PID" 2>/dev/null || break
+      sleep 1
+    done
+  fi
   "$VENV/bin/serve" shutdown -y >/dev/null 2>&1 &
   local shutdown=$!
   for _ in $(seq 60); do
@@ -60,4 +69,8 @@ cat <<MSG
  Ctrl-C stops the gateway and the local Ray.
 --------------------------------------------------------------------------
 MSG
-RAY_ADDRESS=auto "$VENV/bin/serve" run "$CONFIG"
+# In the background, so that a signal runs the cleanup at once: bash defers traps while a
+# foreground child runs. (A background child ignores SIGINT; the cleanup stops it.)
+RAY_ADDRESS=auto "$VENV/bin/serve" run "$CONFIG" &
+SERVE_PID=$!
+wait "$SERVE_PID"
