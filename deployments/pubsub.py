@@ -32,14 +32,25 @@ async def follow_channel(
 ) -> None:
     """Call ``handle`` with every message (the subscription's confirmation first)
     and with None after each quiet ``tick_s``; never returns (cancel it)."""
+    task = asyncio.current_task()
     while True:
         pubsub = redis.pubsub()
         try:
             await (pubsub.psubscribe(channel) if pattern else pubsub.subscribe(channel))
             while True:
-                await handle(await pubsub.get_message(timeout=tick_s))
+                message = await pubsub.get_message(timeout=tick_s)
+                _stop_if_cancelled(task)
+                await handle(message)
         except errors as exc:
+            _stop_if_cancelled(task)
             on_down(exc)
         finally:
             await pubsub.aclose()
         await asyncio.sleep(retry_s)
+
+
+def _stop_if_cancelled(task: asyncio.Task[Any] | None) -> None:
+    """redis-py's timed read can swallow a cancellation that lands in it (the read just
+    returns): seen as a shutdown hanging forever. A cancelled follower stops anyway."""
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
