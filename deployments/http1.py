@@ -67,13 +67,14 @@ class _Exchange:
     a stream's unread chunks stay here while the connection serves the next."""
 
     __slots__ = (
-        "buffered", "chunks", "complete", "decoder", "done", "error", "head", "headers",
-        "paused_conn", "received", "status", "until_close", "waiter",
+        "buffered", "chunks", "complete", "decoder", "error", "headers", "paused_conn",
+        "ready", "received", "status", "stream", "until_close", "waiter",
     )  # fmt: skip
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.head: asyncio.Future[None] = loop.create_future()  # headers complete
-        self.done: asyncio.Future[None] | None = None  # whole body, when not streamed
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.stream = stream
+        # What the caller waits for: a stream's headers, or the whole answer.
+        self.ready: asyncio.Future[None] = loop.create_future()
         self.status = 0
         self.headers: dict[str, str] = {}
         self.chunks: deque[bytes] = deque()
@@ -94,11 +95,17 @@ class _Exchange:
         if self.complete or self.error is not None:
             return
         self.error = error
-        for future in (self.head, self.done):
-            if future is not None and not future.done():
-                future.set_exception(error)
-                future.exception()  # retrieved: nobody may be awaiting it any more
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # retrieved: nobody may be awaiting it any more
         self.wake()
+
+    def resume(self) -> None:
+        """Reading from the upstream again, if a full buffer had paused it."""
+        if (connection := self.paused_conn) is not None:
+            self.paused_conn = None
+            if connection.transport is not None:
+                connection.transport.resume_reading()
 
     def body(self) -> bytes:
         body = b"".join(self.chunks)
@@ -123,9 +130,7 @@ class _Connection(asyncio.Protocol):
     # -- driving one exchange ------------------------------------------------
 
     def send(self, request: bytes, stream: bool) -> _Exchange:
-        exchange = _Exchange(self._loop)
-        if not stream:
-            exchange.done = self._loop.create_future()
+        exchange = _Exchange(self._loop, stream)
         self.exchange = exchange
         assert self.transport is not None
         self.transport.write(request)
@@ -190,7 +195,7 @@ class _Connection(asyncio.Protocol):
     def _ended(self, exc: Exception | None) -> None:
         exchange = self.exchange
         if exchange is not None:
-            if exchange.until_close and exchange.head.done():
+            if exchange.until_close and exchange.error is None:  # headers came: EOF ends it
                 self.on_message_complete()
             elif not exchange.received and self.reused:
                 exchange.fail(_Stale())
@@ -222,8 +227,8 @@ class _Connection(asyncio.Protocol):
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):
             exchange.decoder = zlib.decompressobj(wbits=47)  # gzip or zlib header
-        if not exchange.head.done():
-            exchange.head.set_result(None)
+        if exchange.stream and not exchange.ready.done():
+            exchange.ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
@@ -234,7 +239,7 @@ class _Connection(asyncio.Protocol):
             if not body:
                 return
         exchange.chunks.append(body)
-        if exchange.done is None:  # a stream: hand it on, hold back a runaway upstream
+        if exchange.stream:  # hand it on, and hold back a runaway upstream
             exchange.buffered += len(body)
             if exchange.buffered > _HIGH_WATER and exchange.paused_conn is None:
                 assert self.transport is not None
@@ -251,14 +256,10 @@ class _Connection(asyncio.Protocol):
         exchange.complete = True
         keep = self._parser.should_keep_alive() and not exchange.until_close
         self._finish()
-        if exchange.done is not None:
-            exchange.done.set_result(None)
-        else:
-            exchange.wake()
-        if exchange.paused_conn is not None:
-            exchange.paused_conn = None
-            assert self.transport is not None
-            self.transport.resume_reading()
+        if not exchange.ready.done():
+            exchange.ready.set_result(None)
+        exchange.wake()
+        exchange.resume()
         if keep and not self.closed:
             self._pool.release(self)
         else:
@@ -280,10 +281,8 @@ class Http1Stream:
             while exchange.chunks:
                 chunk = exchange.chunks.popleft()
                 exchange.buffered -= len(chunk)
-                if exchange.paused_conn is not None and exchange.buffered <= _HIGH_WATER // 2:
-                    connection, exchange.paused_conn = exchange.paused_conn, None
-                    if connection.transport is not None:
-                        connection.transport.resume_reading()
+                if exchange.buffered <= _HIGH_WATER // 2:
+                    exchange.resume()
                 yield chunk
             if exchange.error is not None:
                 raise exchange.error
@@ -378,8 +377,7 @@ class Http1Pool:
             connection = await self._acquire()
             exchange = connection.send(request, stream)
             try:
-                # A whole answer's one wait: it fails as its head would.
-                await (exchange.head if stream else exchange.done)  # type: ignore[misc]
+                await exchange.ready
             except _Stale:
                 if attempt == 0:
                     continue
@@ -398,8 +396,6 @@ class Http1Pool:
         now = self._loop.time()
         while self._idle:
             connection = self._idle.pop()  # the most recently used: least likely dropped
-            if connection.closed:
-                continue
             if now - connection.idle_since < self.idle_timeout_s:
                 connection.reused = True
                 return connection
@@ -429,14 +425,13 @@ class Http1Pool:
                     ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None,
                 )
-        except TimeoutError:
+        except BaseException as exc:
             self._slot_freed()
-            raise Http1TimeoutError(f"connecting to {self.host}:{self.port} timed out") from None
-        except (OSError, ssl.SSLError) as exc:
-            self._slot_freed()
-            raise Http1ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-        except BaseException:
-            self._slot_freed()
+            where = f"{self.host}:{self.port}"
+            if isinstance(exc, TimeoutError):
+                raise Http1TimeoutError(f"connecting to {where} timed out") from None
+            if isinstance(exc, OSError):  # ssl.SSLError is one
+                raise Http1ConnectError(f"cannot connect to {where}: {exc}") from exc
             raise
         finally:
             self._connecting -= 1
