@@ -16,6 +16,15 @@ def ok(body: bytes, *extra: bytes) -> bytes:
     return head + b"".join(extra) + b"content-length: %d\r\n\r\n" % len(body) + body
 
 
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"  # a chunked answer's head
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
 def answer(raw: bytes, keep: bool = True) -> Reply:
     """A reply that writes the same bytes to every request."""
 

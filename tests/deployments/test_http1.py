@@ -18,7 +18,15 @@ from deployments.http1 import (
     Http1TimeoutError,
 )
 from serve_app.embedded_store import free_port
-from tests.deployments.scripted_upstream import Upstream, answer, ok, upstream
+from tests.deployments.scripted_upstream import (
+    CHUNKED,
+    LAST_CHUNK,
+    Upstream,
+    answer,
+    chunk,
+    ok,
+    upstream,
+)
 
 HEADERS = {"content-type": "application/json", "x-request-id": "r1"}
 
@@ -50,9 +58,9 @@ async def test_chunks_arrive_as_the_upstream_sends_them() -> None:
     second = asyncio.Event()
 
     async def reply(writer: asyncio.StreamWriter, request: bytes, n: int) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        writer.write(CHUNKED + chunk(b"first"))
         await second.wait()
-        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        writer.write(chunk(b"second") + LAST_CHUNK)
         return True
 
     async with upstream(reply) as up:
@@ -133,7 +141,7 @@ async def test_silence_is_a_read_timeout_and_a_stall_mid_stream_too() -> None:
 
     async def reply(writer: asyncio.StreamWriter, request: bytes, n: int) -> bool:
         if b"stream" in request:
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
+            writer.write(CHUNKED + chunk(b"hi"))
         await release.wait()
         return False
 
@@ -218,7 +226,7 @@ async def test_header_injection_is_refused() -> None:
 async def test_a_stream_closed_early_does_not_leave_its_connection_in_the_pool() -> None:
     async def reply(writer: asyncio.StreamWriter, request: bytes, n: int) -> bool:
         if n == 1:
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
+            writer.write(CHUNKED + chunk(b"hi"))
             return True
         writer.write(ok(b"{}"))
         return True
@@ -281,19 +289,19 @@ async def test_a_large_stream_arrives_whole_through_the_reading_pauses() -> None
         if b"again" in request:
             writer.write(ok(b"{}"))
             return True
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(CHUNKED)
         for _ in range(4):
-            writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            writer.write(chunk(piece))
             await writer.drain()
-        writer.write(b"0\r\n\r\n")
+        writer.write(LAST_CHUNK)
         return True
 
     async with upstream(reply) as up:
         pool = pool_for(up)
         stream = await pool.stream("/", b"{}", HEADERS)
         received = bytearray()
-        async for chunk in stream.chunks():
-            received += chunk
+        async for part in stream.chunks():
+            received += part
         assert bytes(received) == piece * 4
         assert (await pool.post("/", b'"again"', HEADERS)).status == 200
         assert up.connections == 1  # reading resumed and the answer ended cleanly
