@@ -3,16 +3,17 @@ settings for tests, and deploying the gateway on the session's Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
-import uvicorn
 
 from serve_app.embedded_store import free_port
-from serve_app.mock_provider import MockBehaviour, create_app
+from serve_app.mock_provider import MockBehaviour, MockProvider
+from serve_app.mock_provider.server import start
 from serve_app.settings import GatewayArgs, hash_key
 
 LOCAL_KEY = "sk-local"
@@ -26,15 +27,17 @@ class MockServer:
     def __init__(self) -> None:
         self.behaviour = MockBehaviour()
         self.port = free_port()
-        config = uvicorn.Config(
-            create_app(self.behaviour),
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._stopped = asyncio.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),))
+        self._thread.daemon = True
+
+    async def _serve(self) -> None:
+        server = await start(MockProvider(self.behaviour), "127.0.0.1", self.port)
+        self._listening.set()
+        async with server:
+            await self._stopped.wait()
 
     @property
     def base_url(self) -> str:
@@ -42,11 +45,13 @@ class MockServer:
 
     def start(self) -> None:
         self._thread.start()
-        wait_until(lambda: self._server.started, timeout_s=10)
+        if not self._listening.wait(timeout=10):
+            raise RuntimeError("the mock provider did not start listening")
 
     def stop(self) -> None:
-        self._server.should_exit = True
+        self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join(timeout=10)
+        self._loop.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-import uvicorn
-
-from serve_app.mock_provider.app import create_app
+from serve_app.mock_provider.answers import MockProvider
 from serve_app.mock_provider.behaviour import Latency, MockBehaviour, MockConfig
+from serve_app.mock_provider.server import run
 
 
 def main() -> None:
@@ -21,8 +21,9 @@ def main() -> None:
     latency = Latency(
         fixed_ms=args.latency_ms, jitter_ms=args.jitter_ms, per_token_ms=args.per_token_ms
     )
-    app = create_app(MockBehaviour(MockConfig(latency=latency)))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    provider = MockProvider(MockBehaviour(MockConfig(latency=latency)))
+    with contextlib.suppress(KeyboardInterrupt):
+        run(provider, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""What the mock provider answers, apart from any HTTP framework: the Starlette
+app (inside Serve) and the lean standalone server (benchmarks, tests) both
+serve these answers, so the two surfaces cannot drift apart.
+
+A call is answered in up to two steps. ``admit`` reads the request, counts it
+and tells how long to wait (the configured latency, or a hang); the fault
+decision and the answer come after that wait, so a fault changed at run time
+applies to calls that are still waiting, as it would upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig, body_hash
+
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class MockAnswer:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+    stream: AsyncGenerator[bytes, None] | None = None  # SSE chunks, sent instead of ``body``
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A counted call: ``finish()`` gives its answer once ``delay_s`` has passed."""
+
+    delay_s: float
+    finish: Callable[[], MockAnswer]
+
+
+def _json(payload: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> MockAnswer:
+    return MockAnswer(status, orjson.dumps(payload), JSON, headers)
+
+
+def error(status: int, message: str, retry_after: float | None = None) -> MockAnswer:
+    headers = (("retry-after", f"{retry_after:g}"),) if retry_after is not None else ()
+    kind = "rate_limit_error" if status == 429 else "api_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": f"mock_{status}"}}
+    return _json(body, status, headers)
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    payload = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# A model call's answer, from its raw body, its parsed body and its model.
+_Then = Callable[[bytes, dict[str, Any], str], MockAnswer]
+
+
+def _object(raw: bytes) -> dict[str, Any] | MockAnswer:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return error(400, "mock: body is not JSON")
+    if not isinstance(body, dict):
+        return error(400, "mock: body must be a JSON object")
+    return body
+
+
+class MockProvider:
+    """The mock's endpoints: ``ROUTES`` maps each path to its method."""
+
+    ROUTES: dict[str, str] = {
+        "/v1/chat/completions": "POST",
+        "/v1/embeddings": "POST",
+        "/v1/models": "GET",
+        "/_mock/stats": "GET",
+        "/_mock/faults": "POST",
+        "/_mock/reset": "POST",
+    }
+
+    def __init__(self, behaviour: MockBehaviour | None = None) -> None:
+        self.behaviour = behaviour or MockBehaviour()
+        self._handlers: dict[str, Callable[[bytes], MockAnswer | Admitted]] = {
+            "/v1/chat/completions": lambda raw: self._call("/v1/chat/completions", raw, self._chat),
+            "/v1/embeddings": lambda raw: self._call("/v1/embeddings", raw, self._embeddings),
+            "/v1/models": self._models,
+            "/_mock/stats": self._stats,
+            "/_mock/faults": self._set_faults,
+            "/_mock/reset": self._reset,
+        }
+
+    def admit(self, method: str, path: str, raw: bytes) -> MockAnswer | Admitted:
+        handler = self._handlers.get(path)
+        if handler is None:
+            return error(404, f"mock: no route {path}")
+        if method != self.ROUTES[path]:
+            return error(405, f"mock: {method} not allowed on {path}")
+        return handler(raw)
+
+    async def answer(self, method: str, path: str, raw: bytes) -> MockAnswer:
+        """``admit`` and, when it asks for one, the wait before the answer."""
+        result = self.admit(method, path, raw)
+        if isinstance(result, MockAnswer):
+            return result
+        if result.delay_s:  # sleep(0) would still yield a loop turn
+            await asyncio.sleep(result.delay_s)
+        return result.finish()
+
+    def _call(self, path: str, raw: bytes, then: _Then) -> MockAnswer | Admitted:
+        """A model call: count it, wait, then a fault or ``then``'s answer."""
+        body = _object(raw)
+        if isinstance(body, MockAnswer):
+            return body
+        model = str(body.get("model", ""))
+        self.behaviour.record(path, model, raw)
+        delay = self.behaviour.delay_s(model)
+        return Admitted(delay, lambda: self._fault(model) or then(raw, body, model))
+
+    def _fault(self, model: str) -> MockAnswer | None:
+        decision = self.behaviour.decide(model)
+        if decision == "error":
+            faults = self.behaviour.faults_for(model)
+            return error(faults.error_status, "mock: injected fault", faults.retry_after_s)
+        if decision == "malformed":
+            return MockAnswer(200, b'{"choices": [')
+        return None
+
+    def _chat(self, raw: bytes, body: dict[str, Any], model: str) -> MockAnswer:
+        words = self.behaviour.answer_words(body)
+        usage = self.behaviour.usage(body, len(words))
+        cid = "chatcmpl-mock-" + body_hash(raw)
+        created = int(time.time())
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = self._stream(cid, created, model, words, usage if include_usage else None)
+            return MockAnswer(200, content_type=SSE, stream=chunks)
+        message = {"role": "assistant", "content": " ".join(words)}
+        return _json(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
+
+    async def _stream(
+        self, cid: str, created: int, model: str, words: list[str], usage: dict[str, int] | None
+    ) -> AsyncGenerator[bytes, None]:
+        per_token_s = self.behaviour.config.latency.per_token_ms / 1000
+        cut_after = self.behaviour.faults_for(model).cut_stream_after
+        yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, None)
+        for index, word in enumerate(words):
+            if cut_after is not None and index >= cut_after:
+                raise ConnectionAbortedError("mock: stream cut by fault injection")
+            if per_token_s:
+                await asyncio.sleep(per_token_s)
+            text = word if index == 0 else " " + word
+            yield _chunk(cid, created, model, {"content": text}, None)
+        yield _chunk(cid, created, model, {}, "stop")
+        if usage is not None:
+            payload = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            yield b"data: " + orjson.dumps(payload) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    def _embeddings(self, raw: bytes, body: dict[str, Any], model: str) -> MockAnswer:
+        inputs = body.get("input")
+        texts = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs or []]
+        data = [
+            {"object": "embedding", "index": i, "embedding": self.behaviour.embedding(t)}
+            for i, t in enumerate(texts)
+        ]
+        tokens = sum(max(1, len(t) // 4) for t in texts)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return _json({"object": "list", "data": data, "model": model, "usage": usage})
+
+    def _models(self, raw: bytes) -> MockAnswer:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "mock"}
+            for m in self.behaviour.config.models
+        ]
+        return _json({"object": "list", "data": data})
+
+    def _stats(self, raw: bytes) -> MockAnswer:
+        return _json(self.behaviour.stats.as_dict())
+
+    def _set_faults(self, raw: bytes) -> MockAnswer:
+        """Replace latency and/or faults at run time (body: a partial MockConfig)."""
+        try:
+            update = orjson.loads(raw or b"{}")
+            merged = {**self.behaviour.config.model_dump(), **update}
+            self.behaviour.config = MockConfig.model_validate(merged)
+        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+            return error(400, f"mock: bad fault config: {exc}")
+        return _json(self.behaviour.config.model_dump())
+
+    def _reset(self, raw: bytes) -> MockAnswer:
+        self.behaviour.reset()
+        return _json({"reset": True})

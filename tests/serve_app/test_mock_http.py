@@ -1,0 +1,222 @@
+"""The mock provider over HTTP, on both of its surfaces: the lean standalone
+server (real loopback sockets) and the Starlette app that runs inside Serve
+(in process). The same cases hold for both; the framing cases are the lean
+server's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+
+from serve_app.embedded_store import free_port
+from serve_app.mock_provider import Faults, MockBehaviour, MockProvider, create_app
+from serve_app.mock_provider import server as lean
+from tests.serve_app.e2e_calls import sse_chunks
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hello mock"}]}
+
+
+@pytest.fixture
+async def lean_port() -> AsyncIterator[tuple[int, MockBehaviour]]:
+    behaviour = MockBehaviour()
+    port = free_port()
+    server = await lean.start(MockProvider(behaviour), "127.0.0.1", port)
+    async with server:
+        yield port, behaviour
+
+
+@pytest.fixture(params=["lean", "starlette"])
+async def mock(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[httpx.AsyncClient, MockBehaviour]]:
+    behaviour = MockBehaviour()
+    if request.param == "starlette":
+        transport = httpx.ASGITransport(app=create_app(behaviour))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mock") as client:
+            yield client, behaviour
+        return
+    port = free_port()
+    server = await lean.start(MockProvider(behaviour), "127.0.0.1", port)
+    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        yield client, behaviour
+
+
+async def test_a_chat_answer_is_counted_and_deterministic(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, _ = mock
+    first = await client.post(CHAT, json=BODY)
+    assert first.status_code == 200
+    assert first.headers["content-type"] == "application/json"
+    answer = first.json()
+    assert answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["total_tokens"] == sum(
+        answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")
+    )
+    second = await client.post(CHAT, json=BODY)
+    assert second.json() == answer | {"created": second.json()["created"]}
+    stats = (await client.get("/_mock/stats")).json()
+    assert stats["calls"] == 2
+    assert stats["by_path"] == {CHAT: 2}
+
+
+async def test_a_stream_ends_with_usage_and_done(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, _ = mock
+    body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    response = await client.post(CHAT, json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.endswith("data: [DONE]\n\n")
+    chunks = sse_chunks(response.text)
+    whole = (await client.post(CHAT, json=BODY)).json()
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status"),
+    [
+        ("POST", "/v1/nowhere", b"{}", 404),
+        ("GET", CHAT, b"", 405),
+        ("POST", CHAT, b"{not json", 400),
+        ("POST", CHAT, b"[1, 2]", 400),
+        ("POST", "/_mock/faults", b'{"latency": {"fixed_ms": -1}}', 400),
+    ],
+)
+async def test_bad_calls_get_an_error(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+    method: str,
+    path: str,
+    content: bytes,
+    status: int,
+) -> None:
+    client, behaviour = mock
+    response = await client.request(method, path, content=content)
+    assert response.status_code == status
+    assert response.json()["error"]["message"].startswith("mock: ")
+    assert behaviour.stats.calls == 0
+
+
+async def test_faults_set_over_http_apply_with_their_retry_after(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, _ = mock
+    faults = {"faults": {"*": {"error_rate": 1.0, "error_status": 429, "retry_after_s": 2}}}
+    assert (await client.post("/_mock/faults", json=faults)).status_code == 200
+    refused = await client.post(CHAT, json=BODY)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "2"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert (await client.post("/_mock/reset")).json() == {"reset": True}
+    assert (await client.post(CHAT, json=BODY)).status_code == 200
+
+
+async def test_a_fault_set_during_the_latency_applies_to_the_waiting_call(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, behaviour = mock
+    behaviour.config.latency.fixed_ms = 300
+    admitted = asyncio.Event()
+    record = behaviour.record
+    behaviour.record = lambda *args: (record(*args), admitted.set())[0]  # type: ignore[method-assign]
+    waiting = asyncio.create_task(client.post(CHAT, json=BODY))
+    await asyncio.wait_for(admitted.wait(), timeout=5)  # counted: now in its wait
+    behaviour.config.faults["*"] = Faults(error_rate=1.0, error_status=503)
+    assert (await waiting).status_code == 503
+
+
+# The lean server's own framing.
+
+
+async def _exchange(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), timeout=5)  # until the server closes
+    writer.close()
+    return data
+
+
+def _post(body: bytes, *headers: str, path: str = CHAT) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "host: mock", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def test_pipelined_calls_are_answered_in_order(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    port, behaviour = lean_port
+    behaviour.config.faults["slow"] = Faults(hang_s=0.2)
+    slow = orjson.dumps({**BODY, "model": "slow"})
+    fast = orjson.dumps(BODY)
+    data = await _exchange(port, _post(slow) + _post(fast, "connection: close"))
+    first, second = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert b'"model":"slow"' in first and b'"model":"mock-gpt"' in second
+    assert b"connection: close" in second
+
+
+async def test_one_write_per_whole_answer_and_keep_alive(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    port, _ = lean_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(2):  # the same connection twice
+        writer.write(_post(orjson.dumps(BODY)))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"connection: close" not in head
+        length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert orjson.loads(await reader.readexactly(length))["object"] == "chat.completion"
+    writer.close()
+
+
+async def test_malformed_http_gets_a_400_and_the_connection_closes(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    port, _ = lean_port
+    data = await _exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"connection: close" in data
+
+
+async def test_a_body_over_the_limit_gets_a_413(
+    lean_port: tuple[int, MockBehaviour], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, behaviour = lean_port
+    monkeypatch.setattr(lean, "MAX_BODY", 64)
+    data = await _exchange(port, _post(b"x" * 65))
+    assert data.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert behaviour.stats.calls == 0
+
+
+async def test_expect_100_continue_is_answered_before_the_body(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    port, _ = lean_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = orjson.dumps(BODY)
+    head = _post(body, "expect: 100-continue", "connection: close")[: -len(body)]
+    writer.write(head)
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(body)
+    assert (await asyncio.wait_for(reader.read(), timeout=5)).startswith(b"HTTP/1.1 200 OK")
+    writer.close()
+
+
+async def test_a_cut_stream_ends_without_its_last_chunk(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    port, behaviour = lean_port
+    behaviour.config.faults["*"] = Faults(cut_stream_after=2)
+    data = await _exchange(port, _post(orjson.dumps({**BODY, "stream": True})))
+    assert b"transfer-encoding: chunked" in data
+    assert data.count(b"data: {") == 3  # the role chunk and two words
+    assert not data.endswith(b"0\r\n\r\n")
