@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig, body_hash
+from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -65,8 +65,8 @@ def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: st
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-# A model call's answer, from its raw body, its parsed body and its model.
-_Then = Callable[[bytes, dict[str, Any], str], MockAnswer]
+# A model call's answer, from its body's hash, its parsed body and its model.
+_Then = Callable[[str, dict[str, Any], str], MockAnswer]
 
 
 def _object(raw: bytes) -> dict[str, Any] | MockAnswer:
@@ -125,9 +125,9 @@ class MockProvider:
         if isinstance(body, MockAnswer):
             return body
         model = str(body.get("model", ""))
-        self.behaviour.record(path, model, raw)
+        digest = self.behaviour.record(path, model, raw)
         delay = self.behaviour.delay_s(model)
-        return Admitted(delay, lambda: self._fault(model) or then(raw, body, model))
+        return Admitted(delay, lambda: self._fault(model) or then(digest, body, model))
 
     def _fault(self, model: str) -> MockAnswer | None:
         decision = self.behaviour.decide(model)
@@ -138,10 +138,10 @@ class MockProvider:
             return MockAnswer(200, b'{"choices": [')
         return None
 
-    def _chat(self, raw: bytes, body: dict[str, Any], model: str) -> MockAnswer:
+    def _chat(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
         words = self.behaviour.answer_words(body)
         usage = self.behaviour.usage(body, len(words))
-        cid = "chatcmpl-mock-" + body_hash(raw)
+        cid = "chatcmpl-mock-" + digest
         created = int(time.time())
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -185,7 +185,7 @@ class MockProvider:
             yield b"data: " + orjson.dumps(payload) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    def _embeddings(self, raw: bytes, body: dict[str, Any], model: str) -> MockAnswer:
+    def _embeddings(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
         inputs = body.get("input")
         texts = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs or []]
         data = [

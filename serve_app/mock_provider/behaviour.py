@@ -26,7 +26,7 @@ _WORDS = (
 class Faults(BaseModel):
     """What goes wrong, per model ("*" applies to every model without its own)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)  # frozen: ``_NO_FAULTS`` is shared
 
     error_rate: float = Field(0.0, ge=0.0, le=1.0)
     error_status: int = Field(500, ge=400, le=599)
@@ -34,6 +34,9 @@ class Faults(BaseModel):
     hang_s: float = Field(0.0, ge=0)  # sleep this long before answering (a hang or a slow call)
     malformed_rate: float = Field(0.0, ge=0.0, le=1.0)  # 200 with a body that is not JSON
     cut_stream_after: int | None = Field(None, ge=0)  # drop a stream after N chunks
+
+
+_NO_FAULTS = Faults()
 
 
 class Latency(BaseModel):
@@ -87,17 +90,25 @@ class MockBehaviour:
         self.config = MockConfig(models=self.config.models, seed=self.config.seed)
         self._random = random.Random(self.config.seed)
 
-    def record(self, path: str, model: str, raw: bytes) -> None:
+    def record(self, path: str, model: str, raw: bytes) -> str:
+        """Count a call; returns its body's hash."""
+        digest = body_hash(raw)
         self.stats.calls += 1
-        self.stats.by_body[body_hash(raw)] += 1
+        self.stats.by_body[digest] += 1
         self.stats.by_model[model] += 1
         self.stats.by_path[path] += 1
+        return digest
 
     def faults_for(self, model: str) -> Faults:
-        return self.config.faults.get(model) or self.config.faults.get("*") or Faults()
+        faults = self.config.faults
+        if not faults:  # the usual case: a call costs no lookups
+            return _NO_FAULTS
+        return faults.get(model) or faults.get("*") or _NO_FAULTS
 
     def decide(self, model: str) -> Decision:
         faults = self.faults_for(model)
+        if not faults.error_rate and not faults.malformed_rate:
+            return "ok"
         roll = self._random.random()
         if roll < faults.error_rate:
             return "error"
@@ -115,7 +126,7 @@ class MockBehaviour:
         digest = hashlib.sha256(repr(body.get("messages")).encode()).digest()
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         count = max(1, min(int(limit), 8 + digest[0] % 9))
-        return [_WORDS[digest[i % len(digest)] % len(_WORDS)] for i in range(count)]
+        return [_WORDS[b % len(_WORDS)] for b in digest[:count]]  # count <= 16 < 32 bytes
 
     @staticmethod
     def usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
