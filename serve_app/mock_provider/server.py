@@ -18,14 +18,19 @@ It does what OpenAI-style clients need: keep-alive, requests answered in order
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import httptools
 
 from serve_app.mock_provider.answers import Admitted, MockAnswer, MockProvider, error
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BODY = 16 << 20
 _QUEUE_LIMIT = 8  # pipelined requests held before reading pauses
@@ -160,17 +165,17 @@ class _Connection(asyncio.Protocol):
             return
         self._busy = True
         request = self._queue.popleft()
-        result = self._provider.admit(request.method, request.path, request.body)
+        result = _safely(lambda: self._provider.admit(request.method, request.path, request.body))
         if isinstance(result, MockAnswer):
             self._send(request, result)
         elif not result.delay_s:
-            self._send(request, result.finish())
+            self._send(request, _safely(result.finish))
         else:
             self._timer = self._loop.call_later(result.delay_s, self._after_delay, request, result)
 
     def _after_delay(self, request: _Request, admitted: Admitted) -> None:
         self._timer = None
-        self._send(request, admitted.finish())
+        self._send(request, _safely(admitted.finish))
 
     def _send(self, request: _Request, answer: MockAnswer) -> None:
         if answer.stream is not None:
@@ -190,6 +195,10 @@ class _Connection(asyncio.Protocol):
                 if self._writable is not None:
                     await self._writable
         except ConnectionAbortedError:  # a fault cutting the stream: the client sees it end early
+            self._transport.close()
+            return
+        except Exception:
+            log.exception("mock: stream failed")
             self._transport.close()
             return
         finally:
@@ -212,6 +221,15 @@ class _Connection(asyncio.Protocol):
         if not self._busy:
             self._transport.write(_head(answer, len(answer.body), False) + answer.body)
         self._transport.close()
+
+
+def _safely(answer: Callable[[], T]) -> T | MockAnswer:
+    """A bug in the mock's answers is a 500, not a connection left waiting."""
+    try:
+        return answer()
+    except Exception:
+        log.exception("mock: answer failed")
+        return error(500, "mock: internal error")
 
 
 async def start(provider: MockProvider, host: str, port: int) -> asyncio.AbstractServer:

@@ -220,3 +220,20 @@ async def test_a_cut_stream_ends_without_its_last_chunk(
     assert b"transfer-encoding: chunked" in data
     assert data.count(b"data: {") == 3  # the role chunk and two words
     assert not data.endswith(b"0\r\n\r\n")
+
+
+async def test_a_failing_answer_is_a_500_and_the_connection_goes_on(
+    lean_port: tuple[int, MockBehaviour], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, behaviour = lean_port
+
+    def broken(body: object) -> list[str]:
+        raise RuntimeError("a bug in the mock")
+
+    monkeypatch.setattr(behaviour, "answer_words", broken)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        failed = await client.post(CHAT, json=BODY)
+        assert failed.status_code == 500
+        assert failed.json()["error"]["code"] == "mock_500"
+        monkeypatch.undo()
+        assert (await client.post(CHAT, json=BODY)).status_code == 200

@@ -312,10 +312,11 @@ def test_transient_fault_is_retried(
     calls = mock_behaviour.stats.by_model
     record = mock_behaviour.record
 
-    def heal_after_first_call(path: str, model: str, raw: bytes) -> None:
-        record(path, model, raw)
+    def heal_after_first_call(path: str, model: str, raw: bytes) -> str:
+        digest = record(path, model, raw)
         if model == "retry-gpt" and calls[model] >= 2:
             mock_behaviour.config.faults.pop(model, None)  # before the mock decides
+        return digest
 
     monkeypatch.setattr(mock_behaviour, "record", heal_after_first_call)
     mock_behaviour.config.faults["retry-gpt"] = Faults(error_rate=1.0, error_status=503)
