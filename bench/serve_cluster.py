@@ -94,6 +94,8 @@ def cluster(
         os.environ["REDIS_URL"] = store.url
     if not default_proxy:
         os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # before Ray starts
+        # As `make run` stops replicas: a short drain behind HAProxy (scripts/run.sh).
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
     # As `make run` starts replicas (the no-op baseline too): user code on the replica's loop.
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     mock_port = free_port()

