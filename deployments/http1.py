@@ -321,9 +321,9 @@ class Http1Pool:
             raise ValueError(f"not an http(s) origin: {origin!r}")
         self.host = parts.hostname
         tls = parts.scheme == "https"
-        self.port = parts.port or (443 if tls else 80)
-        self.ssl = (ssl_context or default_ssl_context()) if tls else None
         default_port = 443 if tls else 80
+        self.port = parts.port or default_port
+        self.ssl = (ssl_context or default_ssl_context()) if tls else None
         authority = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
         if self.port != default_port:
             authority = f"{authority}:{self.port}"

@@ -30,8 +30,10 @@ class MockServer:
         self._loop = asyncio.new_event_loop()
         self._stopped = asyncio.Event()
         self._listening = threading.Event()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),))
-        self._thread.daemon = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._serve())
 
     async def _serve(self) -> None:
         server = await start(MockProvider(self.behaviour), "127.0.0.1", self.port)

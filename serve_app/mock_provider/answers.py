@@ -80,33 +80,26 @@ def _object(raw: bytes) -> dict[str, Any] | MockAnswer:
 
 
 class MockProvider:
-    """The mock's endpoints: ``ROUTES`` maps each path to its method."""
-
-    ROUTES: dict[str, str] = {
-        "/v1/chat/completions": "POST",
-        "/v1/embeddings": "POST",
-        "/v1/models": "GET",
-        "/_mock/stats": "GET",
-        "/_mock/faults": "POST",
-        "/_mock/reset": "POST",
-    }
+    """The mock's endpoints: ``routes`` maps each path to its method and handler."""
 
     def __init__(self, behaviour: MockBehaviour | None = None) -> None:
         self.behaviour = behaviour or MockBehaviour()
-        self._handlers: dict[str, Callable[[bytes], MockAnswer | Admitted]] = {
-            "/v1/chat/completions": lambda raw: self._call("/v1/chat/completions", raw, self._chat),
-            "/v1/embeddings": lambda raw: self._call("/v1/embeddings", raw, self._embeddings),
-            "/v1/models": self._models,
-            "/_mock/stats": self._stats,
-            "/_mock/faults": self._set_faults,
-            "/_mock/reset": self._reset,
+        chat, embeddings = "/v1/chat/completions", "/v1/embeddings"
+        self.routes: dict[str, tuple[str, Callable[[bytes], MockAnswer | Admitted]]] = {
+            chat: ("POST", lambda raw: self._call(chat, raw, self._chat)),
+            embeddings: ("POST", lambda raw: self._call(embeddings, raw, self._embeddings)),
+            "/v1/models": ("GET", self._models),
+            "/_mock/stats": ("GET", self._stats),
+            "/_mock/faults": ("POST", self._set_faults),
+            "/_mock/reset": ("POST", self._reset),
         }
 
     def admit(self, method: str, path: str, raw: bytes) -> MockAnswer | Admitted:
-        handler = self._handlers.get(path)
-        if handler is None:
+        route = self.routes.get(path)
+        if route is None:
             return error(404, f"mock: no route {path}")
-        if method != self.ROUTES[path]:
+        allowed, handler = route
+        if method != allowed:
             return error(405, f"mock: {method} not allowed on {path}")
         return handler(raw)
 

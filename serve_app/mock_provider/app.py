@@ -41,6 +41,6 @@ def create_app(behaviour: MockBehaviour | None = None) -> Starlette:
     provider = MockProvider(behaviour)
     routes = [
         Route(path, _endpoint(provider, path), methods=[method])
-        for path, method in MockProvider.ROUTES.items()
+        for path, (method, _) in provider.routes.items()
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -70,6 +70,11 @@ def _head(answer: MockAnswer, length: int | None, keep_alive: bool) -> bytes:
     return b"".join(lines)
 
 
+def _whole(answer: MockAnswer, keep_alive: bool) -> bytes:
+    """A whole answer, head and body, for one write."""
+    return _head(answer, len(answer.body), keep_alive) + answer.body
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, provider: MockProvider, loop: asyncio.AbstractEventLoop) -> None:
         self._provider = provider
@@ -82,7 +87,7 @@ class _Connection(asyncio.Protocol):
         self._expects_continue = False
         self._queue: deque[_Request] = deque()
         self._busy = False
-        self._reading = True
+        self._reading = True  # False while we hold pipelined requests back
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._writable: asyncio.Future[None] | None = None  # pending while writing is paused
@@ -165,6 +170,7 @@ class _Connection(asyncio.Protocol):
             return
         self._busy = True
         request = self._queue.popleft()
+        # ``MockProvider.answer`` in steps: the wait is a timer, not a task per call.
         result = _safely(lambda: self._provider.admit(request.method, request.path, request.body))
         if isinstance(result, MockAnswer):
             self._send(request, result)
@@ -182,7 +188,7 @@ class _Connection(asyncio.Protocol):
             self._task = self._loop.create_task(self._stream(request, answer))
             return
         assert self._transport is not None
-        self._transport.write(_head(answer, len(answer.body), request.keep_alive) + answer.body)
+        self._transport.write(_whole(answer, request.keep_alive))
         self._done(request)
 
     async def _stream(self, request: _Request, answer: MockAnswer) -> None:
@@ -219,7 +225,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._queue.clear()
         if not self._busy:
-            self._transport.write(_head(answer, len(answer.body), False) + answer.body)
+            self._transport.write(_whole(answer, keep_alive=False))
         self._transport.close()
 
 

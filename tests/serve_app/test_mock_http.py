@@ -163,6 +163,25 @@ async def test_pipelined_calls_are_answered_in_order(
     assert b"connection: close" in second
 
 
+async def test_many_pipelined_calls_behind_a_slow_one_are_all_answered_in_order(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    # More than the server holds before it pauses reading, then one more call once the slow
+    # one is answered: reading must have resumed for that one to be answered at all.
+    port, behaviour = lean_port
+    behaviour.config.faults["slow"] = Faults(hang_s=0.2)
+    held = [f"m{i}" for i in range(2 * lean._QUEUE_LIMIT)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"".join(_post(orjson.dumps({**BODY, "model": m})) for m in ["slow", *held]))
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+    writer.write(_post(orjson.dumps({**BODY, "model": "last"}), "connection: close"))
+    data = first + await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    answers = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    models = [orjson.loads(a.split(b"\r\n\r\n", 1)[1])["model"] for a in answers]
+    assert models == ["slow", *held, "last"]
+
+
 async def test_one_write_per_whole_answer_and_keep_alive(
     lean_port: tuple[int, MockBehaviour],
 ) -> None:
