@@ -43,6 +43,8 @@ class SemanticCacheSettings(BaseModel):
     top_k: int = Field(default=4, ge=1, le=32)  # candidates tried against the guard
     ttl_s: float | None = Field(default=86_400.0, gt=0)  # None: entries never expire
     max_text_chars: int = Field(default=2_000, ge=1)  # longer final messages are not cached
+    # How often a replica drops expired entries from its index (Redis drops them on its own).
+    sweep_interval_s: float = Field(default=30.0, gt=0)
     embedder: EmbedderSettings = EmbedderSettings()
     guard: GuardSettings = GuardSettings()
 
@@ -81,6 +83,7 @@ class SemanticCache:
         self._guard = NearMissGuard(settings.guard)
         self._index = SemanticIndex(embedder.dim)
         self._follower: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._counts = dict.fromkeys(
             ("lookups", "hits", "misses", "guard_rejections", "store_errors"), 0
         )
@@ -95,10 +98,19 @@ class SemanticCache:
             if not entry.expired(now):
                 self._index.add(entry)
         self._follower = asyncio.create_task(self._follow(mark))
+        self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._follower)
-        self._follower = None
+        await cancel_and_wait(self._sweeper)
+        self._follower = self._sweeper = None
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._cfg.sweep_interval_s)
+            removed = self._index.expire(self._clock())
+            if removed:
+                log.debug("semantic cache: %d expired entries left the index", removed)
 
     async def _follow(self, mark: str) -> None:
         while True:

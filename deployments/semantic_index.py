@@ -9,6 +9,7 @@ also proves the entry still exists.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from dataclasses import dataclass, field
 
 import faiss
@@ -55,6 +56,9 @@ class SemanticIndex:
         self._entries: dict[str, SemanticEntry] = {}
         self._pos: dict[str, int] = {}  # entry id -> faiss position in its scope
         self._scopes: dict[tuple[str, str], _Scope] = {}
+        # (expires at, entry id), soonest first. Redis expires an entry without a word to the
+        # replicas, so without this an entry nobody asks for again would stay here for good.
+        self._expiries: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -80,21 +84,53 @@ class SemanticIndex:
         scope.ids.append(entry.id)
         scope.by_text[entry.text] = entry.id
         self._entries[entry.id] = entry
+        if entry.ttl is not None:
+            heapq.heappush(self._expiries, (entry.created + entry.ttl, entry.id))
 
     def remove(self, entry_id: str) -> bool:
+        key = self._drop(entry_id)
+        if key is None:
+            return False
+        self._tidy(key)
+        return True
+
+    def expire(self, now: float) -> int:
+        """Remove every entry whose TTL has run out by ``now``; returns how many."""
+        touched: set[tuple[str, str]] = set()
+        removed = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            at, eid = heapq.heappop(self._expiries)
+            entry = self._entries.get(eid)
+            if entry is None or entry.ttl is None or entry.created + entry.ttl != at:
+                continue  # removed, or replaced by a later copy, since
+            key = self._drop(eid)
+            if key is not None:
+                touched.add(key)
+                removed += 1
+        for key in touched:  # once per scope: compacting after each row would be quadratic
+            self._tidy(key)
+        return removed
+
+    def _drop(self, entry_id: str) -> tuple[str, str] | None:
+        """Tombstone an entry's row; the scope of the row, or None if there was none."""
         entry = self._entries.pop(entry_id, None)
         if entry is None:
-            return False
+            return None
         key = (entry.namespace, entry.scope)
         scope = self._scopes[key]
         scope.dead.add(self._pos.pop(entry_id))
         if scope.by_text.get(entry.text) == entry_id:
             del scope.by_text[entry.text]
+        return key
+
+    def _tidy(self, key: tuple[str, str]) -> None:
+        scope = self._scopes.get(key)
+        if scope is None:
+            return
         if len(scope.dead) == len(scope.ids):
             del self._scopes[key]
         elif len(scope.dead) > _COMPACT_RATIO * len(scope.ids):
             self._compact(key, scope)
-        return True
 
     def _compact(self, key: tuple[str, str], scope: _Scope) -> None:
         live = [eid for k, eid in enumerate(scope.ids) if k not in scope.dead]
@@ -113,6 +149,7 @@ class SemanticIndex:
         self._entries.clear()
         self._pos.clear()
         self._scopes.clear()
+        self._expiries.clear()
 
     def exact(self, namespace: str, scope: str, text: str) -> SemanticEntry | None:
         found = self._scopes.get((namespace, scope))

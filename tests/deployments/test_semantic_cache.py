@@ -103,6 +103,29 @@ async def test_entries_expire_after_their_ttl(model: OnnxEmbedder) -> None:
     assert cache.stats().entries == 0
 
 
+async def test_entries_nobody_asks_for_again_leave_the_index(model: OnnxEmbedder) -> None:
+    """Redis expires entries without telling the replicas: each replica sweeps its own index,
+    or a stream of one-off prompts would grow it for as long as the replica lives."""
+    clock = Clock()
+    cache = make(model, clock=clock, ttl_s=60, sweep_interval_s=0.01)
+    await cache.start()
+    try:
+        await cache.store("scope", Q, "t1", b"a")
+        await cache.store("scope", "What is a monad?", "t1", b"b", ttl=600)
+        await asyncio.sleep(0.05)
+        assert cache.stats().entries == 2
+        clock.now += 60
+        for _ in range(100):
+            if cache.stats().entries == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.stats().entries == 1
+        assert await cache.check("scope", "What is a monad?", "t1") is not None
+        assert cache.stats().lookups == 1  # no lookup of the expired entry was needed
+    finally:
+        await cache.stop()
+
+
 async def test_invalidate_by_id_and_namespace(model: OnnxEmbedder) -> None:
     cache = make(model)
     eid = await cache.store("scope", Q, "t1", b"x")
