@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from deployments.cost import from_pico
 from deployments.ledger_record import DAY_MS, FIELDS, LedgerRecord
+from deployments.tasks import wait_all
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class LedgerSettings(BaseModel):
     record_ttl_days: int = Field(default=90, ge=1)
     aggregate_ttl_days: int = Field(default=400, ge=1)
     write_retries: int = Field(default=5, ge=0)
+    writers: int = Field(default=4, ge=1)  # batches written at once
 
 
 class Ledger:
@@ -128,8 +130,14 @@ class Ledger:
 
     async def _run(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
+        # Several batches in flight: one at a time, the writer's rate is a batch per round trip,
+        # and a round trip stretches with a busy event loop or a distant store (~12 ms per batch
+        # of 200 at ~8.5k requests/s in one process: a ceiling only 2x above the load).
+        slots = asyncio.Semaphore(self.settings.writers)
+        writing: set[asyncio.Future[Any]] = set()
         closing = False
         while not closing:
+            await slots.acquire()  # before gathering: a batch that waited for a slot is fuller
             first = await self._queue.get()
             batch = [] if first is None else [first]
             closing = first is None
@@ -143,12 +151,21 @@ class Ledger:
                     closing = True
                 else:
                     batch.append(item)
-            try:
-                if batch:
-                    await self._write_retrying(batch)
-            finally:
-                for _ in range(taken):
-                    self._queue.task_done()
+            task = asyncio.create_task(self._write_batch(batch, taken, slots))
+            writing.add(task)
+            task.add_done_callback(writing.discard)
+        await wait_all(writing)
+
+    async def _write_batch(
+        self, batch: list[LedgerRecord], taken: int, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            if batch:
+                await self._write_retrying(batch)
+        finally:
+            slots.release()
+            for _ in range(taken):
+                self._queue.task_done()
 
     async def _write_retrying(self, batch: list[LedgerRecord]) -> None:
         for attempt in range(self.settings.write_retries + 1):

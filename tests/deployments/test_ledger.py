@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -105,6 +106,45 @@ async def test_the_writer_batches_and_close_flushes(redis_client: aioredis.Redis
         ledger.submit(record(i, ts_ms=NOW_MS))
     await ledger.aclose()  # no flush first: closing must write what is queued
     assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 45
+    assert ledger.dropped == 0
+
+
+class GatedLedger(Ledger):
+    """Holds every write until released, counting how many are in flight at once."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.in_flight = self.most = 0
+        self.release = asyncio.Event()
+
+    async def write(self, records: Iterable[LedgerRecord]) -> int:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.release.wait()
+            return await super().write(records)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_backlog_is_written_by_several_batches_at_once(
+    redis_client: aioredis.Redis,
+) -> None:
+    """One batch at a time, a writer whose round trips stretch falls behind and drops."""
+    settings = LedgerSettings(flush_interval_ms=1, batch_size=5, writers=3)
+    ledger = GatedLedger(redis_client, settings)
+    ledger.start()
+    for i in range(40):
+        ledger.submit(record(i, ts_ms=NOW_MS))
+    for _ in range(200):
+        if ledger.most == 3:
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.02)
+    assert ledger.most == 3  # as many as allowed, and no more
+    ledger.release.set()
+    await ledger.aclose()
+    assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 40
     assert ledger.dropped == 0
 
 
