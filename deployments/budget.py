@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -77,6 +77,7 @@ class BudgetRef:
     limit_pico: int
     hash_key: str
     zset_key: str
+    tenant: str = ""  # the hash tag of its keys; a user's budget is per tenant
 
 
 @dataclass(slots=True)
@@ -111,6 +112,7 @@ class BudgetStatus:
     limit: Decimal
     spent: Decimal
     held: Decimal
+    tenant: str = ""
 
     @property
     def remaining(self) -> Decimal:
@@ -164,8 +166,10 @@ class BudgetGuard:
                     continue
                 base = f"{s.key_prefix}:{{{tenant}}}:{scope}:{subject}:{pid}"
                 refs.append(
-                    BudgetRef(scope, subject, period, to_pico(usd), base, base + ":inflight")
-                )  # type: ignore[arg-type]
+                    BudgetRef(  # type: ignore[arg-type]
+                        scope, subject, period, to_pico(usd), base, base + ":inflight", tenant
+                    )
+                )
         return tuple(refs)
 
     async def reserve(
@@ -265,7 +269,20 @@ class BudgetGuard:
 
     async def status(self, tenant: str, key_id: str, user: str | None = None) -> list[BudgetStatus]:
         """Spent, held and remaining for each budget that applies (metrics, burn-rate rule)."""
-        refs = self.applicable(tenant, key_id, user, self._periods)
+        return await self._read(self.applicable(tenant, key_id, user, self._periods))
+
+    async def statuses(self, subjects: Iterable[tuple[str, str, str | None]]) -> list[BudgetStatus]:
+        """Each budget that applies to any of ``subjects`` (tenant, key id, user), once, in
+        the periods of this replica's clock (so a new day shows up without a request)."""
+        periods = period_ids(self.clock())
+        refs = {
+            ref.hash_key: ref
+            for tenant, key_id, user in subjects
+            for ref in self.applicable(tenant, key_id, user, periods)
+        }
+        return await self._read(tuple(refs.values()))
+
+    async def _read(self, refs: tuple[BudgetRef, ...]) -> list[BudgetStatus]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for ref in refs:
                 pipe.hmget(ref.hash_key, "spent", "held")
@@ -278,6 +295,7 @@ class BudgetGuard:
                 limit=from_pico(ref.limit_pico),
                 spent=from_pico(int(_text(spent or b"0"))),
                 held=from_pico(int(_text(held or b"0"))),
+                tenant=ref.tenant,
             )
             for ref, (spent, held) in zip(refs, replies, strict=True)
         ]

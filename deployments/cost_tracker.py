@@ -28,6 +28,10 @@ from serve_app.context import RequestContext
 
 log = logging.getLogger(__name__)
 
+# Subjects whose budgets this replica reports as gauges. Users are client-named, so only
+# users with a budget of their own are reported by name (keys and tenants come from config).
+MAX_REPORTED_SUBJECTS = 4096
+
 
 class CostArgs(CostSettings):
     """``args.cost`` in config.yaml (budgets are ``args.budgets``: ``BudgetSettings``)."""
@@ -54,6 +58,7 @@ class CostTracker:
         self.ledger = Ledger(redis, self.settings.ledger, clock)
         self.clock = clock
         self._settles = Background(log, "budget settle")
+        self._subjects: dict[tuple[str, str, str | None], None] = {}  # ordered: oldest first
 
     def start(self) -> None:
         self.ledger.start()
@@ -70,13 +75,31 @@ class CostTracker:
         amount = self.meter.reservation(
             ctx.model, ctx.prompt_tokens_estimate, ctx.max_tokens, provider=provider
         )
-        return await self.guard.reserve(
+        reservation = await self.guard.reserve(
             ctx.request_id,
             tenant=ctx.principal.tenant,
             key_id=ctx.principal.key_id,
             user=ctx.user,
             amount=amount,
         )
+        if reservation.budgets:
+            self._report(ctx)
+        return reservation
+
+    def _report(self, ctx: RequestContext) -> None:
+        user = ctx.user if ctx.user in self.guard.settings.users else None
+        subject = (ctx.principal.tenant, ctx.principal.key_id, user)
+        if subject in self._subjects:
+            return
+        if len(self._subjects) >= MAX_REPORTED_SUBJECTS:
+            del self._subjects[next(iter(self._subjects))]
+        self._subjects[subject] = None
+
+    async def budget_statuses(self) -> list[BudgetStatus]:
+        """Every budget that applied to a request this replica admitted (the gauges)."""
+        if not self._subjects:
+            return []
+        return await self.guard.statuses(list(self._subjects))
 
     def finish(
         self,

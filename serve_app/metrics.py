@@ -132,6 +132,18 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         None,
     ),
     "gateway_tokens_total": ("counter", "Tokens by kind.", ("model", "kind"), None),
+    "gateway_budget_remaining_usd": (
+        "gauge",
+        "USD left in a budget (limit - spent - held) this period, for budgets in use.",
+        ("scope", "tenant", "subject", "period"),
+        None,
+    ),
+    "gateway_ledger_dropped_records_total": (
+        "counter",
+        "Cost-ledger records lost: the writer's queue was full, or the store refused every retry.",
+        (),
+        None,
+    ),
     "gateway_budget_threshold_events_total": (
         "counter",
         "Budget soft-threshold crossings.",

@@ -28,6 +28,7 @@ from serve_app.store import Store
 
 log = logging.getLogger(__name__)
 SYNC_INTERVAL_S = 1.0
+BUDGET_GAUGE_INTERVAL_S = 10.0  # one pipelined read of the budgets this replica has seen
 
 
 class SemanticCacheClient(Protocol):
@@ -141,6 +142,8 @@ class Stages:
         await self.dedup.start()
         await self.exact.start()
         self._tasks.append(asyncio.create_task(self._sync_forever()))
+        if self.cost.guard.settings.budgets_anything:
+            self._tasks.append(asyncio.create_task(self._budgets_forever()))
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -160,6 +163,25 @@ class Stages:
                 self.sync_metrics()
             except Exception:
                 log.exception("metrics sync failed")
+
+    async def _budgets_forever(self) -> None:
+        while True:
+            await asyncio.sleep(BUDGET_GAUGE_INTERVAL_S)
+            try:
+                await self.export_budgets()
+            except Exception as exc:  # Redis down: the gauges keep their last values
+                log.warning("budget gauges not refreshed: %s", exc)
+
+    async def export_budgets(self) -> None:
+        """What is left of each budget this replica has admitted requests against."""
+        for status in await self.cost.budget_statuses():
+            tags = {
+                "scope": status.scope,
+                "tenant": status.tenant,
+                "subject": status.subject,
+                "period": status.period,
+            }
+            self.metrics.set("gateway_budget_remaining_usd", float(status.remaining), tags)
 
     def sync_metrics(self) -> None:
         """Export the stages' own cumulative counters as metric deltas."""
@@ -181,4 +203,5 @@ class Stages:
         deltas.export_total(
             "gateway_upstream_calls_saved_total", float(self.dedup.stats.upstream_calls_saved)
         )
+        deltas.export_total("gateway_ledger_dropped_records_total", float(self.cost.ledger.dropped))
         self.metrics.flush()

@@ -99,3 +99,44 @@ async def test_recommendations_read_the_ledger(redis_client: aioredis.Redis) -> 
     today = datetime.now(UTC).date()
     [row] = await t.summary("user", today, today)
     assert (row.group, row.requests) == ("ann", 30)
+
+
+def user_ctx(request_id: str, user: str) -> RequestContext:
+    base = ctx(request_id)
+    return RequestContext(
+        request_id=request_id,
+        principal=base.principal,
+        route="chat",
+        model=base.model,
+        body=base.body,
+        end_user=user,
+        prompt_tokens_estimate=40,
+        max_tokens=100,
+    )
+
+
+async def test_budget_statuses_report_each_budget_in_use_once(
+    redis_client: aioredis.Redis,
+) -> None:
+    budgets = BudgetSettings(
+        keys={"k1": BudgetLimit(daily_usd=Decimal("1"))},
+        users={"bob": BudgetLimit(monthly_usd=Decimal("2"))},
+        default_user=BudgetLimit(daily_usd=Decimal("0.5")),
+    )
+    t = CostTracker(redis_client, CostArgs(), budgets)
+    t.start()
+    assert await t.budget_statuses() == []  # nothing admitted yet: nothing to report
+    now_ms = int(time.time() * 1000)
+    charge = None
+    for rid, user in (("r-ann", "ann"), ("r-bob", "bob"), ("r-bob-2", "bob"), ("r-cy", "cy")):
+        held = await t.admit(user_ctx(rid, user))
+        charge = t.finish(user_ctx(rid, user), held, USAGE, started_ms=now_ms)
+    await t.aclose()  # settles every hold
+    statuses = {(s.scope, s.tenant, s.subject, s.period): s for s in await t.budget_statuses()}
+    # Users named by the client are reported only when they have a budget of their own.
+    assert set(statuses) == {("key", "acme", "k1", "daily"), ("user", "acme", "bob", "monthly")}
+    assert charge is not None
+    key = statuses[("key", "acme", "k1", "daily")]
+    assert key.held == 0 and key.spent == 4 * charge.cost
+    assert key.remaining == Decimal("1") - 4 * charge.cost
+    assert statuses[("user", "acme", "bob", "monthly")].spent == 2 * charge.cost

@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serve_app.metrics import DEFINITIONS
 from tests.kuberay.schema_checks import (
     keda_admission_errors,
     serve_config_errors,
@@ -209,13 +210,9 @@ def test_alert_rules_cover_the_slos_and_name_real_metrics(docs: list[dict[str, A
     alerts = {r["alert"]: r["expr"] for g in rules for r in g["rules"] if "alert" in r}
     for needed in ("P95Latency", "ErrorRate", "BreakerOpen", "Budget", "ErrorBudgetFastBurn"):
         assert any(needed in name for name in alerts), needed
-    exported = {  # ray.serve.metrics names as Ray exports them (prefix ray_)
-        "ray_gateway_requests_total",
-        "ray_gateway_request_duration_seconds_bucket",
-        "ray_gateway_breaker_state",
-        "ray_gateway_budget_remaining_usd",
-        "ray_gateway_upstream_ttft_seconds_bucket",
-    }
+    exported = set()  # as Ray exports them: prefix ray_, histograms as _bucket series
+    for name, (kind, *_) in DEFINITIONS.items():
+        exported |= {f"ray_{name}_bucket"} if kind == "histogram" else {f"ray_{name}"}
     text = yaml.safe_dump(rules) + yaml.safe_dump(one(docs, "ScaledObject"))
     text += (KUBERAY / "base" / "dashboards" / "llm-gateway.json").read_text()
     for name in set(re.findall(r"\b(?:ray_gateway_\w+|gateway_\w+)", text)):
