@@ -18,7 +18,9 @@ def test_stage_metrics_are_exported(
 ) -> None:
     from ray import serve
 
-    deploy_gateway(gateway_args(mock_server.base_url, redis_url), "metrics-e2e", "/metrics-e2e", 1)
+    budgets = {"tenants": {"local": {"daily_usd": "1000"}}}
+    args = gateway_args(mock_server.base_url, redis_url, budgets=budgets)
+    deploy_gateway(args, "metrics-e2e", "/metrics-e2e", 1)
     try:
         with client(f"http://127.0.0.1:{serve_port}/metrics-e2e") as http:
             for _ in range(3):
@@ -31,6 +33,7 @@ def test_stage_metrics_are_exported(
             "ray_gateway_upstream_duration_seconds_bucket",
             "ray_gateway_cache_results_total",
             "ray_gateway_tokens_total",
+            "ray_gateway_budget_remaining_usd",  # refreshed every 10 s
         }
         found: set[str] = set()
         import time
