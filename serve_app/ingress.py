@@ -215,11 +215,20 @@ class Gateway:
 
     async def list_models(self, request: Request, request_id: str) -> Response:
         self.keys.authenticate(request.headers.get("authorization"))
-        data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by}
-            for m in self.models.values()
-        ]
+        data = [_model_object(m) for m in self.models.values()]
         return json_response({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request, request_id: str) -> Response:
+        """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``); a name may hold slashes."""
+        self.keys.authenticate(request.headers.get("authorization"))
+        name = request.path_params["model"]
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        return json_response(_model_object(model))
 
     async def healthz(self, request: Request, request_id: str) -> Response:
         return json_response({"status": "ok"})
@@ -274,6 +283,7 @@ class Gateway:
             Route(CHAT_PATH, chat, methods=["POST"]),
             route("/v1/embeddings", self.embeddings, "POST"),
             route("/v1/models", self.list_models, "GET"),
+            route("/v1/models/{model:path}", self.retrieve_model, "GET"),
             route("/healthz", self.healthz, "GET"),
             route("/readyz", self.readyz, "GET"),
         ]
@@ -320,6 +330,10 @@ class _GatewayApp(Starlette):
             await response(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+def _model_object(model: ModelSettings) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": model.owned_by}
 
 
 def _route_path(scope: Scope) -> str:

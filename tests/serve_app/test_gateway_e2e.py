@@ -126,6 +126,9 @@ def test_openai_sdk_chat_stream_and_models(
     assert "".join(parts) == text  # same request, same deterministic answer
     assert usage is not None and usage.completion_tokens == completion.usage.completion_tokens
     assert {m.id for m in sdk.models.list()} == {"mock-gpt", "mock-embed", "dead-gpt"}
+    assert sdk.models.retrieve("mock-embed").id == "mock-embed"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("no-such-model")
 
 
 def test_openai_sdk_exceptions(

@@ -72,3 +72,35 @@ async def test_chat_fast_path_under_a_prefix(redis_url: str) -> None:
         await client.aclose()
     finally:
         await gateway.aclose()
+
+
+@pytest.mark.integration
+async def test_a_model_is_retrieved_by_name_slashes_and_all(redis_url: str) -> None:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}, {"name": "org/m-2", "upstream": "u"}],
+            "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
+            "store": {"url": redis_url},
+        }
+    )
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": CannedTransport()}))
+    await gateway.start()
+    try:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
+        )
+        key = {"authorization": "Bearer sk-k"}
+        for name in ("m", "org/m-2"):
+            found = await client.get(f"/v1/models/{name}", headers=key)
+            assert found.status_code == 200
+            assert found.json() == {
+                "id": name, "object": "model", "created": 0, "owned_by": "llm-gateway"
+            }  # fmt: skip
+        missing = await client.get("/v1/models/nope", headers=key)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+        assert (await client.get("/v1/models/m")).status_code == 401
+        await client.aclose()
+    finally:
+        await gateway.aclose()
