@@ -42,6 +42,7 @@ from deployments.breaker_store import FailoverBreakerStore, RedisBreakerStore
 from deployments.bulkhead import Bulkhead
 from deployments.resilience_settings import ResilienceSettings, Target, UpstreamPolicy
 from deployments.retry import RetryPolicy, retry_after_s, should_fall_back
+from deployments.retry_budget import RetryBudget
 from serve_app.errors import (
     GatewayError,
     NotFoundError,
@@ -75,6 +76,7 @@ class ResilienceMetrics:
     transitions: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # breaker, from, to
     refused: Counter[str] = field(default_factory=Counter)  # breaker
     retries: Counter[str] = field(default_factory=Counter)  # upstream
+    retries_over_budget: Counter[str] = field(default_factory=Counter)  # upstream
     fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)  # from, to breaker
     bulkhead_rejected: Counter[str] = field(default_factory=Counter)  # upstream
     states: dict[str, BreakerState] = field(default_factory=dict)  # last state seen
@@ -127,6 +129,7 @@ class Resilience:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._bulkheads: dict[str, Bulkhead] = {}
+        self._budgets: dict[str, RetryBudget] = {}
         self._breakers: dict[str, BreakerSettings] = {}
         self._background: set[asyncio.Task[BreakerState]] = set()
         self._refusing: dict[str, tuple[float, float, Decision]] = {}  # name -> (at, until, it)
@@ -163,6 +166,15 @@ class Resilience:
         if found is None:
             settings = self.settings.policy(upstream).bulkhead
             found = self._bulkheads[upstream] = Bulkhead(upstream, settings)
+        return found
+
+    def retry_budget(self, upstream: str) -> RetryBudget:
+        found = self._budgets.get(upstream)
+        if found is None:
+            s = self.settings.policy(upstream).retry
+            found = self._budgets[upstream] = RetryBudget(
+                s.budget_percent, s.budget_min_per_s, s.budget_window_s, self._clock
+            )
         return found
 
     async def call(
@@ -206,6 +218,7 @@ class Resilience:
     ) -> ResilienceResult[T]:
         policy = self.settings.policy(target.upstream)
         retry = RetryPolicy(policy.retry, self._rng)
+        budget = self.retry_budget(target.upstream)
         calls = 0
         while True:
             remaining = run.remaining()
@@ -216,6 +229,8 @@ class Resilience:
                 self.metrics.refused[name] += 1
                 raise _NextTarget(open_error(name, permit))
             calls += 1
+            if calls == 1:
+                budget.deposit()  # a first call: what retries are a share of
             result = await self._once(target, name, policy, permit, attempt, run, stream)
             if isinstance(result, ResilienceResult):
                 return result
@@ -223,6 +238,9 @@ class Resilience:
             delay = None
             if state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
                 delay = retry.delay_s(calls, error, run.remaining())
+            if delay is not None and not budget.try_withdraw():
+                self.metrics.retries_over_budget[target.upstream] += 1
+                delay = None
             if delay is None:
                 if should_fall_back(error):
                     raise _NextTarget(error)

@@ -37,6 +37,11 @@ class RetrySettings(BaseModel):
     jitter: Literal["full", "equal", "none"] = "full"
     retry_on_timeout: bool = False  # a timed-out call may have run (and cost) upstream
     max_retry_after_s: float = Field(5.0, ge=0)  # a longer retry-after: move on instead
+    # Retries to an upstream stay within this share of its first calls over budget_window_s,
+    # plus budget_min_per_s (deployments/retry_budget.py; Finagle's defaults).
+    budget_percent: float = Field(0.2, ge=0)
+    budget_min_per_s: float = Field(10.0, ge=0)
+    budget_window_s: float = Field(10.0, gt=0)
 
 
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})

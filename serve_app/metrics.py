@@ -112,6 +112,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         None,
     ),
     "gateway_retries_total": ("counter", "Upstream retries.", ("upstream",), None),
+    "gateway_retries_over_budget_total": (
+        "counter",
+        "Retries not made: the upstream's retry budget was spent.",
+        ("upstream",),
+        None,
+    ),
     "gateway_fallbacks_total": (
         "counter",
         "Fallbacks to the next target.",

@@ -196,6 +196,7 @@ class Stages:
         )
         deltas.export("gateway_breaker_refused_total", m.refused, ("breaker",))
         deltas.export("gateway_retries_total", m.retries, ("upstream",))
+        deltas.export("gateway_retries_over_budget_total", m.retries_over_budget, ("upstream",))
         deltas.export("gateway_fallbacks_total", m.fallbacks, ("from_breaker", "to_breaker"))
         deltas.export("gateway_bulkhead_rejected_total", m.bulkhead_rejected, ("upstream",))
         for breaker, state in m.states.items():

@@ -463,3 +463,18 @@ async def test_successes_under_one_closed_permit_are_recorded_as_one_counted_cal
     assert store.batches == [[(Outcome.SUCCESS, 20)]]
     snapshot = await store.snapshot("a/m-a", settings.default.breaker)
     assert snapshot.calls == 20  # the count reached the breaker's window
+
+
+async def test_retries_stay_within_the_upstreams_retry_budget(clock: Clock) -> None:
+    """Under sustained failure, retries add at most budget_percent to the upstream's load."""
+    retry = RetrySettings(max_attempts=3, jitter="none", budget_percent=0.2, budget_min_per_s=0)
+    lenient = BreakerSettings(window_size=1000, minimum_calls=1000)
+    settings = ResilienceSettings(default=UpstreamPolicy(breaker=lenient, retry=retry))
+    res = Resilience(settings, MemoryBreakerStore(clock), clock=clock, sleep=clock.sleep)
+    up = Upstreams(clock, a=[error(503)])
+    for _ in range(50):
+        with pytest.raises(UpstreamError):
+            await res.call([A], up, 30)
+    assert len(up.calls) == 50 + 10  # without the budget: 150
+    assert res.metrics.retries["a"] == 10
+    assert res.metrics.retries_over_budget["a"] == 50  # each request ended on a refusal
