@@ -26,6 +26,22 @@ def test_config_yaml_validates_and_has_the_local_key() -> None:
     MockConfig.model_validate(_apps()["mock"]["args"])
 
 
+def test_the_local_profile_lets_the_breaker_load_test_pass() -> None:
+    """`bench run breaker` against `make run`: its hang must be a slow call to the mock's
+    breaker (else the breaker waits for errors alone, at a rate on its threshold), and the
+    local key's minute limit must not answer the load test before the gateway does."""
+    from bench.scenarios import SCENARIOS
+
+    args = GatewayArgs.model_validate(_apps()["gateway"]["args"])
+    fault = SCENARIOS["breaker"].fault
+    assert fault is not None
+    hang_s = fault.payload["faults"]["*"]["hang_s"]
+    breaker = args.resilience.policy("mock").breaker
+    assert breaker.slow_call_duration_s < hang_s and breaker.slow_call_rate_threshold <= 100
+    minute = [q for q in args.limits.per_key.default if q.window == 60]
+    assert minute and minute[0].requests >= 60 * 500  # 500 req/s
+
+
 def test_config_yaml_deployments_fit_two_cores() -> None:
     def most_replicas(deployment: dict) -> int:
         scaling = deployment.get("autoscaling_config")
