@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ from serve_app.store import connect as connect_store
 from serve_app.store_settings import StoreSettings
 
 log = logging.getLogger(__name__)
+
+# Texts just embedded, with their vectors: a miss's lookup embeds the text, and the
+# answer's store, moments later, needs the same vector (embedding is this tier's cost).
+RECENT_VECTORS = 1024
 
 
 class SemanticCacheSettings(BaseModel):
@@ -82,6 +87,7 @@ class SemanticCache:
         self._clock = clock
         self._guard = NearMissGuard(settings.guard)
         self._index = SemanticIndex(embedder.dim)
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._follower: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._counts = dict.fromkeys(
@@ -167,7 +173,7 @@ class SemanticCache:
                 return found
         if limit == 0.0:
             return None
-        vector = (await self._embedder.embed([text]))[0]
+        vector = await self._vector(text)
         for entry, sim in self._index.search(namespace, scope, vector, self._cfg.top_k):
             if 1.0 - sim > limit:
                 break  # best first: nothing further can pass
@@ -178,6 +184,15 @@ class SemanticCache:
             if found is not None:
                 return found
         return None
+
+    async def _vector(self, text: str) -> np.ndarray:
+        vector = self._recent.pop(text, None)
+        if vector is None:
+            vector = (await self._embedder.embed([text]))[0]
+        self._recent[text] = vector  # newest last
+        if len(self._recent) > RECENT_VECTORS:
+            self._recent.popitem(last=False)
+        return vector
 
     async def _confirm(self, entry: SemanticEntry, similarity: float) -> SemanticHit | None:
         """Read the body; an entry gone from the store (expired, deleted) leaves the index."""
@@ -196,7 +211,7 @@ class SemanticCache:
         """Cache a successful, complete answer; returns its entry id (None: not stored)."""
         if not self._cfg.enabled or len(text) > self._cfg.max_text_chars:
             return None
-        vector: np.ndarray = (await self._embedder.embed([text]))[0]
+        vector = await self._vector(text)
         entry = SemanticEntry(
             id=entry_id(namespace, scope, text),
             namespace=namespace,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
@@ -205,3 +206,29 @@ async def test_an_entry_deleted_elsewhere_is_never_served(
     await redis_client.delete("{sc}:e:" + str(eid))  # e.g. expired by Redis's own clock
     assert await cache.check("scope", Q, "t1") is None
     assert cache.stats().entries == 0
+
+
+class CountingEmbedder:
+    def __init__(self, model: OnnxEmbedder) -> None:
+        self.model, self.texts = model, []  # type: ignore[var-annotated]
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        self.texts += texts
+        return await self.model.embed(texts)
+
+
+async def test_a_miss_stored_moments_later_is_embedded_once(model: OnnxEmbedder) -> None:
+    """A miss embeds its text to look it up; storing the answer reuses that vector."""
+    counting = CountingEmbedder(model)
+    settings = SemanticCacheSettings(distance_threshold=0.1)
+    cache = SemanticCache(settings, counting, MemorySemanticStore(), Clock())  # type: ignore[arg-type]
+    assert await cache.check("scope", Q, "t1") is None
+    await cache.store("scope", Q, "t1", b"answer")
+    assert counting.texts == [Q]
+    hit = await cache.check("scope", PARAPHRASE, "t1")
+    assert hit is not None and hit.body == b"answer"
+    assert counting.texts == [Q, PARAPHRASE]
