@@ -32,6 +32,7 @@ class MemoEmbedder:
 
     def __init__(self, model: OnnxEmbedder, texts: list[str]) -> None:
         self.dim = model.dim
+        self.covers = model.covers
         unique = sorted(set(texts))
         rows = [model.encode(unique[i : i + 64]) for i in range(0, len(unique), 64)]
         self._memo = dict(zip(unique, np.concatenate(rows), strict=True))

@@ -56,6 +56,10 @@ class Embedder(Protocol):
 
     async def embed(self, texts: list[str]) -> np.ndarray: ...
 
+    def covers(self, text: str) -> bool:
+        """Whether the vector of ``text`` depends on all of it (no truncation)."""
+        ...
+
 
 class ChecksumError(RuntimeError):
     """A model or tokenizer file is not the pinned one: refuse to start."""
@@ -118,6 +122,11 @@ class OnnxEmbedder:
     def dim(self) -> int:
         return self._dim
 
+    def covers(self, text: str) -> bool:
+        # Past max_length the tokens are cut: two texts that differ only after the cut get
+        # one vector, and a lookup would serve one's answer to the other.
+        return not self._tokenizer.encode(text).overflowing
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """The computation itself (blocking); ``embed`` runs it off the event loop."""
         if not texts:
@@ -148,6 +157,9 @@ class HttpEmbedder:
     @property
     def dim(self) -> int:
         return self._dim
+
+    def covers(self, text: str) -> bool:
+        return True  # an endpoint refuses a text too long for its model (a miss), never cuts it
 
     def _headers(self) -> dict[str, str]:
         env = self._cfg.api_key_env

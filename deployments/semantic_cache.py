@@ -163,7 +163,7 @@ class SemanticCache:
     async def _lookup(
         self, scope: str, text: str, namespace: str, threshold: float | None
     ) -> SemanticHit | None:
-        if not self._cfg.enabled or len(text) > self._cfg.max_text_chars:
+        if not self._cacheable(text):
             return None
         limit = self._cfg.distance_threshold if threshold is None else threshold
         same = self._index.exact(namespace, scope, text)
@@ -184,6 +184,12 @@ class SemanticCache:
             if found is not None:
                 return found
         return None
+
+    def _cacheable(self, text: str) -> bool:
+        """Short enough to compare, and whole in its vector (a longer text is only ever
+        served by the exact tier)."""
+        cfg = self._cfg
+        return cfg.enabled and len(text) <= cfg.max_text_chars and self._embedder.covers(text)
 
     async def _vector(self, text: str) -> np.ndarray:
         vector = self._recent.pop(text, None)
@@ -209,7 +215,7 @@ class SemanticCache:
         self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
     ) -> str | None:
         """Cache a successful, complete answer; returns its entry id (None: not stored)."""
-        if not self._cfg.enabled or len(text) > self._cfg.max_text_chars:
+        if not self._cacheable(text):
             return None
         vector = await self._vector(text)
         entry = SemanticEntry(
@@ -266,6 +272,9 @@ class SemanticCacheDeployment:
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         return np.stack([await self._embed_one(t) for t in texts])
+
+    def covers(self, text: str) -> bool:
+        return self._model.covers(text)
 
     async def _ready(self) -> SemanticCache:
         self._started = self._started or asyncio.create_task(self._cache.start())

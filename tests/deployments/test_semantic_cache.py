@@ -220,6 +220,9 @@ class CountingEmbedder:
         self.texts += texts
         return await self.model.embed(texts)
 
+    def covers(self, text: str) -> bool:
+        return self.model.covers(text)
+
 
 async def test_a_miss_stored_moments_later_is_embedded_once(model: OnnxEmbedder) -> None:
     """A miss embeds its text to look it up; storing the answer reuses that vector."""
@@ -232,3 +235,20 @@ async def test_a_miss_stored_moments_later_is_embedded_once(model: OnnxEmbedder)
     hit = await cache.check("scope", PARAPHRASE, "t1")
     assert hit is not None and hit.body == b"answer"
     assert counting.texts == [Q, PARAPHRASE]
+
+
+async def test_a_text_longer_than_the_model_reads_is_never_compared(model: OnnxEmbedder) -> None:
+    """Past max_length the model's tokens are cut: two questions about one long document
+    would get one vector (similarity 1.0), and one's answer would be served to the other."""
+    document = (
+        "The quarterly report shows revenue growth in the north and flat sales in the south. "
+    )
+    document *= 20
+    asked = document + "Question: what drove growth in the north?"
+    other = document + "Question: which products should we discontinue next year, and why?"
+    assert not model.covers(asked) and model.covers(Q)
+    cache = make(model)
+    assert await cache.store("scope", asked, "t1", b"contracts") is None
+    assert await cache.check("scope", other, "t1") is None
+    assert await cache.check("scope", asked, "t1") is None  # the exact tier serves repeats
+    assert cache.stats().entries == 0
