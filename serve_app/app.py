@@ -51,7 +51,8 @@ class GatewayIngress:
             limits = LimiterSettings.model_validate(user_config["limits"])
             self.gateway.stages.limiter.reconfigure(limits)
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # async: Serve runs a sync hook in a worker thread, started anew under load (py-spy)
         return self.gateway.replica_stats.snapshot()
 
     async def __del__(self) -> None:
