@@ -29,6 +29,10 @@ export RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=${RAY_SERVE_RUN_USER_CODE_IN_S
 # Loopback-only dashboard on a laptop: no token, so a browser can open it.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
+# What Serve would only log while the gateway never answers: bad args, settings for a
+# deployment the app does not build. Checked before Ray starts.
+"$VENV/bin/python" -m serve_app.preflight "$CONFIG" || exit 1
+
 # Ray's daemons get a session of their own: Ctrl-C in this terminal reaches `serve run` and
 # this script, whose cleanup stops them in order. Were they in the terminal's process group,
 # Ctrl-C would also kill the dashboard's worker processes and leave the dashboard hanging,
