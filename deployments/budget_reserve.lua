@@ -47,7 +47,9 @@ local function prune(hash, zset)
   for _, old in ipairs(expired) do
     local held = redis.call('HGET', hash, 'r:' .. old)
     if held then
-      redis.call('HINCRBY', hash, 'held', '-' .. held)
+      if held ~= '0' then  -- '-0' is no integer to Redis: the script would fail
+        redis.call('HINCRBY', hash, 'held', '-' .. held)
+      end
       redis.call('HDEL', hash, 'r:' .. old)
     end
     redis.call('ZREM', zset, old)

@@ -18,7 +18,9 @@ for i = 1, n do
   local hash, zset = KEYS[2 * i - 1], KEYS[2 * i]
   local held = redis.call('HGET', hash, 'r:' .. rid)
   if held then
-    redis.call('HINCRBY', hash, 'held', '-' .. held)
+    if held ~= '0' then  -- '-0' is no integer to Redis: the script would fail
+      redis.call('HINCRBY', hash, 'held', '-' .. held)
+    end
     redis.call('HDEL', hash, 'r:' .. rid)
   end
   redis.call('ZREM', zset, rid)

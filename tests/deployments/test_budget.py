@@ -198,3 +198,20 @@ def _record(request_id: str, cost_pico: int) -> LedgerRecord:
         price="test",
         estimated=False,
     )
+
+
+async def test_a_free_request_settles_and_its_expired_hold_frees_nothing_twice(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A model with no price reserves 0: its hold read back as '-0', which Redis refused, so
+    the settle failed, and once the hold expired every reservation on the budget failed."""
+    budgets = guard(redis_client, keys={KEY: {"daily_usd": "1"}}, hold_ttl_s=0.02)
+    free = await budgets.reserve("free", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(0))
+    assert free.budgets  # held (at zero) like any other request
+    await budgets.settle(free, Decimal(0))
+    await budgets.reserve("lost", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(0))
+    await asyncio.sleep(0.05)  # the zero hold of "lost" expires on the server's clock
+    held = await budgets.reserve("next", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(1))
+    await budgets.settle(held, Decimal("0.25"))
+    [status] = await budgets.status(TENANT, KEY)
+    assert (status.spent, status.held) == (Decimal("0.25"), 0)
