@@ -161,6 +161,7 @@ def test_embeddings(http: httpx.Client, mock_behaviour: MockBehaviour) -> None:
         (b"[1, 2]", auth(), 400, None, None),
         (orjson.dumps({"model": "mock-gpt"}), auth(), 400, None, "messages"),
         (orjson.dumps(chat_body(temperature=9)), auth(), 400, None, "temperature"),
+        (orjson.dumps({**chat_body(), "stream": "yes"}), auth(), 400, None, "stream"),
         (
             orjson.dumps({"model": "mock-gpt", "messages": [{"role": "robot"}]}),
             auth(),
