@@ -195,11 +195,16 @@ class Admin:
             raise InvalidRequestError(
                 f"group_by must be one of {get_args(GroupBy)}.", param="group_by"
             )
+        form = query.get("format", "json")
+        if form not in ("json", "csv"):
+            raise InvalidRequestError("format must be json or csv.", param="format")
         today = datetime.now(UTC).date()
         since = _day(query.get("since"), today - timedelta(days=30), "since")
         until = _day(query.get("until"), today, "until")
+        if since > until:
+            raise InvalidRequestError(f"since ({since}) is after until ({until}).", param="since")
         rows = await self.gateway.stages.cost.summary(group_by, since, until)  # type: ignore[arg-type]
-        if query.get("format") == "csv":
+        if form == "csv":
             return Response(summary_csv(rows), media_type="text/csv")
         return _json(
             {"group_by": group_by, "since": since, "until": until, "rows": summary_json(rows)}

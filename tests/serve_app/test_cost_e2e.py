@@ -312,6 +312,8 @@ def test_the_ledger_survives_a_replica_restart(
         ("/v1/cost/summary", {"group_by": "colour"}, "group_by"),
         ("/v1/cost/summary", {"since": "last week"}, "since"),
         ("/v1/cost/summary", {"until": "tomorrow"}, "until"),
+        ("/v1/cost/summary", {"format": "xml"}, "format"),
+        ("/v1/cost/summary", {"since": "2026-12-01", "until": "2026-11-01"}, "since"),
         ("/v1/cost/recommendations", {"days": "a week"}, "days"),
     ],
 )
