@@ -5,9 +5,11 @@ cluster:
 - the lock is ``SET NX PX`` (``dedup_acquire.lua``); its owner renews it every
   third of ``lock_ttl_s`` while it works, so a leader that dies is taken over by
   a waiter within ``lock_ttl_s`` (plus one poll);
-- the leader writes the result (value or error) to a per-flight result key and
-  publishes a tiny notification (``dedup_publish.lua``); every waiter wakes at
-  once, whether the result was a success or not;
+- a caller that finds the lock taken counts itself on it; when the flight had
+  followers, the leader writes the result (value or error) to a per-flight
+  result key and publishes a tiny notification (``dedup_publish.lua``), and
+  every waiter wakes at once, whether the result was a success or not; with
+  none (most flights), it only drops the lock;
 - waiters listen on one pattern subscription per replica, then (re-)check the
   result key, so a result published before they listened is not missed; they
   also poll every ``poll_s`` in case a notification was lost;
@@ -36,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.dedup import Flight, Role, SingleFlight, StreamFlight
 from deployments.dedup_stream import follow_stream, lead_stream
-from deployments.dedup_wire import STORE_ERRORS, VALUE, decode_result, encode_error
+from deployments.dedup_wire import STORE_ERRORS, VALUE, decode_result, encode_error, followers_key
 from deployments.pubsub import Message, follow_channel
 from deployments.script_batch import ScriptBatch
 from deployments.tasks import cancel_and_wait
@@ -185,7 +187,9 @@ class RedisSingleFlight:
     async def _take(self, lock: str, token: str) -> str:
         """Take the lock, or return its owner's token."""
         ttl_ms = int(self.settings.lock_ttl_s * 1000)
-        _taken, owner, _pttl = await self._acquire(keys=[lock], args=[token, ttl_ms])
+        _taken, owner, _pttl = await self._acquire(
+            keys=[lock, followers_key(lock)], args=[token, ttl_ms]
+        )
         return owner.decode() if isinstance(owner, bytes) else str(owner)
 
     async def _lead(
@@ -195,7 +199,7 @@ class RedisSingleFlight:
         try:
             value = await fn()
         except asyncio.CancelledError:
-            await self._quietly(self._release(keys=[lock], args=[token]))
+            await self._quietly(self._release(keys=[lock, followers_key(lock)], args=[token]))
             raise
         except Exception as exc:
             await self._announce(key, lock, token, encode_error(exc))
@@ -209,7 +213,7 @@ class RedisSingleFlight:
         ttl_ms = int(self.settings.result_ttl_s * 1000)
         result = self._key(key, f"res:{token}")
         args = [token, payload, ttl_ms, self._channel(key)]
-        await self._quietly(self._publish(keys=[lock, result], args=args))
+        await self._quietly(self._publish(keys=[lock, result, followers_key(lock)], args=args))
 
     async def _follow(self, key: str, lock: str, owner: str, deadline: float) -> bytes | None:
         """The owner's result, or None once its lock is gone or the deadline passed."""
@@ -244,7 +248,8 @@ class RedisSingleFlight:
         ttl_ms = int(self.settings.lock_ttl_s * 1000)
         while True:
             await asyncio.sleep(self.settings.lock_ttl_s / 3)
-            if not await self._quietly(self._renew(keys=[lock], args=[token, ttl_ms])):
+            renewed = self._renew(keys=[lock, followers_key(lock)], args=[token, ttl_ms])
+            if not await self._quietly(renewed):
                 return  # lost the lock (or Redis): waiters will take over
 
     # -- notifications -------------------------------------------------------------

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from deployments.dedup_wire import STORE_ERRORS, decode_error, encode_error
+from deployments.dedup_wire import STORE_ERRORS, decode_error, encode_error, followers_key
 from serve_app.errors import UpstreamTimeoutError, UpstreamUnreachableError
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ async def lead_stream(
             await _append(owner, stream, {"e": b"1"})
     finally:
         heartbeat.cancel()
-        await owner._quietly(owner._release(keys=[lock], args=[token]))
+        await owner._quietly(owner._release(keys=[lock, followers_key(lock)], args=[token]))
 
 
 def _entries(reply: object) -> list[tuple[bytes, dict[bytes, bytes]]]:

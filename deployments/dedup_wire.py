@@ -52,3 +52,8 @@ def decode_result(payload: bytes) -> bytes:
     if payload[:1] == VALUE:
         return payload[1:]
     raise decode_error(payload)
+
+
+def followers_key(lock: str) -> str:
+    """The count of callers that found ``lock`` taken (the lock's hash tag, so one slot)."""
+    return f"{lock}:followers"

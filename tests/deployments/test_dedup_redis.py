@@ -288,3 +288,36 @@ async def test_stream_dead_leader_is_taken_over(
     assert flight.role is Role.FOLLOWER
     assert [c async for c in flight.chunks] == [b"a", b"b"]
     assert replica.stats.takeovers == 1
+
+
+@pytest.mark.integration
+async def test_a_result_is_written_only_for_followers(
+    make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
+) -> None:
+    """Most flights have no follower: writing every answer to Redis for nobody to read cost
+    each cacheable miss a copy of its body (and a publish). A follower is counted on the lock."""
+    a, b = make_replica(), make_replica()
+    await b.start()
+
+    async def alone() -> bytes:
+        return b"mine"
+
+    assert (await a.flight("k", alone)).role is Role.LEADER
+    assert await redis_client.keys("gw:dedup:{k}*") == []  # no result, lock or count left
+
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> bytes:
+        started.set()  # the leader holds the lock by now
+        await release.wait()
+        return b"shared"
+
+    leader = asyncio.create_task(a.flight("k", slow))
+    await started.wait()
+    follower = asyncio.create_task(b.flight("k", slow))
+    await _until(lambda: b.stats.coalesced == 1)
+    release.set()
+    assert ((await leader).value, (await follower).value) == (b"shared", b"shared")
+    assert (await follower).role is Role.FOLLOWER
+    keys = {k.decode() for k in await redis_client.keys("gw:dedup:{k}*")}
+    assert len(keys) == 1 and keys.pop().startswith("gw:dedup:{k}:res:")  # lock and count gone
