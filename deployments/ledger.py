@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from deployments.cost import from_pico
 from deployments.ledger_record import DAY_MS, FIELDS, LedgerRecord
-from deployments.tasks import wait_all
+from deployments.tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Ledger:
         # and a round trip stretches with a busy event loop or a distant store (~12 ms per batch
         # of 200 at ~8.5k requests/s in one process: a ceiling only 2x above the load).
         slots = asyncio.Semaphore(self.settings.writers)
-        writing: set[asyncio.Future[Any]] = set()
+        writing = Background(log, "ledger write")
         closing = False
         while not closing:
             await slots.acquire()  # before gathering: a batch that waited for a slot is fuller
@@ -151,10 +151,8 @@ class Ledger:
                     closing = True
                 else:
                     batch.append(item)
-            task = asyncio.create_task(self._write_batch(batch, taken, slots))
-            writing.add(task)
-            task.add_done_callback(writing.discard)
-        await wait_all(writing)
+            writing.spawn(self._write_batch(batch, taken, slots))
+        await writing.drain()
 
     async def _write_batch(
         self, batch: list[LedgerRecord], taken: int, slots: asyncio.Semaphore
