@@ -2,8 +2,9 @@
 
 ``REDIS_URL`` (or ``store.url``) selects an external Redis. With neither, the
 first replica starts an embedded Valkey inside a detached Ray actor, once per
-cluster, and every replica asks that actor for its address. The server dies
-with the actor (and the cluster), its data stays on disk for the next start.
+cluster, and every replica asks that actor for its address. The actor restarts a
+server that dies; the server dies with the actor (and the cluster), its data stays
+on disk for the next start.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import os
 
 import ray
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from serve_app.embedded_store import EmbeddedStore
 from serve_app.store_settings import StoreSettings
@@ -24,6 +28,15 @@ EMBEDDED_ACTOR_NAME = "llm-gateway-embedded-store"
 EMBEDDED_NAMESPACE = "llm_gateway"
 
 
+def stale_connection_retry() -> Retry:
+    """One immediate retry on a fresh connection when a pooled one turns out closed:
+    after a Redis restart or failover, or a server's idle ``timeout``, each pooled
+    connection fails once, and that failure would refuse a request (a budget check
+    fails closed). Timeouts are not retried: the command may have run, and a stalled
+    Redis should degrade a stage, not double its wait."""
+    return Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+
+
 class Store:
     def __init__(self, url: str, settings: StoreSettings) -> None:
         self.url = url
@@ -32,7 +45,7 @@ class Store:
             socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.socket_timeout_s,
             max_connections=settings.max_connections,
-            retry_on_timeout=False,
+            retry=stale_connection_retry(),
         )
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
@@ -50,12 +63,16 @@ class EmbeddedStoreActor:
     def __init__(self, data_dir: str) -> None:
         self._server = EmbeddedStore(os.path.expanduser(data_dir))
         self._server.start()
+        # A server that dies (OOM, a kill) comes back on the same port with the same
+        # data; the replicas' clients hold its address and reconnect by themselves.
+        self._server.supervise()
 
     def url(self) -> str:
-        # Restart a server that died (OOM, a kill): same data dir, same data.
-        if not self._server.running():
-            self._server.start()
+        self._server.ensure_running()
         return self._server.url
+
+    def restarts(self) -> int:
+        return self._server.restarts
 
 
 async def embedded_url(data_dir: str) -> str:
