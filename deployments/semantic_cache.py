@@ -48,6 +48,10 @@ class SemanticCacheSettings(BaseModel):
     top_k: int = Field(default=4, ge=1, le=32)  # candidates tried against the guard
     ttl_s: float | None = Field(default=86_400.0, gt=0)  # None: entries never expire
     max_text_chars: int = Field(default=2_000, ge=1)  # longer final messages are not cached
+    # How long a request waits for a lookup before taking it as a miss: a tier that is
+    # overloaded or restarting (a new replica loads its model for seconds) must not
+    # hold requests that the upstream could answer.
+    lookup_timeout_s: float = Field(default=0.5, gt=0)
     # How often a replica drops expired entries from its index (Redis drops them on its own).
     sweep_interval_s: float = Field(default=30.0, gt=0)
     embedder: EmbedderSettings = EmbedderSettings()

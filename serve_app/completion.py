@@ -10,6 +10,7 @@ answer was served (MISS or SEMANTIC_HIT).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -159,9 +160,18 @@ class ChatPipeline:
             return None
         started = time.perf_counter()
         try:
-            hit = await semantic.check(key.scope, key.final_user_text, plan.decision.namespace)
+            async with asyncio.timeout(self.args.semantic_cache.lookup_timeout_s):
+                hit = await semantic.check(key.scope, key.final_user_text, plan.decision.namespace)
+        except TimeoutError:
+            self.stages.metrics.inc(
+                "gateway_semantic_lookup_failures_total", 1, {"reason": "timeout"}
+            )
+            return None
         except Exception:  # the semantic tier is an optimisation: any failure is a miss
             log.warning("semantic cache lookup failed", exc_info=True)
+            self.stages.metrics.inc(
+                "gateway_semantic_lookup_failures_total", 1, {"reason": "error"}
+            )
             return None
         finally:
             self.stages.metrics.observe(

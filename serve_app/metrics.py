@@ -56,6 +56,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("result",),
         None,
     ),
+    "gateway_semantic_lookup_failures_total": (
+        "counter",
+        "Semantic lookups taken as misses: the tier timed out or failed.",
+        ("reason",),
+        None,
+    ),
     "gateway_dedup_requests_total": ("counter", "Requests by single-flight role.", ("role",), None),
     "gateway_upstream_calls_saved_total": (
         "counter",

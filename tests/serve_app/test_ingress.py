@@ -3,6 +3,8 @@ prefix as Serve mounts it, answers and renders errors like the routed app."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Mapping
 
 import httpx
@@ -101,6 +103,67 @@ async def test_a_model_is_retrieved_by_name_slashes_and_all(redis_url: str) -> N
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "model_not_found"
         assert (await client.get("/v1/models/m")).status_code == 401
+        await client.aclose()
+    finally:
+        await gateway.aclose()
+
+
+class StalledSemantic:
+    """A semantic tier that never answers (its replica died and a new one is still
+    loading its model), or fails outright."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.checks = 0
+
+    async def check(self, scope: str, text: str, namespace: str) -> None:
+        self.checks += 1
+        if self.fail:
+            raise RuntimeError("replica died")
+        await asyncio.Event().wait()
+
+    async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None:
+        pass
+
+    async def invalidate_namespace(self, namespace: str | None) -> int:
+        return 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fail", [False, True])
+async def test_a_stalled_semantic_tier_is_a_miss_after_its_timeout(
+    redis_url: str, redis_client: object, fail: bool
+) -> None:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}],
+            "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
+            "store": {"url": redis_url},
+            "semantic_cache": {"lookup_timeout_s": 0.2},
+        }
+    )
+    transport, semantic = CannedTransport(), StalledSemantic(fail)
+    gateway = Gateway(
+        args, provider=ProviderClient(args.upstreams, {"u": transport}), semantic=semantic
+    )
+    await gateway.start()
+    try:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
+        )
+        body = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
+        started = time.perf_counter()
+        answered = await asyncio.wait_for(
+            client.post(
+                "/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-k"}
+            ),
+            timeout=5,
+        )
+        waited = time.perf_counter() - started
+        assert answered.status_code == 200 and answered.headers["x-cache"] == "MISS"
+        assert semantic.checks == 1 and transport.calls == 1
+        assert waited < 1.0 if fail else 0.2 <= waited < 1.0
         await client.aclose()
     finally:
         await gateway.aclose()
