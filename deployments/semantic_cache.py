@@ -52,6 +52,11 @@ class SemanticCacheSettings(BaseModel):
     # overloaded or restarting (a new replica loads its model for seconds) must not
     # hold requests that the upstream could answer.
     lookup_timeout_s: float = Field(default=0.5, gt=0)
+    # Each ingress replica lets at most this many lookups be in flight, fewer while
+    # lookups take longer than the target (deployments/adaptive_limit.py); the rest are
+    # misses at once (their answers are still stored, in the background).
+    max_concurrent_lookups: int = Field(default=32, ge=1)
+    lookup_latency_target_s: float = Field(default=0.25, gt=0)
     # How often a replica drops expired entries from its index (Redis drops them on its own).
     sweep_interval_s: float = Field(default=30.0, gt=0)
     embedder: EmbedderSettings = EmbedderSettings()

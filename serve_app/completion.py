@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from deployments.adaptive_limit import AdaptiveLimit
 from deployments.cache_policy import (
     CacheDecision,
     CacheStatus,
@@ -121,6 +122,10 @@ class ChatPipeline:
         self.stages = stages
         self.provider = provider
         self.keys = RequestKeys()
+        semantic = args.semantic_cache
+        self.semantic_limit = AdaptiveLimit(
+            semantic.max_concurrent_lookups, target_s=semantic.lookup_latency_target_s
+        )
 
     def plan(self, ctx: RequestContext, model: ModelSettings) -> Plan:
         controls = parse_controls(ctx.body.pop("cache", None), ctx.headers.get("cache-control"))
@@ -158,32 +163,33 @@ class ChatPipeline:
         key = plan.key
         if key.final_user_text is None:
             return None
+        if not self.semantic_limit.try_acquire():
+            return self._semantic_failed("shed")
         started = time.perf_counter()
+        ok = False
         try:
             async with asyncio.timeout(self.args.semantic_cache.lookup_timeout_s):
                 hit = await semantic.check(key.scope, key.final_user_text, plan.decision.namespace)
+            ok = True
         except TimeoutError:
-            self.stages.metrics.inc(
-                "gateway_semantic_lookup_failures_total", 1, {"reason": "timeout"}
-            )
-            return None
+            return self._semantic_failed("timeout")
         except Exception:  # the semantic tier is an optimisation: any failure is a miss
             log.warning("semantic cache lookup failed", exc_info=True)
-            self.stages.metrics.inc(
-                "gateway_semantic_lookup_failures_total", 1, {"reason": "error"}
-            )
-            return None
+            return self._semantic_failed("error")
         finally:
+            elapsed = time.perf_counter() - started
+            self.semantic_limit.release(elapsed, ok)
             self.stages.metrics.observe(
-                "gateway_stage_duration_seconds",
-                time.perf_counter() - started,
-                {"stage": "semantic"},
+                "gateway_stage_duration_seconds", elapsed, {"stage": "semantic"}
             )
         if hit is None:
             return None
         in_background(self.stages.exact.record(plan.decision.namespace, "semantic_hits"))
         meta = {"cache": "SEMANTIC_HIT", "similarity": hit.similarity, "created": hit.created}
         return hit.body, meta
+
+    def _semantic_failed(self, reason: str) -> None:
+        self.stages.metrics.inc("gateway_semantic_lookup_failures_total", 1, {"reason": reason})
 
     async def _remember(self, plan: Plan, body: bytes) -> None:
         """Store a complete answer in both tiers (before the flight ends, so a

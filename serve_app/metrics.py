@@ -58,7 +58,7 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     ),
     "gateway_semantic_lookup_failures_total": (
         "counter",
-        "Semantic lookups taken as misses: the tier timed out or failed.",
+        "Semantic lookups taken as misses: the tier was busy (shed), timed out or failed.",
         ("reason",),
         None,
     ),

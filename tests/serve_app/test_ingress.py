@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import httpx
 import orjson
@@ -110,20 +110,21 @@ async def test_a_model_is_retrieved_by_name_slashes_and_all(redis_url: str) -> N
 
 class StalledSemantic:
     """A semantic tier that never answers (its replica died and a new one is still
-    loading its model), or fails outright."""
+    loading its model), fails outright, or answers a miss at once."""
 
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
-        self.checks = 0
+    def __init__(self, fail: bool = False, stalled: bool = True) -> None:
+        self.fail, self.stalled = fail, stalled
+        self.checks = self.stores = 0
 
     async def check(self, scope: str, text: str, namespace: str) -> None:
         self.checks += 1
         if self.fail:
             raise RuntimeError("replica died")
-        await asyncio.Event().wait()
+        if self.stalled:
+            await asyncio.Event().wait()
 
     async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None:
-        pass
+        self.stores += 1
 
     async def invalidate_namespace(self, namespace: str | None) -> int:
         return 0
@@ -164,6 +165,73 @@ async def test_a_stalled_semantic_tier_is_a_miss_after_its_timeout(
         assert answered.status_code == 200 and answered.headers["x-cache"] == "MISS"
         assert semantic.checks == 1 and transport.calls == 1
         assert waited < 1.0 if fail else 0.2 <= waited < 1.0
+        await asyncio.sleep(0.05)
+        # Still stored: a hot prompt's first answer is the tier's one chance at it (its
+        # repeats are exact hits), and first answers come in a burst, when it is busiest.
+        assert semantic.stores == 1
+        await client.aclose()
+    finally:
+        await gateway.aclose()
+
+
+def semantic_gateway(redis_url: str, semantic: StalledSemantic, **cache: object) -> Gateway:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}],
+            "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
+            "store": {"url": redis_url},
+            "semantic_cache": cache,
+        }
+    )
+    provider = ProviderClient(args.upstreams, {"u": CannedTransport()})
+    return Gateway(args, provider=provider, semantic=semantic)
+
+
+def ask(client: httpx.AsyncClient, text: str) -> Awaitable[httpx.Response]:
+    body = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": text}]}
+    return client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-k"})
+
+
+@pytest.mark.integration
+async def test_lookups_past_the_concurrency_limit_are_misses_at_once(
+    redis_url: str, redis_client: object
+) -> None:
+    semantic = StalledSemantic()
+    gateway = semantic_gateway(redis_url, semantic, lookup_timeout_s=0.3, max_concurrent_lookups=1)
+    await gateway.start()
+    try:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
+        )
+
+        async def timed(text: str) -> float:
+            started = time.perf_counter()
+            assert (await ask(client, text)).status_code == 200
+            return time.perf_counter() - started
+
+        waits = sorted(await asyncio.gather(timed("one"), timed("two")))
+        assert semantic.checks == 1  # the second never reached the tier
+        assert waits[0] < 0.2 <= 0.3 <= waits[1]
+        await client.aclose()
+    finally:
+        await gateway.aclose()
+
+
+@pytest.mark.integration
+async def test_a_completed_lookup_is_followed_by_a_store(
+    redis_url: str, redis_client: object
+) -> None:
+    semantic = StalledSemantic(stalled=False)
+    gateway = semantic_gateway(redis_url, semantic)
+    await gateway.start()
+    try:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
+        )
+        assert (await ask(client, "x")).headers["x-cache"] == "MISS"
+        await asyncio.sleep(0.05)
+        assert (semantic.checks, semantic.stores) == (1, 1)
         await client.aclose()
     finally:
         await gateway.aclose()
