@@ -31,13 +31,18 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployments.cost import from_pico
 from deployments.ledger_record import DAY_MS, FIELDS, LedgerRecord
 from deployments.tasks import Background
 
 log = logging.getLogger(__name__)
+
+# The store is not there (yet): a write may succeed later as it is.
+_STORE_AWAY = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
 
 GroupBy = Literal["key", "user", "tenant", "model", "day"]
 DIMENSIONS: tuple[str, ...] = ("key", "user", "tenant", "model", "all")
@@ -98,6 +103,7 @@ class Ledger:
         )
         self._queue: asyncio.Queue[LedgerRecord | None] = asyncio.Queue(self.settings.queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.settings.key_prefix, *parts))
@@ -123,6 +129,7 @@ class Ledger:
     async def aclose(self) -> None:
         if self._task is None:
             return
+        self._closing = True
         await self._queue.put(None)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -166,17 +173,27 @@ class Ledger:
                 self._queue.task_done()
 
     async def _write_retrying(self, batch: list[LedgerRecord]) -> None:
-        for attempt in range(self.settings.write_retries + 1):
+        """Safe to replay: the script skips request ids it already holds. While the store
+        is unreachable (down, restarting, loading its data) a batch is kept and tried
+        again for as long as the replica runs: the queue behind it is the buffer, and only
+        a full queue drops records. An error the store answers with (out of memory, a
+        script error) is tried ``write_retries`` times, and so is everything once closing,
+        so that neither can hold the writer or a shutdown forever."""
+        attempt = 0
+        while True:
             try:
                 await self.write(batch)
                 return
             except RedisError as exc:
-                if attempt == self.settings.write_retries:
+                attempt += 1
+                away = isinstance(exc, _STORE_AWAY)
+                if attempt > self.settings.write_retries and (self._closing or not away):
                     self.dropped += len(batch)
                     log.error("ledger write failed, %d records lost: %s", len(batch), exc)
                     return
-                # Safe to replay: the script skips request ids it already holds.
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+                if attempt == self.settings.write_retries + 1:
+                    log.warning("ledger store unreachable, holding records: %s", exc)
+            await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)))
 
     async def write(self, records: Iterable[LedgerRecord]) -> int:
         """Write records now, in one Lua call (two or more only when some request ids are
