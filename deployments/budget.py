@@ -14,6 +14,7 @@ Amounts are integer picodollars; the server's clock picks the day and month.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from redis.exceptions import RedisError
 
 from deployments.cost import format_usd, from_pico, to_pico
 from deployments.script_batch import ScriptBatch
+from deployments.store_errors import STORE_AWAY
 from serve_app.errors import InsufficientQuotaError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class BudgetGuard:
         self._reserve = ScriptBatch(self.redis, _script("budget_reserve.lua"), window_s=0)
         self._settle = ScriptBatch(self.redis, _script("budget_settle.lua"), window_s=0)
         self._periods = period_ids(self.clock())
+        self.closing = False  # set at shutdown: settles stop waiting for the store
 
     def applicable(
         self, tenant: str, key_id: str, user: str | None, periods: tuple[str, str] | None = None
@@ -241,12 +244,9 @@ class BudgetGuard:
         refs = reservation.budgets
         permille = [round(t * 1000) for t in self.settings.soft_thresholds]
         keys = [k for ref in refs for k in (ref.hash_key, ref.zset_key)]
-        args = [reservation.request_id, to_pico(actual), len(permille), *permille]
+        args = [reservation.request_id, to_pico(actual), "0", len(permille), *permille]
         args += [ref.limit_pico for ref in refs]
-        try:
-            reply = await self._settle(keys=keys, args=args)
-        except RedisError as exc:
-            raise StoreUnavailableError(f"budget store unavailable: {exc}") from exc
+        reply = await self._settle_retrying(keys, args)
         events = [
             BudgetEvent(
                 scope=refs[int(reply[i]) - 1].scope,
@@ -262,6 +262,25 @@ class BudgetGuard:
             for event in events:
                 self.on_threshold(event)
         return events
+
+    async def _settle_retrying(self, keys: list[str], args: list[str | int]) -> list[object]:
+        """While the store is unreachable, a settle is tried again until its hold would have
+        expired: dropped, the request's spend would be missing from its budgets for good.
+        A retry (ARGV[3] = '1') charges only budgets still holding the request: the lost
+        attempt may have run."""
+        give_up_at = time.monotonic() + self.settings.hold_ttl_s
+        delay = 0.05
+        while True:
+            try:
+                return list(await self._settle(keys=keys, args=args))
+            except STORE_AWAY as exc:
+                if self.closing or time.monotonic() + delay > give_up_at:
+                    raise StoreUnavailableError(f"budget store unavailable: {exc}") from exc
+            except RedisError as exc:
+                raise StoreUnavailableError(f"budget store unavailable: {exc}") from exc
+            args[2] = "1"
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
     async def release(self, reservation: Reservation) -> None:
         """The call failed before costing anything: give the hold back."""

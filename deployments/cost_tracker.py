@@ -64,7 +64,9 @@ class CostTracker:
         self.ledger.start()
 
     async def aclose(self) -> None:
-        """Finish pending settles, then flush the ledger (call at replica shutdown)."""
+        """Finish pending settles, then flush the ledger (call at replica shutdown); a
+        settle still waiting for an unreachable store gives up at its next try."""
+        self.guard.closing = True
         await self._settles.drain()
         await self.ledger.aclose()
 

@@ -31,18 +31,14 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import BusyLoadingError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from deployments.cost import from_pico
 from deployments.ledger_record import DAY_MS, FIELDS, LedgerRecord
+from deployments.store_errors import STORE_AWAY
 from deployments.tasks import Background
 
 log = logging.getLogger(__name__)
-
-# The store is not there (yet): a write may succeed later as it is.
-_STORE_AWAY = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
 
 GroupBy = Literal["key", "user", "tenant", "model", "day"]
 DIMENSIONS: tuple[str, ...] = ("key", "user", "tenant", "model", "all")
@@ -186,7 +182,7 @@ class Ledger:
                 return
             except RedisError as exc:
                 attempt += 1
-                away = isinstance(exc, _STORE_AWAY)
+                away = isinstance(exc, STORE_AWAY)
                 if attempt > self.settings.write_retries and (self._closing or not away):
                     self.dropped += len(batch)
                     log.error("ledger write failed, %d records lost: %s", len(batch), exc)
