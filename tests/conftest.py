@@ -6,6 +6,7 @@ session starts on a free port (tests may kill and restart it to test failures).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import redis.asyncio as aioredis
 
 from serve_app.embedded_store import EmbeddedStore, free_port
 from serve_app.mock_provider import MockBehaviour
-from tests.support import MockServer
+from tests.support import MockServer, OwnStore
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,16 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def own_store(tmp_path: Path) -> AsyncIterator[OwnStore]:
+    server = EmbeddedStore(data_dir=tmp_path / "own-valkey")
+    url = await asyncio.to_thread(server.start)
+    client = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    yield OwnStore(server, client)
+    await client.aclose()
+    await asyncio.to_thread(server.stop)
 
 
 @pytest.fixture

@@ -7,11 +7,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 
-from serve_app.embedded_store import free_port
+from serve_app.embedded_store import EmbeddedStore, free_port
 from serve_app.mock_provider import MockBehaviour, MockProvider
 from serve_app.mock_provider.server import start
 from serve_app.settings import GatewayArgs, hash_key
@@ -127,3 +129,17 @@ def auth(key: str = LOCAL_KEY) -> dict[str, str]:
 
 def client(base_url: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=30)
+
+
+@dataclass
+class OwnStore:
+    """A server of the test's own, to kill and start again, and a client on it."""
+
+    server: EmbeddedStore
+    client: aioredis.Redis
+
+    async def kill(self) -> None:
+        await asyncio.to_thread(self.server.kill)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.server.start)

@@ -7,7 +7,6 @@ import pickle
 import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,8 +17,8 @@ from deployments.cost import CostMeter
 from deployments.ledger import Ledger
 from deployments.ledger_record import LedgerRecord
 from deployments.tokens import estimate_prompt_tokens
-from serve_app.embedded_store import EmbeddedStore
 from serve_app.errors import InsufficientQuotaError, StoreUnavailableError
+from tests.support import OwnStore
 
 pytestmark = pytest.mark.integration
 
@@ -158,44 +157,30 @@ async def test_a_retried_settle_whose_first_attempt_ran_charges_once(
     assert (status.spent, status.held) == (Decimal("0.125"), 0)
 
 
-async def test_a_settle_waits_out_a_store_restart(tmp_path: Path) -> None:
+async def test_a_settle_waits_out_a_store_restart(own_store: OwnStore) -> None:
     """A settle that failed used to be dropped: the request's spend never reached its
     budget (its hold expired 15 minutes later), so the budget could be overspent."""
-    store = EmbeddedStore(data_dir=tmp_path / "valkey")
-    url = await asyncio.to_thread(store.start)
-    client = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        budgets = guard(client, keys={KEY: {"daily_usd": "1"}})
-        held = await budgets.reserve("r1", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(1))
-        await asyncio.to_thread(store.kill)
-        settling = asyncio.create_task(budgets.settle(held, Decimal("0.25")))
-        await asyncio.sleep(1.0)
-        assert not settling.done()
-        await asyncio.to_thread(store.start)  # same data: the hold is still there
-        await asyncio.wait_for(settling, timeout=10)
-        [status] = await budgets.status(TENANT, KEY)
-        assert (status.spent, status.held) == (Decimal("0.25"), 0)
-    finally:
-        await client.aclose()
-        await asyncio.to_thread(store.stop)
+    budgets = guard(own_store.client, keys={KEY: {"daily_usd": "1"}})
+    held = await budgets.reserve("r1", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(1))
+    await own_store.kill()
+    settling = asyncio.create_task(budgets.settle(held, Decimal("0.25")))
+    await asyncio.sleep(1.0)
+    assert not settling.done()
+    await own_store.start()  # same data: the hold is still there
+    await asyncio.wait_for(settling, timeout=10)
+    [status] = await budgets.status(TENANT, KEY)
+    assert (status.spent, status.held) == (Decimal("0.25"), 0)
 
 
-async def test_a_closing_guard_stops_waiting_for_the_store(tmp_path: Path) -> None:
-    store = EmbeddedStore(data_dir=tmp_path / "valkey")
-    url = await asyncio.to_thread(store.start)
-    client = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        budgets = guard(client, keys={KEY: {"daily_usd": "1"}})
-        held = await budgets.reserve("r1", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(1))
-        await asyncio.to_thread(store.kill)
-        settling = asyncio.create_task(budgets.settle(held, Decimal("0.25")))
-        await asyncio.sleep(0.3)
-        budgets.closing = True  # the replica shuts down
-        with pytest.raises(StoreUnavailableError):
-            await asyncio.wait_for(settling, timeout=5)
-    finally:
-        await client.aclose()
-        await asyncio.to_thread(store.stop)
+async def test_a_closing_guard_stops_waiting_for_the_store(own_store: OwnStore) -> None:
+    budgets = guard(own_store.client, keys={KEY: {"daily_usd": "1"}})
+    held = await budgets.reserve("r1", tenant=TENANT, key_id=KEY, user=None, amount=Decimal(1))
+    await own_store.kill()
+    settling = asyncio.create_task(budgets.settle(held, Decimal("0.25")))
+    await asyncio.sleep(0.3)
+    budgets.closing = True  # the replica shuts down
+    with pytest.raises(StoreUnavailableError):
+        await asyncio.wait_for(settling, timeout=5)
 
 
 async def test_soft_threshold_event_fires_once_per_period(redis_client: aioredis.Redis) -> None:

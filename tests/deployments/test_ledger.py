@@ -20,6 +20,7 @@ from deployments.ledger import Ledger, LedgerSettings
 from deployments.ledger_record import FIELDS, LedgerRecord, prompt_fingerprint, record_for
 from serve_app.context import Principal, RequestContext
 from serve_app.embedded_store import EmbeddedStore
+from tests.support import OwnStore
 
 pytestmark = pytest.mark.integration
 
@@ -185,46 +186,35 @@ async def test_records_survive_a_store_crash(tmp_path: Path) -> None:
 
 
 async def test_records_submitted_while_the_store_is_down_are_written_when_it_is_back(
-    tmp_path: Path,
+    own_store: OwnStore,
 ) -> None:
     """An outage longer than the writer's retries (~1.5 s with write_retries 5) used to
     drop every batch that was being written; they must wait in the queue instead."""
-    store = EmbeddedStore(data_dir=tmp_path / "valkey")
-    url = await asyncio.to_thread(store.start)
-    client = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    ledger = Ledger(client, LedgerSettings(flush_interval_ms=5, batch_size=4, writers=2))
+    settings = LedgerSettings(flush_interval_ms=5, batch_size=4, writers=2)
+    ledger = Ledger(own_store.client, settings)
     ledger.start()
     try:
-        await asyncio.to_thread(store.kill)
+        await own_store.kill()
         for i in range(20):
             ledger.submit(record(i, ts_ms=NOW_MS))
             await asyncio.sleep(0.1)  # submitted over 2 s of outage
         await asyncio.sleep(1.5)
-        await asyncio.to_thread(store.start)
+        await own_store.start()
         await asyncio.wait_for(ledger.flush(), timeout=15)
         assert ledger.dropped == 0
         assert len(await ledger.records(NOW_MS - 1, NOW_MS + 1)) == 20
     finally:
         await ledger.aclose()
-        await client.aclose()
-        await asyncio.to_thread(store.stop)
 
 
-async def test_closing_gives_up_on_a_store_that_stays_down(tmp_path: Path) -> None:
-    store = EmbeddedStore(data_dir=tmp_path / "valkey")
-    url = await asyncio.to_thread(store.start)
-    client = aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    ledger = Ledger(client, LedgerSettings(flush_interval_ms=5, write_retries=2))
+async def test_closing_gives_up_on_a_store_that_stays_down(own_store: OwnStore) -> None:
+    ledger = Ledger(own_store.client, LedgerSettings(flush_interval_ms=5, write_retries=2))
     ledger.start()
-    try:
-        await asyncio.to_thread(store.kill)
-        ledger.submit(record(1, ts_ms=NOW_MS))
-        await asyncio.sleep(1.0)  # the batch is past its retries, held for the store
-        await asyncio.wait_for(ledger.aclose(), timeout=10)  # and closing ends it
-        assert ledger.dropped == 1
-    finally:
-        await client.aclose()
-        await asyncio.to_thread(store.stop)
+    await own_store.kill()
+    ledger.submit(record(1, ts_ms=NOW_MS))
+    await asyncio.sleep(1.0)  # the batch is past its retries, held for the store
+    await asyncio.wait_for(ledger.aclose(), timeout=10)  # and closing ends it
+    assert ledger.dropped == 1
 
 
 async def test_record_for_a_finished_request(redis_client: aioredis.Redis) -> None:
