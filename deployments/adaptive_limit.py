@@ -44,9 +44,12 @@ class AdaptiveLimit:
         self.in_flight += 1
         return True
 
-    def release(self, latency_s: float, ok: bool) -> None:
+    def release(self, latency_s: float, ok: bool | None) -> None:
+        """``ok`` None: the call was abandoned by its caller (no signal either way)."""
         busy = self.in_flight >= self.limit / 2  # growth only while the limit is in use
         self.in_flight -= 1
+        if ok is None:
+            return
         if ok and latency_s <= self.target_s:
             if busy:
                 self.limit = min(self.maximum, self.limit + 1.0 / self.limit)

@@ -166,14 +166,16 @@ class ChatPipeline:
         if not self.semantic_limit.try_acquire():
             return self._semantic_failed("shed")
         started = time.perf_counter()
-        ok = False
+        ok: bool | None = None  # None: the request was cancelled, which says nothing of the tier
         try:
             async with asyncio.timeout(self.args.semantic_cache.lookup_timeout_s):
                 hit = await semantic.check(key.scope, key.final_user_text, plan.decision.namespace)
             ok = True
         except TimeoutError:
+            ok = False
             return self._semantic_failed("timeout")
         except Exception:  # the semantic tier is an optimisation: any failure is a miss
+            ok = False
             log.warning("semantic cache lookup failed", exc_info=True)
             return self._semantic_failed("error")
         finally:

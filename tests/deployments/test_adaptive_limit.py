@@ -68,6 +68,13 @@ def test_no_growth_while_the_limit_is_not_in_use() -> None:
     assert limit.limit == 8
 
 
+def test_an_abandoned_call_frees_its_slot_and_moves_nothing() -> None:
+    limit = AdaptiveLimit(4, target_s=0.1)
+    assert limit.try_acquire()
+    limit.release(5.0, ok=None)  # the client went away mid-lookup
+    assert (limit.limit, limit.in_flight) == (4, 0)
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         AdaptiveLimit(2, target_s=0.1, minimum=3)

@@ -115,9 +115,11 @@ class StalledSemantic:
     def __init__(self, fail: bool = False, stalled: bool = True) -> None:
         self.fail, self.stalled = fail, stalled
         self.checks = self.stores = 0
+        self.asked = asyncio.Event()
 
     async def check(self, scope: str, text: str, namespace: str) -> None:
         self.checks += 1
+        self.asked.set()
         if self.fail:
             raise RuntimeError("replica died")
         if self.stalled:
@@ -232,6 +234,38 @@ async def test_a_completed_lookup_is_followed_by_a_store(
         assert (await ask(client, "x")).headers["x-cache"] == "MISS"
         await asyncio.sleep(0.05)
         assert (semantic.checks, semantic.stores) == (1, 1)
+        await client.aclose()
+    finally:
+        await gateway.aclose()
+
+
+@pytest.mark.integration
+async def test_a_client_gone_mid_lookup_does_not_shrink_the_limit(
+    redis_url: str, redis_client: object
+) -> None:
+    semantic = StalledSemantic()
+    gateway = semantic_gateway(redis_url, semantic, lookup_timeout_s=5, max_concurrent_lookups=4)
+    await gateway.start()
+    try:
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
+        )
+        # A streamed request looks up in its own task (a plain one, inside its single
+        # flight, which outlives a caller that leaves).
+        body = {
+            "model": "m", "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "gone"}],
+        }  # fmt: skip
+        asking = asyncio.create_task(
+            client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-k"})
+        )
+        limit = gateway.pipeline.semantic_limit
+        await semantic.asked.wait()
+        assert limit.in_flight == 1
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        assert (limit.in_flight, limit.limit) == (0, 4)
         await client.aclose()
     finally:
         await gateway.aclose()
