@@ -4,8 +4,9 @@ prefix as Serve mounts it, answers and renders errors like the routed app."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 
 import httpx
 import orjson
@@ -132,51 +133,11 @@ class StalledSemantic:
         return 0
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("fail", [False, True])
-async def test_a_stalled_semantic_tier_is_a_miss_after_its_timeout(
-    redis_url: str, redis_client: object, fail: bool
-) -> None:
-    args = GatewayArgs.model_validate(
-        {
-            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
-            "models": [{"name": "m", "upstream": "u"}],
-            "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
-            "store": {"url": redis_url},
-            "semantic_cache": {"lookup_timeout_s": 0.2},
-        }
-    )
-    transport, semantic = CannedTransport(), StalledSemantic(fail)
-    gateway = Gateway(
-        args, provider=ProviderClient(args.upstreams, {"u": transport}), semantic=semantic
-    )
-    await gateway.start()
-    try:
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
-        )
-        body = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
-        started = time.perf_counter()
-        answered = await asyncio.wait_for(
-            client.post(
-                "/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-k"}
-            ),
-            timeout=5,
-        )
-        waited = time.perf_counter() - started
-        assert answered.status_code == 200 and answered.headers["x-cache"] == "MISS"
-        assert semantic.checks == 1 and transport.calls == 1
-        assert waited < 1.0 if fail else 0.2 <= waited < 1.0
-        await asyncio.sleep(0.05)
-        # Still stored: a hot prompt's first answer is the tier's one chance at it (its
-        # repeats are exact hits), and first answers come in a burst, when it is busiest.
-        assert semantic.stores == 1
-        await client.aclose()
-    finally:
-        await gateway.aclose()
-
-
-def semantic_gateway(redis_url: str, semantic: StalledSemantic, **cache: object) -> Gateway:
+@contextlib.asynccontextmanager
+async def serving(
+    redis_url: str, semantic: StalledSemantic, **cache: object
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient, CannedTransport]]:
+    """A started in-process gateway with ``semantic`` as its semantic tier, and a client."""
     args = GatewayArgs.model_validate(
         {
             "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
@@ -186,13 +147,44 @@ def semantic_gateway(redis_url: str, semantic: StalledSemantic, **cache: object)
             "semantic_cache": cache,
         }
     )
-    provider = ProviderClient(args.upstreams, {"u": CannedTransport()})
-    return Gateway(args, provider=provider, semantic=semantic)
+    transport = CannedTransport()
+    provider = ProviderClient(args.upstreams, {"u": transport})
+    gateway = Gateway(args, provider=provider, semantic=semantic)
+    await gateway.start()
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gateway.asgi()),
+        base_url="http://gw",
+        headers={"authorization": "Bearer sk-k"},
+    )
+    try:
+        yield gateway, client, transport
+    finally:
+        await client.aclose()
+        await gateway.aclose()
 
 
-def ask(client: httpx.AsyncClient, text: str) -> Awaitable[httpx.Response]:
+def ask(client: httpx.AsyncClient, text: str, **extra: object) -> Awaitable[httpx.Response]:
     body = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": text}]}
-    return client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-k"})
+    return client.post("/v1/chat/completions", json={**body, **extra})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fail", [False, True])
+async def test_a_stalled_semantic_tier_is_a_miss_after_its_timeout(
+    redis_url: str, redis_client: object, fail: bool
+) -> None:
+    semantic = StalledSemantic(fail)
+    async with serving(redis_url, semantic, lookup_timeout_s=0.2) as (_, client, transport):
+        started = time.perf_counter()
+        answered = await asyncio.wait_for(ask(client, "x"), timeout=5)
+        waited = time.perf_counter() - started
+        assert answered.status_code == 200 and answered.headers["x-cache"] == "MISS"
+        assert semantic.checks == 1 and transport.calls == 1
+        assert waited < 1.0 if fail else 0.2 <= waited < 1.0
+        await asyncio.sleep(0.05)
+        # Still stored: a hot prompt's first answer is the tier's one chance at it (its
+        # repeats are exact hits), and first answers come in a burst, when it is busiest.
+        assert semantic.stores == 1
 
 
 @pytest.mark.integration
@@ -200,12 +192,8 @@ async def test_lookups_past_the_concurrency_limit_are_misses_at_once(
     redis_url: str, redis_client: object
 ) -> None:
     semantic = StalledSemantic()
-    gateway = semantic_gateway(redis_url, semantic, lookup_timeout_s=0.3, max_concurrent_lookups=1)
-    await gateway.start()
-    try:
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
-        )
+    cache = {"lookup_timeout_s": 0.3, "max_concurrent_lookups": 1}
+    async with serving(redis_url, semantic, **cache) as (_, client, _transport):
 
         async def timed(text: str) -> float:
             started = time.perf_counter()
@@ -215,9 +203,6 @@ async def test_lookups_past_the_concurrency_limit_are_misses_at_once(
         waits = sorted(await asyncio.gather(timed("one"), timed("two")))
         assert semantic.checks == 1  # the second never reached the tier
         assert waits[0] < 0.2 <= 0.3 <= waits[1]
-        await client.aclose()
-    finally:
-        await gateway.aclose()
 
 
 @pytest.mark.integration
@@ -225,18 +210,10 @@ async def test_a_completed_lookup_is_followed_by_a_store(
     redis_url: str, redis_client: object
 ) -> None:
     semantic = StalledSemantic(stalled=False)
-    gateway = semantic_gateway(redis_url, semantic)
-    await gateway.start()
-    try:
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
-        )
+    async with serving(redis_url, semantic) as (_, client, _transport):
         assert (await ask(client, "x")).headers["x-cache"] == "MISS"
         await asyncio.sleep(0.05)
         assert (semantic.checks, semantic.stores) == (1, 1)
-        await client.aclose()
-    finally:
-        await gateway.aclose()
 
 
 @pytest.mark.integration
@@ -244,21 +221,11 @@ async def test_a_client_gone_mid_lookup_does_not_shrink_the_limit(
     redis_url: str, redis_client: object
 ) -> None:
     semantic = StalledSemantic()
-    gateway = semantic_gateway(redis_url, semantic, lookup_timeout_s=5, max_concurrent_lookups=4)
-    await gateway.start()
-    try:
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw"
-        )
+    cache = {"lookup_timeout_s": 5, "max_concurrent_lookups": 4}
+    async with serving(redis_url, semantic, **cache) as (gateway, client, _transport):
         # A streamed request looks up in its own task (a plain one, inside its single
         # flight, which outlives a caller that leaves).
-        body = {
-            "model": "m", "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "gone"}],
-        }  # fmt: skip
-        asking = asyncio.create_task(
-            client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-k"})
-        )
+        asking = asyncio.create_task(ask(client, "gone", stream=True))
         limit = gateway.pipeline.semantic_limit
         await semantic.asked.wait()
         assert limit.in_flight == 1
@@ -266,6 +233,3 @@ async def test_a_client_gone_mid_lookup_does_not_shrink_the_limit(
         with pytest.raises(asyncio.CancelledError):
             await asking
         assert (limit.in_flight, limit.limit) == (0, 4)
-        await client.aclose()
-    finally:
-        await gateway.aclose()
