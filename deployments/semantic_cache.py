@@ -47,6 +47,9 @@ class SemanticCacheSettings(BaseModel):
     distance_threshold: float = Field(default=0.06, ge=0.0, le=1.0)
     top_k: int = Field(default=4, ge=1, le=32)  # candidates tried against the guard
     ttl_s: float | None = Field(default=86_400.0, gt=0)  # None: entries never expire
+    # Entries kept across the cluster (each replica's index holds them all in memory, ~1.5 kB
+    # a vector); a store past it evicts those expiring soonest. None: no cap.
+    max_entries: int | None = Field(default=50_000, ge=1)
     max_text_chars: int = Field(default=2_000, ge=1)  # longer final messages are not cached
     # How long a request waits for a lookup before taking it as a miss: a tier that is
     # overloaded or restarting (a new replica loads its model for seconds) must not
@@ -79,6 +82,7 @@ class SemanticStats:
     misses: int
     guard_rejections: int
     store_errors: int
+    evictions: int  # entries this replica's stores pushed out (max_entries)
     entries: int  # in this replica's index
 
 
@@ -100,7 +104,7 @@ class SemanticCache:
         self._follower: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._counts = dict.fromkeys(
-            ("lookups", "hits", "misses", "guard_rejections", "store_errors"), 0
+            ("lookups", "hits", "misses", "guard_rejections", "store_errors", "evictions"), 0
         )
 
     # -- lifecycle: rebuild from the store, then follow its changes ------------------
@@ -237,7 +241,7 @@ class SemanticCache:
             ttl=self._cfg.ttl_s if ttl is None else ttl,
         )
         try:
-            await self._store.put(entry, body)
+            self._counts["evictions"] += await self._store.put(entry, body)
         except StoreUnavailableError:
             self._counts["store_errors"] += 1
             return None
@@ -272,7 +276,11 @@ class SemanticCacheDeployment:
         self._model = build_embedder(settings.embedder)
         self.dim = self._model.dim  # this wrapper is the cache's (batching) embedder
         shared = await connect_store(StoreSettings.model_validate(store))
-        self._cache = SemanticCache(settings, embedder=self, store=RedisSemanticStore(shared.redis))
+        self._cache = SemanticCache(
+            settings,
+            embedder=self,
+            store=RedisSemanticStore(shared.redis, max_entries=settings.max_entries),
+        )
         self._started: asyncio.Task[None] | None = None
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)

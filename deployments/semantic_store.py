@@ -7,13 +7,16 @@ Redis keys share the ``{sc}`` hash tag so that an entry and its change record
 are written in one MULTI:
 ``{sc}:e:<id>``: hash {vec (float32 bytes), text, body, created (unix s), ttl (s or ""),
 scope, ns}, expiring with the entry (PEXPIRE, so the server's clock decides);
-``{sc}:changes``: stream {op: add|del|flush, id, ns}, capped, tailed by every replica.
+``{sc}:changes``: stream {op: add|del|flush, id, ns}, capped, tailed by every replica;
+``{sc}:order``: zset of entry ids by expiry, so that a store past ``max_entries`` evicts
+the entries that would expire soonest (``semantic_put.lua``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Protocol
 
 import numpy as np
@@ -25,6 +28,7 @@ from serve_app.errors import StoreUnavailableError
 
 ENTRY_PREFIX = "{sc}:e:"
 CHANGES_KEY = "{sc}:changes"
+ORDER_KEY = "{sc}:order"
 _STREAM_MAXLEN = 100_000
 _SCAN_BATCH = 500
 
@@ -37,7 +41,7 @@ class Change:
 
 
 class SemanticStore(Protocol):
-    async def put(self, entry: SemanticEntry, body: bytes) -> None: ...
+    async def put(self, entry: SemanticEntry, body: bytes) -> int: ...
     async def body(self, entry_id: str) -> bytes | None: ...
     async def load(self, entry_id: str) -> SemanticEntry | None: ...
     async def delete(self, entry_id: str) -> bool: ...
@@ -77,25 +81,24 @@ def _decode(eid: str, raw: dict[bytes, bytes]) -> SemanticEntry | None:
 class RedisSemanticStore:
     """Redis errors become ``StoreUnavailableError`` here; the cache turns them into misses."""
 
-    def __init__(self, client: aioredis.Redis, block_ms: int = 1000) -> None:
+    def __init__(
+        self, client: aioredis.Redis, block_ms: int = 1000, max_entries: int | None = None
+    ) -> None:
         self._r = client
         self._block_ms = block_ms
+        self._max_entries = max_entries
+        self._put = client.register_script(
+            files("deployments").joinpath("semantic_put.lua").read_text()
+        )
 
-    async def put(self, entry: SemanticEntry, body: bytes) -> None:
-        key = ENTRY_PREFIX + entry.id
+    async def put(self, entry: SemanticEntry, body: bytes) -> int:
+        """Store ``entry``; returns how many older entries were evicted to make room."""
+        ttl = "" if entry.ttl is None else str(max(1, int(entry.ttl * 1000)))
+        fields = [v for pair in _encode(entry, body).items() for v in pair]
+        args = [entry.id, ttl, entry.namespace, self._max_entries or 0, _STREAM_MAXLEN]
         try:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                pipe.hset(key, mapping=_encode(entry, body))
-                if entry.ttl is not None:
-                    pipe.pexpire(key, max(1, int(entry.ttl * 1000)))
-                pipe.xadd(
-                    CHANGES_KEY,
-                    {"op": "add", "id": entry.id, "ns": entry.namespace},
-                    maxlen=_STREAM_MAXLEN,
-                    approximate=True,
-                )
-                await pipe.execute()
+            keys = [ENTRY_PREFIX + entry.id, CHANGES_KEY, ORDER_KEY]
+            return int(await self._put(keys=keys, args=[*args, ENTRY_PREFIX, *fields]))
         except RedisError as exc:
             raise StoreUnavailableError(f"semantic store: {exc}") from exc
 
@@ -116,8 +119,9 @@ class RedisSemanticStore:
         try:
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.delete(ENTRY_PREFIX + entry_id)
+                pipe.zrem(ORDER_KEY, entry_id)
                 pipe.xadd(CHANGES_KEY, {"op": "del", "id": entry_id, "ns": ""})
-                deleted, _ = await pipe.execute()
+                deleted, _, _ = await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailableError(f"semantic store: {exc}") from exc
         return bool(deleted)
@@ -129,6 +133,10 @@ class RedisSemanticStore:
             async with self._r.pipeline(transaction=True) as pipe:
                 for eid in doomed:
                     pipe.delete(ENTRY_PREFIX + eid)
+                if namespace is None:
+                    pipe.delete(ORDER_KEY)
+                elif doomed:
+                    pipe.zrem(ORDER_KEY, *doomed)
                 pipe.xadd(CHANGES_KEY, {"op": "flush", "id": "", "ns": namespace or ""})
                 await pipe.execute()
         except RedisError as exc:
@@ -179,11 +187,23 @@ class RedisSemanticStore:
 class MemorySemanticStore:
     """One process's store, no expiry of its own (the cache checks TTL on every hit)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int | None = None) -> None:
         self._rows: dict[str, tuple[SemanticEntry, bytes]] = {}
+        self._max_entries = max_entries
 
-    async def put(self, entry: SemanticEntry, body: bytes) -> None:
+    async def put(self, entry: SemanticEntry, body: bytes) -> int:
         self._rows[entry.id] = (entry, body)
+        over = len(self._rows) - (self._max_entries or len(self._rows))
+        if over <= 0:
+            return 0
+
+        def expiry(row: tuple[SemanticEntry, bytes]) -> float:
+            e = row[0]
+            return float("inf") if e.ttl is None else e.created + e.ttl
+
+        for doomed in sorted(self._rows.values(), key=expiry)[:over]:
+            del self._rows[doomed[0].id]
+        return over
 
     async def body(self, entry_id: str) -> bytes | None:
         row = self._rows.get(entry_id)

@@ -32,6 +32,55 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[SemanticStore]:
     await client.aclose()
 
 
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+async def capped(request: pytest.FixtureRequest) -> AsyncIterator[SemanticStore]:
+    """A store that keeps at most two entries."""
+    if request.param == "memory":
+        yield MemorySemanticStore(max_entries=2)
+        return
+    client = aioredis.from_url(request.getfixturevalue("redis_url"))
+    await client.flushdb()
+    yield RedisSemanticStore(client, block_ms=50, max_entries=2)
+    await client.aclose()
+
+
+async def test_a_store_past_its_cap_evicts_what_expires_soonest(capped: SemanticStore) -> None:
+    assert await capped.put(entry("a", ttl=300), b"a") == 0
+    assert await capped.put(entry("b", ttl=100), b"b") == 0
+    assert await capped.put(entry("c"), b"c") == 1  # never expires: b, sooner than a, goes
+    assert await capped.body("b") is None
+    assert await capped.put(entry("d", ttl=500), b"d") == 1
+    assert sorted([e.id async for e in capped.scan()]) == ["c", "d"]
+    assert await capped.put(entry("d", ttl=500), b"d2") == 0  # a rewrite is no newcomer
+    # What was deleted, or flushed, no longer counts against the cap.
+    assert await capped.delete("c")
+    assert await capped.put(entry("e", ttl=50), b"e") == 0
+    assert await capped.flush("t1") == 2
+    assert await capped.put(entry("f", ttl=50), b"f") == 0
+    assert await capped.put(entry("g", ttl=60), b"g") == 0
+
+
+@pytest.mark.integration
+async def test_an_eviction_is_announced_to_every_replica(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    await client.flushdb()
+    try:
+        capped = RedisSemanticStore(client, block_ms=50, max_entries=1)
+        mark = await capped.change_mark()
+        await capped.put(entry("old", ttl=10), b"x")
+        await capped.put(entry("new", ttl=20), b"y")
+        changes = []
+        async for change in capped.follow(mark):
+            changes.append(change)
+            if len(changes) == 3:
+                break
+        assert [(c.op, c.entry_id) for c in changes] == [
+            ("add", "old"), ("add", "new"), ("del", "old")
+        ]  # fmt: skip
+    finally:
+        await client.aclose()
+
+
 async def test_put_load_body_roundtrip(store: SemanticStore) -> None:
     await store.put(entry("a"), b"body-a")
     loaded = await store.load("a")
