@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from deployments.cost import format_usd, from_pico, to_pico
 from deployments.script_batch import ScriptBatch
-from deployments.store_errors import STORE_AWAY
+from deployments.store_errors import STORE_AWAY, backoff_s
 from serve_app.errors import InsufficientQuotaError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -269,18 +269,18 @@ class BudgetGuard:
         A retry (ARGV[3] = '1') charges only budgets still holding the request: the lost
         attempt may have run."""
         give_up_at = time.monotonic() + self.settings.hold_ttl_s
-        delay = 0.05
+        attempt = 0
         while True:
             try:
                 return list(await self._settle(keys=keys, args=args))
             except STORE_AWAY as exc:
-                if self.closing or time.monotonic() + delay > give_up_at:
+                if self.closing or time.monotonic() + backoff_s(attempt) > give_up_at:
                     raise StoreUnavailableError(f"budget store unavailable: {exc}") from exc
             except RedisError as exc:
                 raise StoreUnavailableError(f"budget store unavailable: {exc}") from exc
             args[2] = "1"
-            await asyncio.sleep(delay)
-            delay = min(2.0, delay * 2)
+            await asyncio.sleep(backoff_s(attempt))
+            attempt += 1
 
     async def release(self, reservation: Reservation) -> None:
         """The call failed before costing anything: give the hold back."""

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from deployments.cost import from_pico
 from deployments.ledger_record import DAY_MS, FIELDS, LedgerRecord
-from deployments.store_errors import STORE_AWAY
+from deployments.store_errors import STORE_AWAY, backoff_s
 from deployments.tasks import Background
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Ledger:
                     return
                 if attempt == self.settings.write_retries + 1:
                     log.warning("ledger store unreachable, holding records: %s", exc)
-            await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)))
+            await asyncio.sleep(backoff_s(attempt))
 
     async def write(self, records: Iterable[LedgerRecord]) -> int:
         """Write records now, in one Lua call (two or more only when some request ids are

@@ -193,9 +193,9 @@ class MemorySemanticStore:
 
     async def put(self, entry: SemanticEntry, body: bytes) -> int:
         self._rows[entry.id] = (entry, body)
-        over = len(self._rows) - (self._max_entries or len(self._rows))
-        if over <= 0:
+        if self._max_entries is None or len(self._rows) <= self._max_entries:
             return 0
+        over = len(self._rows) - self._max_entries
 
         def expiry(row: tuple[SemanticEntry, bytes]) -> float:
             e = row[0]

@@ -152,7 +152,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     ),
     "gateway_ledger_dropped_records_total": (
         "counter",
-        "Cost-ledger records lost: the writer's queue was full, or the store refused every retry.",
+        "Cost-ledger records lost: the writer's queue was full, the store refused a batch on "
+        "every try, or it was still unreachable at shutdown.",
         (),
         None,
     ),
