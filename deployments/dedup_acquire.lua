@@ -5,6 +5,9 @@
 -- ARGV[1]  token               (this caller's flight id)
 -- ARGV[2]  ttl                 (milliseconds)
 -- Returns {1, token, ttl_ms} when taken, else {0, owner_token, remaining_ttl_ms}.
+-- Sent again with the same token (the store client retries a call whose reply was lost), it
+-- finds its own lock: taken, and no follower is counted (the leader would write its answer
+-- for nobody).
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('DEL', KEYS[2])  -- a count left by an earlier holder is not this flight's
   return {1, ARGV[1], tonumber(ARGV[2])}
@@ -16,6 +19,9 @@ if not owner then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('DEL', KEYS[2])
   return {1, ARGV[1], tonumber(ARGV[2])}
+end
+if owner == ARGV[1] then
+  return {1, owner, pttl}
 end
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], pttl > 0 and pttl or ARGV[2])

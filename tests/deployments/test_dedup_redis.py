@@ -321,3 +321,22 @@ async def test_a_result_is_written_only_for_followers(
     assert (await follower).role is Role.FOLLOWER
     keys = {k.decode() for k in await redis_client.keys("gw:dedup:{k}*")}
     assert len(keys) == 1 and keys.pop().startswith("gw:dedup:{k}:res:")  # lock and count gone
+
+
+@pytest.mark.integration
+async def test_an_acquire_sent_again_finds_its_own_lock(redis_client: aioredis.Redis) -> None:
+    """The store client sends a script again when its reply was lost: the lock is the
+    caller's own, and no follower is counted (the leader would write its answer for nobody)."""
+    from deployments.dedup_redis import _script
+    from deployments.dedup_wire import followers_key
+
+    acquire = redis_client.register_script(_script("dedup_acquire.lua"))
+    keys = ["gw:dedup:{again}:lock", followers_key("gw:dedup:{again}:lock")]
+    first = await acquire(keys=keys, args=["t1", 5000])
+    again = await acquire(keys=keys, args=["t1", 5000])
+    assert (first[0], first[1]) == (1, b"t1")
+    assert (again[0], again[1]) == (1, b"t1") and 0 < again[2] <= 5000
+    assert await redis_client.exists(keys[1]) == 0
+    other = await acquire(keys=keys, args=["t2", 5000])
+    assert (other[0], other[1]) == (0, b"t1")
+    assert await redis_client.get(keys[1]) == b"1"
