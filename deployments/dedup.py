@@ -157,15 +157,23 @@ class SingleFlight(Generic[T]):
         *,
         fallback: Callable[[], Awaitable[T]] | None = None,
         deadline_s: float | None = None,
+        abandoned: Callable[[asyncio.Future[T]], object] | None = None,
     ) -> Flight[T]:
         """Run ``fn`` once for concurrent callers of ``key``.
 
-        A follower past its deadline calls ``fallback`` (default ``fn``) itself.
+        A follower past its deadline calls ``fallback`` (default ``fn``) itself. A
+        leader cancelled while its call goes on (for its followers) hands the call's
+        future to ``abandoned``: what it costs is still its caller's.
         """
         call = self._calls.get(key)
         if call is None:
             call = self._start(self._calls, key, lambda c: self._run(c, fn))
-            value = await asyncio.shield(call.result)
+            try:
+                value = await asyncio.shield(call.result)
+            except asyncio.CancelledError:
+                if abandoned is not None and not call.result.done():
+                    abandoned(call.result)
+                raise
             return Flight(value, Role.LEADER, call.dups > 0)
         call.dups += 1
         self.stats.coalesced += 1

@@ -110,13 +110,24 @@ class RedisSingleFlight:
 
     # -- public API ----------------------------------------------------------------
 
-    async def flight(self, key: str, fn: Callable[[], Awaitable[bytes]]) -> Flight[bytes]:
-        """Run ``fn`` once for identical concurrent requests on every replica."""
+    async def flight(
+        self,
+        key: str,
+        fn: Callable[[], Awaitable[bytes]],
+        abandoned: Callable[[asyncio.Future[Flight[bytes]]], object] | None = None,
+    ) -> Flight[bytes]:
+        """Run ``fn`` once for identical concurrent requests on every replica.
+
+        ``abandoned``: see ``SingleFlight.flight``; the future's flight says whether this
+        replica's ``fn`` made the call (leader) or another replica's did (follower)."""
         if self._redis is None:
-            return await self._local.flight(key, lambda: self._alone(fn))
+            return await self._local.flight(key, lambda: self._alone(fn), abandoned=abandoned)
         await self.start()
         outer = await self._local.flight(
-            key, lambda: self._cluster(key, fn), fallback=lambda: self._alone(fn, waited=True)
+            key,
+            lambda: self._cluster(key, fn),
+            fallback=lambda: self._alone(fn, waited=True),
+            abandoned=abandoned,
         )
         inner = outer.value
         if outer.role is Role.FOLLOWER:

@@ -27,7 +27,8 @@ from deployments.cache_policy import (
     decide,
     parse_controls,
 )
-from deployments.dedup import Role
+from deployments.cost import Charge
+from deployments.dedup import Flight, Role
 from deployments.provider import ProviderClient, UpstreamStream
 from deployments.request_key import RequestKey, RequestKeys
 from deployments.resilience import ResilienceResult, Target
@@ -255,25 +256,56 @@ class ChatPipeline:
         async def fetch() -> bytes:
             return await self._fetch(ctx, model, plan)
 
+        def abandoned(call: asyncio.Future[Flight[bytes]]) -> None:
+            ticket.hand_over()
+            call.add_done_callback(lambda done: self._settle_abandoned(ticket, done))
+
         role: Role | None = None
         if plan.coalesce:
-            flight = await self.stages.dedup.flight(plan.key.digest, fetch)
+            flight = await self.stages.dedup.flight(plan.key.digest, fetch, abandoned)
             value, role = flight.value, flight.role
         else:
             value = await fetch()
         meta, body = unpack(value)
         served_by, status = self._served(role, meta)
-        charge = ticket.finish(
+        charge = self._finish(ticket, meta, body, served_by, status)
+        headers = self._headers(ctx, plan, status, meta, role)
+        if charge is not None:
+            headers["x-request-cost"] = charge.header_value()
+        return Response(body, 200, headers, media_type=JSON)
+
+    @staticmethod
+    def _finish(
+        ticket: Ticket,
+        meta: dict[str, Any],
+        body: bytes,
+        served_by: str,
+        status: CacheStatus,
+        outcome: str = "ok",
+    ) -> Charge | None:
+        return ticket.finish(
             meta["usage"] if "usage" in meta else _usage(body),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
             attempts=meta.get("attempts", 0) if served_by == "upstream" else 0,
+            status=outcome,
         )
-        headers = self._headers(ctx, plan, status, meta, role)
-        if charge is not None:
-            headers["x-request-cost"] = charge.header_value()
-        return Response(body, 200, headers, media_type=JSON)
+
+    def _settle_abandoned(self, ticket: Ticket, call: asyncio.Future[Flight[bytes]]) -> None:
+        """The flight of a request whose client left has ended. An upstream call it
+        made is billed to it (an error: the client got nothing), or leaving early
+        would fill the cache for free; an answer that cost nothing is refunded."""
+        if call.cancelled() or call.exception() is not None:
+            ticket.fail()
+            return
+        flight = call.result()
+        meta, body = unpack(flight.value)
+        served_by, status = self._served(flight.role, meta)
+        if served_by != "upstream":
+            ticket.fail()
+            return
+        self._finish(ticket, meta, body, served_by, status, outcome="error")
 
     async def _fetch(self, ctx: RequestContext, model: ModelSettings, plan: Plan) -> bytes:
         if (semantic := await self._semantic_hit(plan)) is not None:

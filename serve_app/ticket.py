@@ -45,6 +45,7 @@ class Ticket:
     reservation: Reservation
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     settled: bool = False
+    handed_over: bool = False  # settled by work that outlives the request (``hand_over``)
 
     @classmethod
     async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
@@ -102,10 +103,16 @@ class Ticket:
         try:
             yield
         except BaseException as exc:
-            self.fail()
+            if not self.handed_over:
+                self.fail()
             if isinstance(exc, GatewayError):
                 exc.headers = {**self.ctx.response_headers, **exc.headers}
             raise
+
+    def hand_over(self) -> None:
+        """The request is gone but work it started goes on: that work settles the
+        ticket (``finish`` or ``fail``) when it ends, not the request's failure."""
+        self.handed_over = True
 
     def fail(self) -> None:
         if self.settled:
