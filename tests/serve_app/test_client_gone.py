@@ -154,7 +154,9 @@ async def test_the_upstream_call_of_a_client_that_left_is_billed_to_it(
         leader = _ask(client, text, "req-gone-leader")
         await asyncio.wait_for(transport.called.wait(), 5)
         follower = _ask(client, text, "req-gone-follower")
-        await asyncio.sleep(0.05)  # the follower joins the flight
+        async with asyncio.timeout(5):  # the follower joins the flight
+            while gateway.stages.dedup.stats.coalesced < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
         await _leave(leader)
         transport.release.set()
         answer = await follower
@@ -185,10 +187,14 @@ async def test_a_flight_that_fails_after_its_client_left_refunds_it(
         await asyncio.wait_for(transport.called.wait(), 5)
         await _leave(leader)
         transport.release.set()
-        await asyncio.sleep(0.2)
+        guard = gateway.stages.cost.guard
+        async with asyncio.timeout(10):  # the hold lasts until the flight (and its retries) ends
+            while any(s.held for s in await guard.status("t", "gone")):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        statuses = await guard.status("t", "gone")
+        assert statuses and all(s.spent == 0 for s in statuses)
         await gateway.stages.cost.ledger.flush()
-        statuses = await gateway.stages.cost.guard.status("t", "gone")
-        assert all(s.spent == 0 and s.held == 0 for s in statuses)
+        assert await gateway.stages.cost.ledger.get("req-gone-failed") is None
 
 
 async def test_a_stream_whose_client_left_is_billed_what_it_was_sent(
