@@ -38,9 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.dedup import Flight, Role, SingleFlight, StreamFlight
 from deployments.dedup_stream import follow_stream, lead_stream
-from deployments.dedup_wire import STORE_ERRORS, VALUE, decode_result, encode_error, followers_key
+from deployments.dedup_wire import VALUE, decode_result, encode_error, followers_key
 from deployments.pubsub import Message, follow_channel
 from deployments.script_batch import ScriptBatch
+from deployments.store_errors import STORE_ERRORS
 from deployments.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from deployments.dedup_wire import STORE_ERRORS, decode_error, encode_error, followers_key
+from deployments.dedup_wire import decode_error, encode_error, followers_key
+from deployments.store_errors import STORE_ERRORS
 from serve_app.errors import UpstreamTimeoutError, UpstreamUnreachableError
 
 if TYPE_CHECKING:

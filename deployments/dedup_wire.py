@@ -4,18 +4,14 @@ come from Redis) and are rebuilt as the same class on the waiter's replica."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 
 from serve_app import errors
 from serve_app.errors import GatewayError, UpstreamError
 
 VALUE, ERROR = b"V", b"E"
-# What a lost or hung Redis raises; each is handled by degrading, never by failing.
-STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 def encode_error(exc: BaseException) -> bytes:

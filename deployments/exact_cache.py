@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError
 
-from deployments.dedup_wire import STORE_ERRORS
 from deployments.near_cache import (
     NearCache,
     NearCacheSettings,
@@ -45,6 +44,7 @@ from deployments.pubsub import Message, follow_channel
 from deployments.request_key import RequestKey
 from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
+from deployments.store_errors import STORE_ERRORS
 from deployments.tasks import cancel_and_wait
 from serve_app.errors import StoreUnavailableError
 

@@ -44,7 +44,6 @@ from importlib import resources
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from deployments.limiter_batch import LimiterBatch
 from deployments.limiter_decision import (
@@ -56,13 +55,13 @@ from deployments.limiter_decision import (
 from deployments.limiter_lease import FIRST_REQUESTS, MIN_REQUESTS, Lease, lease_size, next_size
 from deployments.limiter_reply import Check, check_for, decision_from, windows_from
 from deployments.limiter_settings import LimiterSettings
+from deployments.store_errors import STORE_ERRORS
 from deployments.tasks import wait_all
 from serve_app.context import RequestContext
 from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
-STORE_ERRORS = (RedisError, OSError, TimeoutError)
 PLAN_CACHE_SIZE = 10_000  # keys/users/tenants/models whose checks are kept ready
 INCIDENT_QUIET_S = 5.0  # without a store failure for this long, an incident is over
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from deployments.dedup_wire import STORE_ERRORS
+from deployments.store_errors import STORE_ERRORS
 
 Message = dict[str, Any] | None  # None: ``tick_s`` passed without a message
 
