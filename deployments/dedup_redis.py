@@ -136,9 +136,16 @@ class RedisSingleFlight:
         return Flight(inner.value, inner.role, outer.shared or inner.shared, inner.waited_out)
 
     async def stream(
-        self, key: str, open_upstream: Callable[[], AsyncIterator[bytes]]
+        self,
+        key: str,
+        open_upstream: Callable[[], AsyncIterator[bytes]],
+        abandoned: Callable[[asyncio.Future[StreamFlight]], object] | None = None,
     ) -> StreamFlight:
-        """Coalesce a stream; every caller gets every chunk from the first."""
+        """Coalesce a stream; every caller gets every chunk from the first.
+
+        ``abandoned``: see ``SingleFlight.stream``. A stream every reader on this
+        replica has left stops, unless this replica leads it and callers on other
+        replicas joined it."""
 
         async def own() -> StreamFlight:
             return StreamFlight(Role.LEADER, open_upstream(), waited_out=True)
@@ -150,7 +157,9 @@ class RedisSingleFlight:
             return await self._cluster_stream(key, open_upstream)
 
         idle = self.settings.deadline_s + self.settings.stream_idle_s  # the source enforces less
-        return await self._streams.stream(key, source, fallback=own, idle_s=idle)
+        return await self._streams.stream(
+            key, source, fallback=own, idle_s=idle, abandoned=abandoned
+        )
 
     def forget(self, key: str) -> None:
         self._local.forget(key)
@@ -303,9 +312,21 @@ class RedisSingleFlight:
             self._store_error(exc)
             return StreamFlight(Role.LEADER, open_upstream())
         if owner == token:
-            return StreamFlight(Role.LEADER, lead_stream(self, key, lock, token, open_upstream))
+            chunks = lead_stream(self, key, lock, token, open_upstream)
+            return StreamFlight(Role.LEADER, chunks, wanted=lambda: self._followed(lock))
         self.stats.coalesced += 1
         return StreamFlight(Role.FOLLOWER, follow_stream(self, key, lock, owner, open_upstream))
+
+    async def _followed(self, lock: str) -> bool:
+        """Whether callers on other replicas joined the flight of ``lock`` (counted
+        when they found it taken; never uncounted, so one that left still counts)."""
+        assert self._redis is not None
+        try:
+            count = await self._redis.get(followers_key(lock))
+        except STORE_ERRORS as exc:  # they could not read the mirrored stream either
+            self._store_error(exc)
+            return False
+        return count is not None and int(count) > 0
 
     # -- helpers ------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -28,7 +28,7 @@ from deployments.cache_policy import (
     parse_controls,
 )
 from deployments.cost import Charge
-from deployments.dedup import Flight, Role
+from deployments.dedup import ChunkReader, Flight, Role, StreamFlight
 from deployments.provider import ProviderClient, UpstreamStream
 from deployments.request_key import RequestKey, RequestKeys
 from deployments.resilience import ResilienceResult, Target
@@ -371,10 +371,11 @@ class ChatPipeline:
             "include_usage": True,
         }
         open_upstream = self._upstream_bytes(ctx, model, upstream_body, holder)
-        role: Role | None = None
+        relay = _StreamRelay(self, ctx, plan, ticket, want_usage, holder)
         if plan.coalesce:
-            flight = await self.stages.dedup.stream(plan.key.digest + ":stream", open_upstream)
-            chunks, role = flight.chunks, flight.role
+            key = plan.key.digest + ":stream"
+            flight = await self.stages.dedup.stream(key, open_upstream, relay.abandoned)
+            chunks, relay.role = flight.chunks, flight.role
         else:
             chunks = open_upstream()
         iterator = aiter(chunks)
@@ -382,11 +383,12 @@ class ChatPipeline:
             first = await anext(iterator)  # errors before the first byte stay HTTP errors
         except StopAsyncIteration:
             raise UpstreamError("The upstream stream ended before any data.") from None
-        meta: dict[str, Any] = {"cache": "MISS" if plan.decision.lookup else "BYPASS"}
-        if (result := holder.get("result")) is not None:
-            meta.update(upstream=result.target.upstream, attempts=result.attempts)
-        headers = {**self._headers(ctx, plan, CacheStatus(meta["cache"]), meta, role), **sse}
-        relay = _StreamRelay(self, ctx, plan, ticket, role, want_usage, meta)
+        except asyncio.CancelledError:
+            relay.walk_away(iterator)
+            raise
+        relay.note_upstream()
+        status = CacheStatus(relay.meta["cache"])
+        headers = {**self._headers(ctx, plan, status, relay.meta, relay.role), **sse}
         return StreamingResponse(
             relay.run(first, iterator), headers=headers, media_type="text/event-stream"
         )
@@ -443,7 +445,12 @@ async def _replay(body: bytes, want_usage: bool, cost: dict[str, Any]) -> AsyncI
 
 class _StreamRelay:
     """Passes a (possibly shared) upstream stream to one client, event by event:
-    bills from the usage chunk, stores a complete answer, reports a broken one."""
+    bills from the usage chunk, stores a complete answer, reports a broken one.
+
+    When the client leaves first, a coalesced stream goes on only for whoever else
+    reads it; its leader reads on unseen and is billed for all the call produced
+    (an error: the client got part of it), and a complete answer is still stored.
+    """
 
     def __init__(
         self,
@@ -451,20 +458,31 @@ class _StreamRelay:
         ctx: RequestContext,
         plan: Plan,
         ticket: Ticket,
-        role: Role | None,
         want_usage: bool,
-        meta: dict[str, Any],
+        holder: dict[str, ResilienceResult[UpstreamStream]],
     ) -> None:
         self.pipeline, self.ctx, self.plan, self.ticket = pipeline, ctx, plan, ticket
-        self.role, self.want_usage, self.meta = role, want_usage, meta
+        self.want_usage, self.holder = want_usage, holder
+        self.role: Role | None = None
+        self.meta: dict[str, Any] = {"cache": "MISS" if plan.decision.lookup else "BYPASS"}
         self.result = StreamResult()
         self.assembler = StreamAssembler()
+        self.splitter = EventSplitter()
+        self.received = False
+        self.left = False  # the client went away before the end
+        self.draining = False  # ... and the rest is read unseen, to bill (``_drain``)
 
     @property
     def served_by(self) -> str:
         return "coalesced" if self.role is Role.FOLLOWER else "upstream"
 
+    def note_upstream(self) -> None:
+        """Which upstream answered, once one did."""
+        if (result := self.holder.get("result")) is not None:
+            self.meta.update(upstream=result.target.upstream, attempts=result.attempts)
+
     def _bill(self, status: str) -> Any:
+        self.note_upstream()
         text = self.result.completion_text() if self.result.usage is None else ""
         return self.ticket.finish(
             self.result.usage,
@@ -472,7 +490,7 @@ class _StreamRelay:
             cache=self.meta["cache"].lower(),
             upstream=self.meta.get("upstream", ""),
             attempts=self.meta.get("attempts", 0) if self.served_by == "upstream" else 0,
-            status=status,
+            status="error" if self.left else status,
             completion_text=text,
         )
 
@@ -490,29 +508,97 @@ class _StreamRelay:
             chunk["usage"] = {**chunk["usage"], **charge.usage_fields()}
         return encode_event(chunk)
 
+    @property
+    def _keep(self) -> bool:
+        # Only an answer that may be stored is assembled whole (a follower's never is).
+        return self.plan.decision.store and self.role is not Role.FOLLOWER
+
+    def _feed(self, raw: bytes) -> Iterator[bytes]:
+        """The client's events for ``raw`` (``b""``: those left in the splitter when a
+        client that left stopped taking them mid-chunk)."""
+        if raw:
+            self.received = True
+            if self._keep:
+                self.assembler.feed(raw)
+        for event in self.splitter.feed(raw):
+            data = event_data(event)
+            if data is not None and (out := self._event(data)) is not None:
+                yield out
+
+    async def _ended(self) -> None:
+        if not self.result.done:
+            raise UpstreamError("The upstream stream ended before [DONE].")
+        if self._keep and (body := self.assembler.body()) is not None:
+            await self.pipeline._remember(self.plan, body)
+
     async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        splitter = EventSplitter()
         try:
             raw: bytes | None = first
-            # Only an answer that may be stored is assembled whole (a follower's never is).
-            keep = self.plan.decision.store and self.role is not Role.FOLLOWER
             while raw is not None:
-                if keep:
-                    self.assembler.feed(raw)
-                for event in splitter.feed(raw):
-                    data = event_data(event)
-                    if data is not None and (out := self._event(data)) is not None:
-                        yield out
+                for out in self._feed(raw):
+                    yield out
                 raw = await anext(rest, None)
-            if not self.result.done:
-                raise UpstreamError("The upstream stream ended before [DONE].")
-            if keep and (body := self.assembler.body()) is not None:
-                await self.pipeline._remember(self.plan, body)
+            await self._ended()
         except GatewayError as exc:
             self.result.error = exc
             yield error_event(exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.walk_away(rest)
+            raise
         finally:
-            self._bill("ok" if self.result.done and self.result.error is None else "error")
+            if not self.draining:
+                self._bill("ok" if self.result.done and self.result.error is None else "error")
+
+    def walk_away(self, rest: AsyncIterator[bytes]) -> None:
+        """The client left before the end. A coalesced leader reads on, unseen (only
+        what someone else still reads goes on), and is billed when it ends; any other
+        stream is closed, and billed what was sent."""
+        self.left = True
+        if self.role is Role.LEADER and isinstance(rest, ChunkReader):
+            rest.detach()
+            self.ticket.hand_over()
+            self.draining = True
+            in_background(self._drain(rest))
+        elif isinstance(rest, ChunkReader):
+            rest.close()
+        elif (close := getattr(rest, "aclose", None)) is not None:
+            in_background(close())  # an upstream left half-read is closed now, not at GC
+
+    def abandoned(self, opened: asyncio.Future[StreamFlight]) -> None:
+        """The client left before the flight it leads opened (``SingleFlight.stream``)."""
+        self.left = True
+        self.ticket.hand_over()
+        self.draining = True
+        in_background(self._drain_when_open(opened))
+
+    async def _drain_when_open(self, opened: asyncio.Future[StreamFlight]) -> None:
+        try:
+            flight = await opened
+        except Exception:
+            self.ticket.fail()
+            return
+        self.role = flight.role
+        if flight.role is Role.LEADER:
+            await self._drain(flight.chunks)
+        else:  # another replica makes the call: nothing to pay, nothing to read
+            await flight.chunks.aclose()  # type: ignore[attr-defined]
+            self.ticket.fail()
+
+    async def _drain(self, rest: AsyncIterator[bytes]) -> None:
+        try:
+            for _ in self._feed(b""):
+                pass
+            async for raw in rest:
+                for _ in self._feed(raw):
+                    pass
+            await self._ended()
+        except GatewayError:  # stopped (nobody else read it), failed or cut
+            pass
+        finally:
+            if self.received:
+                self._bill("error")
+            else:  # it never produced anything: as if it had failed before the first byte
+                self.ticket.fail()
 
 
 def _payload(body: dict[str, Any], target: Target) -> bytes:

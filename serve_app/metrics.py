@@ -69,6 +69,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         (),
         None,
     ),
+    "gateway_dedup_streams_stopped_total": (
+        "counter",
+        "Coalesced upstream streams stopped because every client reading them had left.",
+        (),
+        None,
+    ),
     "gateway_ratelimit_decisions_total": (
         "counter",
         "Rate-limit decisions by outcome and limit.",

@@ -204,5 +204,8 @@ class Stages:
         deltas.export_total(
             "gateway_upstream_calls_saved_total", float(self.dedup.stats.upstream_calls_saved)
         )
+        deltas.export_total(
+            "gateway_dedup_streams_stopped_total", float(self.dedup.stats.streams_stopped)
+        )
         deltas.export_total("gateway_ledger_dropped_records_total", float(self.cost.ledger.dropped))
         self.metrics.flush()

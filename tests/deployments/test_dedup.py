@@ -262,3 +262,110 @@ async def test_chunk_buffer_idle_deadline() -> None:
     assert await anext(reader) == b"x"
     with pytest.raises(UpstreamTimeoutError):
         await anext(reader)
+
+
+class _Source:
+    """A stream that yields ``parts`` and then waits for ``gate``; records its closing."""
+
+    def __init__(self, parts: list[bytes], gate: asyncio.Event) -> None:
+        self.parts, self.gate = parts, gate
+        self.opened = 0
+        self.closed = asyncio.Event()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            for part in self.parts:
+                yield part
+            await self.gate.wait()
+            yield b"end"
+        finally:
+            self.closed.set()
+
+    def opener(self, wanted: object = None) -> object:
+        async def open_stream() -> StreamFlight:
+            self.opened += 1
+            return StreamFlight(Role.LEADER, self.chunks(), wanted=wanted)  # type: ignore[arg-type]
+
+        return open_stream
+
+
+async def test_a_stream_every_reader_left_is_stopped_and_forgotten() -> None:
+    group: SingleFlight[object] = SingleFlight()
+    source = _Source([b"a"], asyncio.Event())
+    leader = await group.stream("k", source.opener())  # type: ignore[arg-type]
+    assert await anext(leader.chunks) == b"a"
+    await leader.chunks.aclose()  # type: ignore[attr-defined]
+    await asyncio.wait_for(source.closed.wait(), 1)
+    assert group.stats.streams_stopped == 1
+    await _until(lambda: not group.in_flight("k"))
+    again = await group.stream("k", source.opener())  # type: ignore[arg-type]
+    assert again.role is Role.LEADER and source.opened == 2
+
+
+async def test_a_stream_goes_on_while_anyone_reads_it() -> None:
+    group: SingleFlight[object] = SingleFlight()
+    gate = asyncio.Event()
+    source = _Source([b"a"], gate)
+    leader = await group.stream("k", source.opener())  # type: ignore[arg-type]
+    follower = await group.stream("k", source.opener())  # type: ignore[arg-type]
+    assert await anext(leader.chunks) == b"a"
+    await leader.chunks.aclose()  # type: ignore[attr-defined]
+    gate.set()
+    assert [c async for c in follower.chunks] == [b"a", b"end"]
+    assert group.stats.streams_stopped == 0 and source.opened == 1
+
+
+async def test_a_stream_wanted_elsewhere_goes_on_with_no_reader_here() -> None:
+    group: SingleFlight[object] = SingleFlight()
+    gate = asyncio.Event()
+    source = _Source([b"a"], gate)
+    asked = asyncio.Event()
+
+    async def wanted() -> bool:
+        asked.set()
+        return True
+
+    leader = await group.stream("k", source.opener(wanted))  # type: ignore[arg-type]
+    await leader.chunks.aclose()  # type: ignore[attr-defined]
+    await asyncio.wait_for(asked.wait(), 1)
+    gate.set()
+    await asyncio.wait_for(source.closed.wait(), 1)  # it ran to its end
+    assert group.stats.streams_stopped == 0 and not group.in_flight("k")
+
+
+async def test_a_leader_that_left_before_the_stream_opened_can_still_read_it() -> None:
+    """Its caller is billed for the call: it gets a detached reader of the flight, which
+    reads to the end for a follower's sake, or sees the flight stopped with no one left."""
+    group: SingleFlight[object] = SingleFlight()
+    for with_follower in (True, False):
+        gate, opening = asyncio.Event(), asyncio.Event()
+        source = _Source([b"a"], gate)
+        handed: list[asyncio.Future[StreamFlight]] = []
+
+        async def open_stream(
+            source: _Source = source, opening: asyncio.Event = opening
+        ) -> StreamFlight:
+            await opening.wait()
+            return StreamFlight(Role.LEADER, source.chunks())
+
+        leader = asyncio.create_task(group.stream("k", open_stream, abandoned=handed.append))
+        await _until(lambda: group.in_flight("k"))
+        follower = asyncio.create_task(group.stream("k", open_stream)) if with_follower else None
+        await asyncio.sleep(0)
+        leader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leader
+        opening.set()
+        if with_follower:
+            gate.set()
+        flight = await asyncio.wait_for(handed[0], 1)
+        assert flight.role is Role.LEADER
+        if follower is not None:
+            assert [c async for c in flight.chunks] == [b"a", b"end"]
+            assert [c async for c in (await follower).chunks] == [b"a", b"end"]
+        else:
+            with pytest.raises(FlightAbandonedError):
+                async for _ in flight.chunks:
+                    pass
+            assert group.stats.streams_stopped == 1
+        await _until(lambda: not group.in_flight("k"))

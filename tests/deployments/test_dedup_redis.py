@@ -340,3 +340,38 @@ async def test_an_acquire_sent_again_finds_its_own_lock(redis_client: aioredis.R
     other = await acquire(keys=keys, args=["t2", 5000])
     assert (other[0], other[1]) == (0, b"t1")
     assert await redis_client.get(keys[1]) == b"1"
+
+
+@pytest.mark.integration
+async def test_a_stream_left_by_its_replica_goes_on_only_for_other_replicas(
+    make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
+) -> None:
+    parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    for followed in (True, False):
+        a, b = make_replica(), make_replica()
+        gate, closed = asyncio.Event(), asyncio.Event()
+
+        async def upstream(
+            gate: asyncio.Event = gate, closed: asyncio.Event = closed
+        ) -> AsyncIterator[bytes]:
+            try:
+                async for part in _gated(parts, gate, after=1):
+                    yield part
+            finally:
+                closed.set()
+
+        key = f"left-{followed}"
+        leader = await a.stream(key, upstream)
+        assert await anext(leader.chunks) == parts[0]
+        follower = await b.stream(key, upstream) if followed else None
+        await leader.chunks.aclose()  # type: ignore[attr-defined]
+        if follower is not None:
+            gate.set()
+            assert [c async for c in follower.chunks] == parts
+            assert a.stats.streams_stopped == 0
+        else:
+            await asyncio.wait_for(closed.wait(), 5)
+            assert a.stats.streams_stopped == 1
+            async with asyncio.timeout(5):  # the lock went with it: the next caller leads
+                while await redis_client.get(f"gw:dedup:{{{key}}}:slock") is not None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)

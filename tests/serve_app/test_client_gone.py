@@ -18,6 +18,7 @@ import pytest
 from deployments.provider import ProviderClient, UpstreamResponse
 from serve_app.ingress import Gateway
 from serve_app.settings import GatewayArgs, hash_key
+from serve_app.ticket import drain_background
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +37,8 @@ ANSWER = orjson.dumps(
 # USD per million tokens: ANSWER's usage (3 prompt, 1 completion) costs 5e-6.
 PRICE = {"input_per_mtok": "1.00", "output_per_mtok": "2.00"}
 COST = Decimal("0.000005")
+STREAM_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+STREAM_COST = Decimal("0.000007")
 
 
 class GatedTransport:
@@ -65,7 +68,7 @@ class GatedTransport:
 
 
 class _GatedStream:
-    """Two content chunks, then nothing until released; records its closing."""
+    """Two content chunks, then nothing until released, then its usage; records its closing."""
 
     status, headers = 200, {"content-type": "text/event-stream"}
 
@@ -80,6 +83,13 @@ class _GatedStream:
             yield b"data: " + orjson.dumps(delta) + b"\n\n"
         self.transport.called.set()
         await self.transport.release.wait()
+        finish = {
+            "id": "c1",
+            "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        yield b"data: " + orjson.dumps(finish) + b"\n\n"
+        yield b"data: " + orjson.dumps({"choices": [], "usage": STREAM_USAGE}) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     async def aclose(self) -> None:
@@ -131,6 +141,27 @@ async def _leave(request: asyncio.Task[httpx.Response]) -> None:
         await request
 
 
+async def _follow_and_leave(
+    gateway: Gateway,
+    transport: GatedTransport,
+    leader: asyncio.Task[httpx.Response],
+    client: httpx.AsyncClient,
+    text: str,
+    request_id: str,
+    **extra: object,
+) -> asyncio.Task[httpx.Response]:
+    """Once the leader's call is under way, a follower joins it; the leader's client
+    leaves, and the upstream answers."""
+    await asyncio.wait_for(transport.called.wait(), 5)
+    follower = _ask(client, text, request_id, **extra)
+    async with asyncio.timeout(5):  # the follower joins the flight
+        while gateway.stages.dedup.stats.coalesced < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    await _leave(leader)
+    transport.release.set()
+    return follower
+
+
 async def _record(gateway: Gateway, request_id: str) -> object:
     ledger = gateway.stages.cost.ledger
     async with asyncio.timeout(5):
@@ -152,13 +183,9 @@ async def test_the_upstream_call_of_a_client_that_left_is_billed_to_it(
     async with serving(redis_url) as (gateway, client, transport):
         text = "who pays when the asker leaves?"
         leader = _ask(client, text, "req-gone-leader")
-        await asyncio.wait_for(transport.called.wait(), 5)
-        follower = _ask(client, text, "req-gone-follower")
-        async with asyncio.timeout(5):  # the follower joins the flight
-            while gateway.stages.dedup.stats.coalesced < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-        await _leave(leader)
-        transport.release.set()
+        follower = await _follow_and_leave(
+            gateway, transport, leader, client, text, "req-gone-follower"
+        )
         answer = await follower
         assert answer.status_code == 200 and answer.headers["x-dedup"] == "FOLLOWER"
         assert transport.calls == 1
@@ -208,3 +235,50 @@ async def test_a_stream_whose_client_left_is_billed_what_it_was_sent(
         record = await _record(gateway, "req-gone-stream")
         assert record.status == "error" and record.estimated  # type: ignore[attr-defined]
         assert record.completion_tokens > 0 and record.cost_pico > 0  # type: ignore[attr-defined]
+
+
+async def test_a_coalesced_stream_nobody_reads_any_more_is_closed(
+    redis_url: str, redis_client: object
+) -> None:
+    async with serving(redis_url) as (gateway, client, transport):
+        request = _ask(client, "coalesced, to nobody", "req-gone-alone", stream=True)
+        await asyncio.wait_for(transport.called.wait(), 5)
+        await _leave(request)
+        async with asyncio.timeout(5):  # stopped in the background, not read to its end
+            while not transport.streams[0].closed:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert gateway.stages.dedup.stats.streams_stopped == 1
+        record = await _record(gateway, "req-gone-alone")
+        assert record.status == "error" and record.estimated  # type: ignore[attr-defined]
+        assert record.completion_tokens > 0  # type: ignore[attr-defined]
+
+
+async def test_a_coalesced_stream_its_leader_left_is_billed_whole_and_cached(
+    redis_url: str, redis_client: object
+) -> None:
+    """It goes on for its follower: the leader's client pays for the whole call, as if it
+    had stayed (or leaving early would be a discount), and the answer is stored."""
+    async with serving(redis_url) as (gateway, client, transport):
+        text = "who pays for the rest of the stream?"
+        leader = _ask(client, text, "req-stream-leader", stream=True)
+        follower = await _follow_and_leave(
+            gateway, transport, leader, client, text, "req-stream-follower", stream=True
+        )
+        answer = await follower
+        assert answer.status_code == 200 and answer.headers["x-dedup"] == "FOLLOWER"
+        assert "two" in answer.text and answer.text.endswith("data: [DONE]\n\n")
+
+        record = await _record(gateway, "req-stream-leader")
+        assert record.status == "error" and not record.estimated  # type: ignore[attr-defined]
+        assert record.completion_tokens == 2  # type: ignore[attr-defined]
+        async with asyncio.timeout(5):
+            while await _spent(gateway) != STREAM_COST:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await drain_background()  # the leader's unseen read stores the answer when it ends
+        again = await client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "temperature": 0, "messages": [{"role": "user", "content": text}]},
+        )
+        assert again.headers["x-cache"] == "HIT" and transport.calls == 1
+        assert await _spent(gateway) == STREAM_COST
+        assert gateway.stages.dedup.stats.streams_stopped == 0
