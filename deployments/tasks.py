@@ -7,18 +7,23 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+_CANCEL_AGAIN_S = 0.25
+
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Stop a background loop and wait until it has unwound (its ``finally`` ran)."""
+    """Stop a background loop and wait until it has unwound (its ``finally`` ran).
+
+    A cancellation can be lost: on Python 3.11, ``asyncio.wait_for`` (redis-py sends
+    every command under one) swallows one that arrives as its inner future completes
+    (CPython gh-86296), and a loop that goes on would be waited for forever: a replica
+    that never finishes shutting down. So it is asked again until it ends."""
     if task is None:
         return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # the caller is being cancelled too: that one is not ours to swallow
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CANCEL_AGAIN_S)
+    if not task.cancelled():
+        task.result()  # its own failure is still raised
 
 
 async def wait_all(pending: set[asyncio.Future[Any]]) -> None:

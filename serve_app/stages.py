@@ -8,7 +8,6 @@ each); the semantic cache is its own deployment, reached through a handle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +21,7 @@ from deployments.exact_cache import ExactCache
 from deployments.limiter import RateLimiter
 from deployments.limiter_decision import LimitDecision
 from deployments.resilience import Resilience
+from deployments.tasks import cancel_and_wait
 from serve_app.metrics import DeltaExporter, MetricSink, NullMetrics
 from serve_app.settings import GatewayArgs
 from serve_app.store import Store
@@ -147,9 +147,7 @@ class Stages:
 
     async def aclose(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self.resilience.drain()
         await self.limiter.drain()
         await self.dedup.close()

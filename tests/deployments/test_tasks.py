@@ -43,3 +43,23 @@ async def test_cancel_and_wait_returns_once_the_task_has_unwound() -> None:
     await cancel_and_wait(task)
     await cancel_and_wait(None)
     assert cleaned and task.cancelled()
+
+
+async def test_cancel_and_wait_asks_again_when_a_cancellation_is_lost() -> None:
+    """As Python 3.11's wait_for loses one that lands as its inner future completes."""
+    lost = 0
+
+    async def loop() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost += 1
+
+    background = asyncio.create_task(loop())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(background), 5)
+    assert background.cancelled() and lost == 1
