@@ -136,6 +136,7 @@ class SemanticCache:
             try:
                 async for change in self._store.follow(mark):
                     await self._apply(change)
+                    mark = change.mark or mark  # after a failure, go on from here
                 return
             except StoreUnavailableError as exc:
                 # Redis gone: serve what we have (hits are still confirmed), retry later.

@@ -15,7 +15,7 @@ the entries that would expire soonest (``semantic_put.lua``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Protocol
 
@@ -38,6 +38,7 @@ class Change:
     op: str  # add | del | flush
     entry_id: str = ""
     namespace: str = ""  # flush: "" means every namespace
+    mark: str = field(default="", compare=False)  # its place: following resumes after it
 
 
 class SemanticStore(Protocol):
@@ -85,7 +86,10 @@ class RedisSemanticStore:
         self, client: aioredis.Redis, block_ms: int = 1000, max_entries: int | None = None
     ) -> None:
         self._r = client
-        self._block_ms = block_ms
+        # A blocking read that outlasts the client's socket timeout fails every time
+        # nothing changes; stay well inside it.
+        timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._block_ms = block_ms if not timeout_s else min(block_ms, int(timeout_s * 500))
         self._max_entries = max_entries
         self._put = client.register_script(
             files("deployments").joinpath("semantic_put.lua").read_text()
@@ -181,6 +185,7 @@ class RedisSemanticStore:
                         op=fields[b"op"].decode(),
                         entry_id=fields[b"id"].decode(),
                         namespace=fields[b"ns"].decode(),
+                        mark=mark,
                     )
 
 

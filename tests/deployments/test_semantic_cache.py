@@ -252,3 +252,42 @@ async def test_a_text_longer_than_the_model_reads_is_never_compared(model: OnnxE
     assert await cache.check("scope", other, "t1") is None
     assert await cache.check("scope", asked, "t1") is None  # the exact tier serves repeats
     assert cache.stats().entries == 0
+
+
+class FlakyStore(RedisSemanticStore):
+    """Its change stream breaks once, after the first change; records where each
+    following started."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        super().__init__(client, block_ms=50)
+        self.marks: list[str] = []
+        self.resumed = asyncio.Event()
+
+    async def follow(self, mark: str) -> AsyncIterator[Change]:
+        self.marks.append(mark)
+        if len(self.marks) > 1:
+            self.resumed.set()
+        async for change in super().follow(mark):
+            yield change
+            if len(self.marks) == 1:
+                raise ConnectionError("the connection dropped")
+
+
+@pytest.mark.integration
+async def test_following_resumes_after_the_last_change_applied(
+    model: OnnxEmbedder, redis_client: aioredis.Redis
+) -> None:
+    """Not from where the replica started: every change since would be applied again
+    (each add a load from Redis) after every dropped connection."""
+    writer = make(model, store=RedisSemanticStore(redis_client))
+    flaky = FlakyStore(redis_client)
+    reader = make(model, store=flaky)
+    await reader.start()
+    try:
+        await writer.store("scope", Q, "t1", b"first")
+        await asyncio.wait_for(flaky.resumed.wait(), 5)
+        started, resumed = flaky.marks
+        assert resumed > started and resumed == await flaky.change_mark()
+        assert reader.stats().entries == 1
+    finally:
+        await reader.stop()
