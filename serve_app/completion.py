@@ -387,6 +387,8 @@ class ChatPipeline:
             relay.walk_away(iterator)
             raise
         relay.note_upstream()
+        if relay.role is Role.FOLLOWER and relay.made_call:
+            relay.role = Role.LEADER  # it took a dead leader's place, or waited it out
         status = CacheStatus(relay.meta["cache"])
         headers = {**self._headers(ctx, plan, status, relay.meta, relay.role), **sse}
         return StreamingResponse(
@@ -473,8 +475,15 @@ class _StreamRelay:
         self.draining = False  # ... and the rest is read unseen, to bill (``_drain``)
 
     @property
+    def made_call(self) -> bool:
+        """Whether this request's own upstream call produced the stream: a follower on
+        another replica's flight calls upstream itself when that leader died, or when
+        it waited past its deadline; it pays for, and may store, what it fetched."""
+        return self.role is not Role.FOLLOWER or "result" in self.holder
+
+    @property
     def served_by(self) -> str:
-        return "coalesced" if self.role is Role.FOLLOWER else "upstream"
+        return "upstream" if self.made_call else "coalesced"
 
     def note_upstream(self) -> None:
         """Which upstream answered, once one did."""
@@ -511,7 +520,7 @@ class _StreamRelay:
     @property
     def _keep(self) -> bool:
         # Only an answer that may be stored is assembled whole (a follower's never is).
-        return self.plan.decision.store and self.role is not Role.FOLLOWER
+        return self.plan.decision.store and self.made_call
 
     def _feed(self, raw: bytes) -> Iterator[bytes]:
         """The client's events for ``raw`` (``b""``: those left in the splitter when a
@@ -554,7 +563,7 @@ class _StreamRelay:
         what someone else still reads goes on), and is billed when it ends; any other
         stream is closed, and billed what was sent."""
         self.left = True
-        if self.role is Role.LEADER and isinstance(rest, ChunkReader):
+        if self.made_call and isinstance(rest, ChunkReader):
             rest.detach()
             self.ticket.hand_over()
             self.draining = True

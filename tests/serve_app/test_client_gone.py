@@ -177,6 +177,13 @@ async def _spent(gateway: Gateway) -> Decimal:
     return sum((s.spent for s in statuses if s.period == "daily"), Decimal(0))
 
 
+async def _spent_reaches(gateway: Gateway, amount: Decimal) -> None:
+    """The key's daily spend becomes ``amount`` (settled in the background)."""
+    async with asyncio.timeout(5):
+        while await _spent(gateway) != amount:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
 async def test_the_upstream_call_of_a_client_that_left_is_billed_to_it(
     redis_url: str, redis_client: object
 ) -> None:
@@ -193,9 +200,7 @@ async def test_the_upstream_call_of_a_client_that_left_is_billed_to_it(
         record = await _record(gateway, "req-gone-leader")
         assert record.upstream == "u" and record.cost_pico > 0  # type: ignore[attr-defined]
         assert record.status == "error"  # type: ignore[attr-defined]  # the client got nothing
-        async with asyncio.timeout(5):
-            while await _spent(gateway) != COST:  # noqa: ASYNC110 (settled in the background)
-                await asyncio.sleep(0.02)
+        await _spent_reaches(gateway, COST)
         # The answer it paid for was cached: asking again is a hit, at no cost.
         again = await client.post(
             "/v1/chat/completions",
@@ -271,9 +276,7 @@ async def test_a_coalesced_stream_its_leader_left_is_billed_whole_and_cached(
         record = await _record(gateway, "req-stream-leader")
         assert record.status == "error" and not record.estimated  # type: ignore[attr-defined]
         assert record.completion_tokens == 2  # type: ignore[attr-defined]
-        async with asyncio.timeout(5):
-            while await _spent(gateway) != STREAM_COST:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        await _spent_reaches(gateway, STREAM_COST)
         await drain_background()  # the leader's unseen read stores the answer when it ends
         again = await client.post(
             "/v1/chat/completions",
