@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployments.semantic_index import SemanticEntry
 from serve_app.errors import StoreUnavailableError
@@ -176,8 +177,18 @@ class RedisSemanticStore:
         return last[0][0].decode() if last else "0-0"
 
     async def follow(self, mark: str) -> AsyncIterator[Change]:
+        late = False
         while True:
-            batches = await self._r.xread({CHANGES_KEY: mark}, count=500, block=self._block_ms)
+            try:
+                batches = await self._r.xread({CHANGES_KEY: mark}, count=500, block=self._block_ms)
+            except RedisTimeoutError:
+                # A busy host can answer an empty blocking read past the socket timeout;
+                # only two in a row say the store is in trouble.
+                if late:
+                    raise
+                late = True
+                continue
+            late = False
             for _stream, records in batches or []:
                 for rec_id, fields in records:
                     mark = rec_id.decode()

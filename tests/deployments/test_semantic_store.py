@@ -134,13 +134,13 @@ async def test_redis_changes_are_followed_from_a_mark(redis_client: aioredis.Red
 async def test_following_outlasts_the_clients_socket_timeout(redis_url: str) -> None:
     """The gateway's store client times reads out at 0.5 s: a blocking read for longer
     failed whenever nothing changed for that long (every 1.5 s on an idle cache)."""
-    client = aioredis.from_url(redis_url, socket_timeout=0.2)
+    client = aioredis.from_url(redis_url, socket_timeout=0.5)
     try:
         store = RedisSemanticStore(client)  # the default block, 1 s
         mark = await store.change_mark()
         follow = store.follow(mark)
         waiting = asyncio.ensure_future(anext(follow))
-        await asyncio.sleep(0.5)  # idle for longer than the socket timeout
+        await asyncio.sleep(1.2)  # idle for longer than the socket timeout
         assert not waiting.done()
         await store.put(entry("late"), b"x")
         change = await asyncio.wait_for(waiting, 2)
