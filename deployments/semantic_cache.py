@@ -162,12 +162,18 @@ class SemanticCache:
     # -- the verbs ------------------------------------------------------------------
 
     async def check(
-        self, scope: str, text: str, namespace: str, threshold: float | None = None
+        self,
+        scope: str,
+        text: str,
+        namespace: str,
+        threshold: float | None = None,
+        max_age_s: float | None = None,
     ) -> SemanticHit | None:
-        """The best entry of this scope whose text means the same as ``text``, or None."""
+        """The best entry of this scope whose text means the same as ``text``, or None;
+        only one at most ``max_age_s`` old, when the request says so (``max-age``)."""
         self._counts["lookups"] += 1
         try:
-            hit = await self._lookup(scope, text, namespace, threshold)
+            hit = await self._lookup(scope, text, namespace, threshold, max_age_s)
         except StoreUnavailableError:
             self._counts["store_errors"] += 1  # Redis down: a miss, never a failed request
             hit = None
@@ -175,14 +181,19 @@ class SemanticCache:
         return hit
 
     async def _lookup(
-        self, scope: str, text: str, namespace: str, threshold: float | None
+        self,
+        scope: str,
+        text: str,
+        namespace: str,
+        threshold: float | None,
+        max_age_s: float | None,
     ) -> SemanticHit | None:
         if not self._cacheable(text):
             return None
         limit = self._cfg.distance_threshold if threshold is None else threshold
         same = self._index.exact(namespace, scope, text)
         if same is not None:
-            found = await self._confirm(same, 1.0)
+            found = await self._confirm(same, 1.0, max_age_s)
             if found is not None or limit == 0.0:
                 return found
         if limit == 0.0:
@@ -194,7 +205,7 @@ class SemanticCache:
             if not self._guard.verify(text, entry.text).ok:
                 self._counts["guard_rejections"] += 1
                 continue
-            found = await self._confirm(entry, sim)
+            found = await self._confirm(entry, sim, max_age_s)
             if found is not None:
                 return found
         return None
@@ -214,11 +225,16 @@ class SemanticCache:
             self._recent.popitem(last=False)
         return vector
 
-    async def _confirm(self, entry: SemanticEntry, similarity: float) -> SemanticHit | None:
+    async def _confirm(
+        self, entry: SemanticEntry, similarity: float, max_age_s: float | None
+    ) -> SemanticHit | None:
         """Read the body; an entry gone from the store (expired, deleted) leaves the index."""
-        if entry.expired(self._clock()):
+        now = self._clock()
+        if entry.expired(now):
             self._index.remove(entry.id)
             return None
+        if max_age_s is not None and now - entry.created > max_age_s:
+            return None  # too old for this request only: the next candidate may do
         body = await self._store.body(entry.id)
         if body is None:
             self._index.remove(entry.id)
@@ -228,7 +244,10 @@ class SemanticCache:
     async def store(
         self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
     ) -> str | None:
-        """Cache a successful, complete answer; returns its entry id (None: not stored)."""
+        """Cache a successful, complete answer; returns its entry id (None: not stored).
+
+        It lives ``ttl`` (the request's cache lifetime, as in the exact tier), at most
+        the tier's ``ttl_s``."""
         if not self._cacheable(text):
             return None
         vector = await self._vector(text)
@@ -239,7 +258,7 @@ class SemanticCache:
             text=text,
             vector=vector,
             created=self._clock(),
-            ttl=self._cfg.ttl_s if ttl is None else ttl,
+            ttl=_shorter(ttl, self._cfg.ttl_s),
         )
         try:
             self._counts["evictions"] += await self._store.put(entry, body)
@@ -300,9 +319,14 @@ class SemanticCacheDeployment:
         return self._cache
 
     async def check(
-        self, scope: str, text: str, namespace: str, threshold: float | None = None
+        self,
+        scope: str,
+        text: str,
+        namespace: str,
+        threshold: float | None = None,
+        max_age_s: float | None = None,
     ) -> SemanticHit | None:
-        return await (await self._ready()).check(scope, text, namespace, threshold)
+        return await (await self._ready()).check(scope, text, namespace, threshold, max_age_s)
 
     async def store(
         self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
@@ -314,3 +338,10 @@ class SemanticCacheDeployment:
 
     async def stats(self) -> SemanticStats:
         return (await self._ready()).stats()
+
+
+def _shorter(a: float | None, b: float | None) -> float | None:
+    """The shorter of two lifetimes (None: for ever)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return min(a, b)

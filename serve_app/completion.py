@@ -170,7 +170,12 @@ class ChatPipeline:
         ok: bool | None = None  # None: the request was cancelled, which says nothing of the tier
         try:
             async with asyncio.timeout(self.args.semantic_cache.lookup_timeout_s):
-                hit = await semantic.check(key.scope, key.final_user_text, plan.decision.namespace)
+                hit = await semantic.check(
+                    key.scope,
+                    key.final_user_text,
+                    plan.decision.namespace,
+                    max_age_s=plan.decision.max_age_s,
+                )
             ok = True
         except TimeoutError:
             ok = False
@@ -203,7 +208,13 @@ class ChatPipeline:
         semantic, key = self.stages.semantic, plan.key
         if semantic is not None and key.final_user_text is not None:
             in_background(
-                semantic.store(key.scope, key.final_user_text, plan.decision.namespace, body)
+                semantic.store(
+                    key.scope,
+                    key.final_user_text,
+                    plan.decision.namespace,
+                    body,
+                    ttl=plan.decision.ttl_s,
+                )
             )
 
     def _served(self, role: Role | None, meta: dict[str, Any]) -> tuple[str, CacheStatus]:

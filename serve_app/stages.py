@@ -34,9 +34,13 @@ BUDGET_GAUGE_INTERVAL_S = 10.0  # one pipelined read of the budgets this replica
 class SemanticCacheClient(Protocol):
     """What the ingress needs of the semantic tier (a Serve handle or a local object)."""
 
-    async def check(self, scope: str, text: str, namespace: str) -> Any: ...
+    async def check(
+        self, scope: str, text: str, namespace: str, max_age_s: float | None = None
+    ) -> Any: ...
 
-    async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None: ...
+    async def store(
+        self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
+    ) -> None: ...
 
     async def invalidate_namespace(self, namespace: str | None) -> int: ...
 
@@ -47,11 +51,15 @@ class HandleSemanticClient:
     def __init__(self, handle: Any) -> None:
         self._handle = handle
 
-    async def check(self, scope: str, text: str, namespace: str) -> Any:
-        return await self._handle.check.remote(scope, text, namespace)
+    async def check(
+        self, scope: str, text: str, namespace: str, max_age_s: float | None = None
+    ) -> Any:
+        return await self._handle.check.remote(scope, text, namespace, max_age_s=max_age_s)
 
-    async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None:
-        await self._handle.store.remote(scope, text, namespace, body)
+    async def store(
+        self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
+    ) -> None:
+        await self._handle.store.remote(scope, text, namespace, body, ttl)
 
     async def invalidate_namespace(self, namespace: str | None) -> int:
         return int(await self._handle.invalidate_namespace.remote(namespace))

@@ -108,11 +108,11 @@ async def test_entries_nobody_asks_for_again_leave_the_index(model: OnnxEmbedder
     """Redis expires entries without telling the replicas: each replica sweeps its own index,
     or a stream of one-off prompts would grow it for as long as the replica lives."""
     clock = Clock()
-    cache = make(model, clock=clock, ttl_s=60, sweep_interval_s=0.01)
+    cache = make(model, clock=clock, ttl_s=600, sweep_interval_s=0.01)
     await cache.start()
     try:
-        await cache.store("scope", Q, "t1", b"a")
-        await cache.store("scope", "What is a monad?", "t1", b"b", ttl=600)
+        await cache.store("scope", Q, "t1", b"a", ttl=60)
+        await cache.store("scope", "What is a monad?", "t1", b"b")
         await asyncio.sleep(0.05)
         assert cache.stats().entries == 2
         clock.now += 60
@@ -291,3 +291,31 @@ async def test_following_resumes_after_the_last_change_applied(
         assert reader.stats().entries == 1
     finally:
         await reader.stop()
+
+
+async def test_a_request_that_allows_only_young_answers_gets_no_older_hit(
+    model: OnnxEmbedder,
+) -> None:
+    clock = Clock()
+    cache = make(model, clock=clock)
+    await cache.store("scope", Q, "t1", b"old")
+    clock.now += 30
+    assert await cache.check("scope", PARAPHRASE, "t1", max_age_s=10) is None
+    assert await cache.check("scope", Q, "t1", max_age_s=10) is None  # the same text too
+    hit = await cache.check("scope", PARAPHRASE, "t1", max_age_s=60)
+    assert hit is not None and hit.body == b"old"
+    assert cache.stats().entries == 1  # too old for one request is not gone for all
+
+
+async def test_an_answer_lives_its_requests_lifetime_at_most_the_tiers(
+    model: OnnxEmbedder,
+) -> None:
+    clock = Clock()
+    cache = make(model, clock=clock, ttl_s=100)
+    await cache.store("scope", Q, "t1", b"short", ttl=10)
+    await cache.store("scope", "What is a monad?", "t1", b"capped", ttl=1000)
+    clock.now += 50
+    assert await cache.check("scope", Q, "t1") is None
+    assert await cache.check("scope", "What is a monad?", "t1") is not None
+    clock.now += 60
+    assert await cache.check("scope", "What is a monad?", "t1") is None

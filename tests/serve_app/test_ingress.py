@@ -117,17 +117,25 @@ class StalledSemantic:
         self.fail, self.stalled = fail, stalled
         self.checks = self.stores = 0
         self.asked = asyncio.Event()
+        self.max_ages: list[float | None] = []
+        self.ttls: list[float | None] = []
 
-    async def check(self, scope: str, text: str, namespace: str) -> None:
+    async def check(
+        self, scope: str, text: str, namespace: str, max_age_s: float | None = None
+    ) -> None:
         self.checks += 1
+        self.max_ages.append(max_age_s)
         self.asked.set()
         if self.fail:
             raise RuntimeError("replica died")
         if self.stalled:
             await asyncio.Event().wait()
 
-    async def store(self, scope: str, text: str, namespace: str, body: bytes) -> None:
+    async def store(
+        self, scope: str, text: str, namespace: str, body: bytes, ttl: float | None = None
+    ) -> None:
         self.stores += 1
+        self.ttls.append(ttl)
 
     async def invalidate_namespace(self, namespace: str | None) -> int:
         return 0
@@ -233,3 +241,32 @@ async def test_a_client_gone_mid_lookup_does_not_shrink_the_limit(
         with pytest.raises(asyncio.CancelledError):
             await asking
         assert (limit.in_flight, limit.limit) == (0, 4)
+
+
+@pytest.mark.integration
+async def test_the_semantic_tier_reads_a_request_as_the_exact_tier_does(
+    redis_url: str, redis_client: object
+) -> None:
+    """A request's ``max-age`` bounds the age of a semantic hit too, and its cache
+    lifetime (``cache.ttl``, else the policy's ``default_ttl_s``) that of what it stores:
+    the semantic tier kept every answer its own ``ttl_s`` (a day) and served it to
+    any ``max-age``."""
+    semantic = StalledSemantic(stalled=False)
+    async with serving(redis_url, semantic) as (_, client, _transport):
+        plain = await ask(client, "how old may it be?")
+        young = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "m",
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "only a young answer"}],
+                "cache": {"ttl": 60},
+            },
+            headers={"cache-control": "max-age=5"},
+        )
+        assert plain.status_code == young.status_code == 200
+        async with asyncio.timeout(5):
+            while semantic.stores < 2:  # noqa: ASYNC110 (stored in the background)
+                await asyncio.sleep(0.01)
+        assert semantic.max_ages == [None, 5]
+        assert semantic.ttls == [3600, 60]
