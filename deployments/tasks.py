@@ -7,7 +7,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-_CANCEL_AGAIN_S = 0.25
+_CANCEL_AGAIN_S = 1.0  # long enough for a loop's own cleanup not to be cut short
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -16,7 +16,7 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     A cancellation can be lost: on Python 3.11, ``asyncio.wait_for`` (redis-py sends
     every command under one) swallows one that arrives as its inner future completes
     (CPython gh-86296), and a loop that goes on would be waited for forever: a replica
-    that never finishes shutting down. So it is asked again until it ends."""
+    that never finishes shutting down. So it is asked again, each second, until it ends."""
     if task is None:
         return
     while not task.done():
