@@ -347,8 +347,11 @@ async def test_a_stream_left_by_its_replica_goes_on_only_for_other_replicas(
     make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
 ) -> None:
     parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    # A lock that outlives a starved heartbeat: with FAST's 0.3 s, a busy host let it
+    # lapse, and with it the count of the flight's followers.
+    steady = FAST.model_copy(update={"lock_ttl_s": 5.0})
     for followed in (True, False):
-        a, b = make_replica(), make_replica()
+        a, b = make_replica(steady), make_replica(steady)
         gate, closed = asyncio.Event(), asyncio.Event()
 
         async def upstream(
