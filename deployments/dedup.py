@@ -216,8 +216,9 @@ def _retrieve(future: asyncio.Future[object]) -> None:
 class SingleFlight(Generic[T]):
     """In-process single-flight over asyncio (one per replica)."""
 
-    def __init__(self, deadline_s: float | None = None) -> None:
+    def __init__(self, deadline_s: float | None = None, recheck_s: float = 1.0) -> None:
         self.deadline_s = deadline_s
+        self.recheck_s = recheck_s  # how often a stream nobody here reads asks if it is wanted
         self.stats = DedupStats()
         self._calls: dict[str, _Call[T]] = {}  # single event loop: no lock needed
         self._streams: dict[str, _StreamCall] = {}
@@ -336,12 +337,15 @@ class SingleFlight(Generic[T]):
         # Let the source finish opening: a cross-replica leader then holds a lock
         # that stopping releases (cancelled mid-open, it would leave it to expire).
         await asyncio.wait({call.result})
-        if call.wanted is not None:
+        while call.wanted is not None:
             try:
-                if await call.wanted():
-                    return
+                if not await call.wanted():
+                    break
             except Exception:  # cannot tell: the stream goes on, as it would have
                 return
+            await asyncio.sleep(self.recheck_s)  # wanted elsewhere: until it is not
+            if call.buffer.active or call.buffer.closed:
+                return  # a reader here again (its leaving asks anew), or the end
         if call.buffer.active or call.buffer.closed or call.task is None:
             return  # someone joined meanwhile, or it ended
         if self._streams.get(key) is call:

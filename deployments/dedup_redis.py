@@ -82,7 +82,9 @@ class RedisSingleFlight:
         self.settings = settings
         self._redis = redis if settings.cross_replica else None
         self._local: SingleFlight[Flight[bytes]] = SingleFlight(settings.deadline_s)
-        self._streams: SingleFlight[object] = SingleFlight(settings.deadline_s)
+        self._streams: SingleFlight[object] = SingleFlight(
+            settings.deadline_s, recheck_s=settings.poll_s
+        )
         self.stats = self._local.stats
         self._streams.stats = self.stats
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -94,6 +96,7 @@ class RedisSingleFlight:
             self._renew = self._redis.register_script(_script("dedup_renew.lua"))
             self._publish = ScriptBatch(self._redis, _script("dedup_publish.lua"), window_s=0)
             self._release = ScriptBatch(self._redis, _script("dedup_release.lua"), window_s=0)
+            self._unfollow = self._redis.register_script(_script("dedup_unfollow.lua"))
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -318,8 +321,8 @@ class RedisSingleFlight:
         return StreamFlight(Role.FOLLOWER, follow_stream(self, key, lock, owner, open_upstream))
 
     async def _followed(self, lock: str) -> bool:
-        """Whether callers on other replicas joined the flight of ``lock`` (counted
-        when they found it taken; never uncounted, so one that left still counts)."""
+        """Whether callers on other replicas follow the flight of ``lock`` (counted when
+        they found it taken, uncounted when they stop following before its end)."""
         assert self._redis is not None
         try:
             count = await self._redis.get(followers_key(lock))

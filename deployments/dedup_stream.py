@@ -120,36 +120,47 @@ async def follow_stream(
     reader = _Reader(owner, owner._key(key, f"st:{leader}"))
     sent, last_progress, token = False, loop.time(), uuid.uuid4().hex
     source: AsyncIterator[bytes] | None = None  # set when this follower stops following
-    while source is None:
-        try:
-            chunks, ended, lost = await _poll(owner, reader, lock, leader)
-            if lost and not sent:
-                leader = await owner._take(lock, token)
-        except STORE_ERRORS as exc:
-            if sent:
-                raise UpstreamUnreachableError("lost the coalesced stream") from exc
-            owner._store_error(exc)
-            source = open_upstream()
-            break
-        for chunk in chunks:
-            sent, last_progress = True, loop.time()
-            yield chunk
-        if ended:
-            return
-        if lost:
-            if sent:
-                raise UpstreamUnreachableError("the coalesced stream's leader was lost")
-            if leader == token:
-                owner.stats.takeovers += 1
-                source = lead_stream(owner, key, lock, token, open_upstream)
-            else:  # someone else took over first: follow them from their start
-                reader, last_progress = _Reader(owner, owner._key(key, f"st:{leader}")), loop.time()
-        elif not chunks and loop.time() - last_progress > (
-            settings.stream_idle_s if sent else settings.deadline_s
-        ):
-            if sent:
-                raise UpstreamTimeoutError("the coalesced stream stalled")
-            owner.stats.waited_out += 1
-            source = open_upstream()
+    try:
+        while source is None:
+            try:
+                chunks, ended, lost = await _poll(owner, reader, lock, leader)
+                if lost and not sent:
+                    leader = await owner._take(lock, token)
+            except STORE_ERRORS as exc:
+                if sent:
+                    raise UpstreamUnreachableError("lost the coalesced stream") from exc
+                owner._store_error(exc)
+                source = open_upstream()
+                break
+            for chunk in chunks:
+                sent, last_progress = True, loop.time()
+                yield chunk
+            if ended:
+                return
+            if lost:
+                if sent:
+                    raise UpstreamUnreachableError("the coalesced stream's leader was lost")
+                if leader == token:
+                    owner.stats.takeovers += 1
+                    source = lead_stream(owner, key, lock, token, open_upstream)
+                else:  # someone else took over first: follow them from their start
+                    reader = _Reader(owner, owner._key(key, f"st:{leader}"))
+                    last_progress = loop.time()
+            elif not chunks and loop.time() - last_progress > (
+                settings.stream_idle_s if sent else settings.deadline_s
+            ):
+                if sent:
+                    raise UpstreamTimeoutError("the coalesced stream stalled")
+                owner.stats.waited_out += 1
+                await _unfollow(owner, lock, leader)
+                source = open_upstream()
+    except asyncio.CancelledError:
+        await _unfollow(owner, lock, leader)  # its readers left: the leader may stop
+        raise
     async for chunk in source:
         yield chunk
+
+
+async def _unfollow(owner: RedisSingleFlight, lock: str, leader: str) -> None:
+    """Stop being counted on ``leader``'s flight, which goes on only for its followers."""
+    await owner._quietly(owner._unfollow(keys=[lock, followers_key(lock)], args=[leader]))

@@ -378,3 +378,31 @@ async def test_a_stream_left_by_its_replica_goes_on_only_for_other_replicas(
             async with asyncio.timeout(5):  # the lock went with it: the next caller leads
                 while await redis_client.get(f"gw:dedup:{{{key}}}:slock") is not None:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
+
+
+@pytest.mark.integration
+async def test_a_stream_stops_once_its_followers_on_other_replicas_leave_too(
+    make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
+) -> None:
+    steady = FAST.model_copy(update={"lock_ttl_s": 5.0})
+    a, b = make_replica(steady), make_replica(steady)
+    parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    closed = asyncio.Event()
+
+    async def upstream() -> AsyncIterator[bytes]:
+        try:
+            async for part in _gated(parts, asyncio.Event(), after=1):  # never past the first
+                yield part
+        finally:
+            closed.set()
+
+    leader = await a.stream("both-leave", upstream)
+    follower = await b.stream("both-leave", upstream)
+    assert await anext(follower.chunks) == parts[0]
+    await leader.chunks.aclose()  # type: ignore[attr-defined]
+    await asyncio.sleep(3 * steady.poll_s)
+    assert not closed.is_set() and a.stats.streams_stopped == 0  # b still reads it
+    await follower.chunks.aclose()  # type: ignore[attr-defined]
+    await asyncio.wait_for(closed.wait(), 5)
+    assert a.stats.streams_stopped == 1 and b.stats.streams_stopped == 1
+    assert await redis_client.get("gw:dedup:{both-leave}:slock:followers") is None
