@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
+from deployments.tasks import cancel_and_wait
 from serve_app.errors import ServiceUnavailableError, UpstreamTimeoutError
 
 T = TypeVar("T")
@@ -228,6 +229,11 @@ class SingleFlight(Generic[T]):
         """Go's ``Do``: the value and whether it was shared."""
         flight = await self.flight(key, fn)
         return flight.value, flight.shared
+
+    async def close(self) -> None:
+        """Stop asking whether abandoned streams are still wanted (at shutdown)."""
+        for task in list(self._stopping):
+            await cancel_and_wait(task)
 
     def forget(self, key: str) -> None:
         """The next call for ``key`` starts a new flight; current waiters are unaffected."""

@@ -111,6 +111,7 @@ class RedisSingleFlight:
     async def close(self) -> None:
         await cancel_and_wait(self._listener)
         self._listener = None
+        await self._streams.close()
 
     # -- public API ----------------------------------------------------------------
 
