@@ -357,7 +357,7 @@ class SingleFlight(Generic[T]):
         if self._streams.get(key) is call:
             del self._streams[key]
         self.stats.streams_stopped += 1
-        call.task.cancel()
+        await cancel_and_wait(call.task)  # asked again if a cancellation is lost
 
     def _start(
         self, calls: dict[str, _Call[T]], key: str, run: Callable[[_Call[T]], Awaitable[None]]

@@ -315,22 +315,31 @@ class RedisSingleFlight:
         except STORE_ERRORS as exc:
             self._store_error(exc)
             return StreamFlight(Role.LEADER, open_upstream())
+
+        # Wanted elsewhere only while this replica leads (a follower may take a dead
+        # leader's place under the same token) and others follow it.
+        async def wanted() -> bool:
+            return await self._followed(lock, token)
+
         if owner == token:
             chunks = lead_stream(self, key, lock, token, open_upstream)
-            return StreamFlight(Role.LEADER, chunks, wanted=lambda: self._followed(lock))
+            return StreamFlight(Role.LEADER, chunks, wanted=wanted)
         self.stats.coalesced += 1
-        return StreamFlight(Role.FOLLOWER, follow_stream(self, key, lock, owner, open_upstream))
+        chunks = follow_stream(self, key, lock, owner, open_upstream, token)
+        return StreamFlight(Role.FOLLOWER, chunks, wanted=wanted)
 
-    async def _followed(self, lock: str) -> bool:
-        """Whether callers on other replicas follow the flight of ``lock`` (counted when
-        they found it taken, uncounted when they stop following before its end)."""
+    async def _followed(self, lock: str, token: str) -> bool:
+        """Whether ``token`` holds ``lock`` and callers on other replicas follow its
+        flight (counted when they found it taken, uncounted when they stop following
+        before its end)."""
         assert self._redis is not None
         try:
-            count = await self._redis.get(followers_key(lock))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                owner, count = await pipe.get(lock).get(followers_key(lock)).execute()
         except STORE_ERRORS as exc:  # they could not read the mirrored stream either
             self._store_error(exc)
             return False
-        return count is not None and int(count) > 0
+        return owner == token.encode() and count is not None and int(count) > 0
 
     # -- helpers ------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ already sent chunks can only fail its client honestly.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -114,11 +113,13 @@ async def follow_stream(
     lock: str,
     leader: str,
     open_upstream: Callable[[], AsyncIterator[bytes]],
+    token: str,
 ) -> AsyncIterator[bytes]:
-    """The leader's chunks from the first; takes over a dead leader if nothing was sent."""
+    """The leader's chunks from the first; takes over a dead leader if nothing was sent
+    (leading under ``token``)."""
     settings, loop = owner.settings, asyncio.get_running_loop()
     reader = _Reader(owner, owner._key(key, f"st:{leader}"))
-    sent, last_progress, token = False, loop.time(), uuid.uuid4().hex
+    sent, last_progress = False, loop.time()
     source: AsyncIterator[bytes] | None = None  # set when this follower stops following
     try:
         while source is None:

@@ -16,6 +16,9 @@ from serve_app.embedded_store import free_port
 from serve_app.errors import RateLimitError, UpstreamError
 
 FAST = DedupSettings(lock_ttl_s=0.3, poll_s=0.05, deadline_s=5.0, stream_block_ms=50)
+# For tests of anything but a lock's lapse: FAST's 0.3 s lapses when a busy host starves
+# the heartbeat, and with it the count of the flight's followers.
+STEADY = FAST.model_copy(update={"lock_ttl_s": 5.0})
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -91,7 +94,7 @@ async def test_twenty_requests_on_four_replicas_make_one_call(
 async def test_error_is_shared_across_replicas(
     make_replica: Callable[..., RedisSingleFlight],
 ) -> None:
-    a, b = make_replica(), make_replica()
+    a, b = make_replica(STEADY), make_replica(STEADY)
     await b.start()
     release = asyncio.Event()
 
@@ -347,11 +350,8 @@ async def test_a_stream_left_by_its_replica_goes_on_only_for_other_replicas(
     make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
 ) -> None:
     parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
-    # A lock that outlives a starved heartbeat: with FAST's 0.3 s, a busy host let it
-    # lapse, and with it the count of the flight's followers.
-    steady = FAST.model_copy(update={"lock_ttl_s": 5.0})
     for followed in (True, False):
-        a, b = make_replica(steady), make_replica(steady)
+        a, b = make_replica(STEADY), make_replica(STEADY)
         gate, closed = asyncio.Event(), asyncio.Event()
 
         async def upstream(
@@ -384,8 +384,7 @@ async def test_a_stream_left_by_its_replica_goes_on_only_for_other_replicas(
 async def test_a_stream_stops_once_its_followers_on_other_replicas_leave_too(
     make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
 ) -> None:
-    steady = FAST.model_copy(update={"lock_ttl_s": 5.0})
-    a, b = make_replica(steady), make_replica(steady)
+    a, b = make_replica(STEADY), make_replica(STEADY)
     parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
     closed = asyncio.Event()
 
@@ -400,9 +399,34 @@ async def test_a_stream_stops_once_its_followers_on_other_replicas_leave_too(
     follower = await b.stream("both-leave", upstream)
     assert await anext(follower.chunks) == parts[0]
     await leader.chunks.aclose()  # type: ignore[attr-defined]
-    await asyncio.sleep(3 * steady.poll_s)
+    await asyncio.sleep(3 * STEADY.poll_s)
     assert not closed.is_set() and a.stats.streams_stopped == 0  # b still reads it
     await follower.chunks.aclose()  # type: ignore[attr-defined]
     await asyncio.wait_for(closed.wait(), 5)
     assert a.stats.streams_stopped == 1 and b.stats.streams_stopped == 1
     assert await redis_client.get("gw:dedup:{both-leave}:slock:followers") is None
+
+
+@pytest.mark.integration
+async def test_a_replica_that_took_over_a_stream_keeps_it_going_for_its_followers(
+    make_replica: Callable[..., RedisSingleFlight], redis_client: aioredis.Redis
+) -> None:
+    a, b = make_replica(STEADY), make_replica(STEADY)
+    await redis_client.set("gw:dedup:{taken}:slock", "dead", px=300)
+    parts = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    gate = asyncio.Event()
+
+    def upstream() -> AsyncIterator[bytes]:
+        return _gated(parts, gate, after=1)
+
+    taker = await a.stream("taken", upstream)
+    assert taker.role is Role.FOLLOWER  # of a leader that never writes
+    assert await anext(taker.chunks) == parts[0]  # its own call, once the lock lapsed
+    assert a.stats.takeovers == 1
+    follower = await b.stream("taken", upstream)
+    assert follower.role is Role.FOLLOWER
+    await taker.chunks.aclose()  # type: ignore[attr-defined]
+    await asyncio.sleep(3 * STEADY.poll_s)
+    gate.set()
+    assert [c async for c in follower.chunks] == parts
+    assert a.stats.streams_stopped == 0
