@@ -4,9 +4,10 @@ settings for tests, and deploying the gateway on the session's Ray."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from serve_app.embedded_store import EmbeddedStore, free_port
+from serve_app.ingress import Gateway
 from serve_app.mock_provider import MockBehaviour, MockProvider
 from serve_app.mock_provider.server import start
 from serve_app.settings import GatewayArgs, hash_key
@@ -129,6 +131,20 @@ def auth(key: str = LOCAL_KEY) -> dict[str, str]:
 
 def client(base_url: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def in_process(gateway: Gateway, key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """``gateway`` started in this process (no Ray), and a client of it with ``key``."""
+    await gateway.start()
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gateway.asgi()), base_url="http://gw", headers=auth(key)
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await gateway.aclose()
 
 
 @dataclass

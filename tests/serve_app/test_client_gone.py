@@ -19,6 +19,7 @@ from deployments.provider import ProviderClient, UpstreamResponse
 from serve_app.ingress import Gateway
 from serve_app.settings import GatewayArgs, hash_key
 from serve_app.ticket import drain_background
+from tests.support import in_process
 
 pytestmark = pytest.mark.integration
 
@@ -112,17 +113,8 @@ async def serving(
     )
     transport = GatedTransport()
     gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": transport}))
-    await gateway.start()
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=gateway.asgi()),
-        base_url="http://gw",
-        headers={"authorization": "Bearer sk-gone"},
-    )
-    try:
+    async with in_process(gateway, "sk-gone") as client:
         yield gateway, client, transport
-    finally:
-        await client.aclose()
-        await gateway.aclose()
 
 
 def _ask(

@@ -15,6 +15,7 @@ import pytest
 from deployments.provider import ProviderClient, UpstreamResponse
 from serve_app.ingress import Gateway
 from serve_app.settings import GatewayArgs, hash_key
+from tests.support import in_process
 
 ANSWER = orjson.dumps(
     {
@@ -158,17 +159,8 @@ async def serving(
     transport = CannedTransport()
     provider = ProviderClient(args.upstreams, {"u": transport})
     gateway = Gateway(args, provider=provider, semantic=semantic)
-    await gateway.start()
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=gateway.asgi()),
-        base_url="http://gw",
-        headers={"authorization": "Bearer sk-k"},
-    )
-    try:
+    async with in_process(gateway, "sk-k") as client:
         yield gateway, client, transport
-    finally:
-        await client.aclose()
-        await gateway.aclose()
 
 
 def ask(client: httpx.AsyncClient, text: str, **extra: object) -> Awaitable[httpx.Response]:
