@@ -352,7 +352,7 @@ class SingleFlight(Generic[T]):
             await asyncio.sleep(self.recheck_s)  # wanted elsewhere: until it is not
             if call.buffer.active or call.buffer.closed:
                 return  # a reader here again (its leaving asks anew), or the end
-        if call.buffer.active or call.buffer.closed or call.task is None:
+        if call.buffer.active or call.buffer.closed:
             return  # someone joined meanwhile, or it ended
         if self._streams.get(key) is call:
             del self._streams[key]

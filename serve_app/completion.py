@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import orjson
@@ -576,9 +576,7 @@ class _StreamRelay:
         self.left = True
         if self.made_call and isinstance(rest, ChunkReader):
             rest.detach()
-            self.ticket.hand_over()
-            self.draining = True
-            in_background(self._drain(rest))
+            self._read_on(self._drain(rest))
         elif isinstance(rest, ChunkReader):
             rest.close()
         elif (close := getattr(rest, "aclose", None)) is not None:
@@ -587,9 +585,13 @@ class _StreamRelay:
     def abandoned(self, opened: asyncio.Future[StreamFlight]) -> None:
         """The client left before the flight it leads opened (``SingleFlight.stream``)."""
         self.left = True
+        self._read_on(self._drain_when_open(opened))
+
+    def _read_on(self, drain: Coroutine[Any, Any, None]) -> None:
+        """The rest is read unseen in the background, which settles the ticket."""
         self.ticket.hand_over()
         self.draining = True
-        in_background(self._drain_when_open(opened))
+        in_background(drain)
 
     async def _drain_when_open(self, opened: asyncio.Future[StreamFlight]) -> None:
         try:
