@@ -1,5 +1,8 @@
 """Breakers, bulkheads, retries and fallbacks around the provider client.
 
+A model's chain is its balance group in the order the balancer picked for
+this call (``deployments/balancer.py``), else its primary, then its fallbacks.
+
 For each target of a model's fallback chain, in order: ask the target's
 breaker for permission (one Redis round trip; while it is open, a refusal is
 repeated from memory for up to ``refusal_cache_s``), take a bulkhead slot,
@@ -27,6 +30,7 @@ from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 
+from deployments.balancer import Balancer
 from deployments.breaker import (
     BreakerSettings,
     BreakerSnapshot,
@@ -78,6 +82,7 @@ class ResilienceMetrics:
     retries: Counter[str] = field(default_factory=Counter)  # upstream
     retries_over_budget: Counter[str] = field(default_factory=Counter)  # upstream
     fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)  # from, to breaker
+    picks: Counter[tuple[str, str]] = field(default_factory=Counter)  # model, upstream/model
     bulkhead_rejected: Counter[str] = field(default_factory=Counter)  # upstream
     states: dict[str, BreakerState] = field(default_factory=dict)  # last state seen
 
@@ -136,9 +141,16 @@ class Resilience:
         self._permits: dict[str, tuple[float, Decision]] = {}  # name -> (until, closed permit)
         self._deferred: list[tuple[str, BreakerSettings, Decision, Outcome]] = []
         self._flusher: asyncio.Task[None] | None = None
-        for chain in settings.fallbacks.values():
-            for target in chain:
-                self.breaker_name(target)
+        self.balancer = Balancer(
+            settings.balance,
+            busy=lambda upstream: self.bulkhead(upstream).active,
+            clock=clock,
+            rng=self._rng,
+        )
+        targets = [t for chain in settings.fallbacks.values() for t in chain]
+        targets += [t for group in settings.balance.values() for t in group.targets]
+        for target in targets:
+            self.breaker_name(target)
 
     @classmethod
     def with_redis(cls, settings: ResilienceSettings, client: aioredis.Redis) -> Resilience:
@@ -147,11 +159,25 @@ class Resilience:
         return cls(settings, store)
 
     def chain(self, model: str, primary: Target | None = None) -> list[Target]:
-        """The model's configured chain (primary first), else just ``primary``."""
+        """The targets to try for one call of ``model``, in order: its balance group
+        as the balancer ordered it, else its configured chain (primary first), else
+        just ``primary``; then the configured chain's targets not tried yet."""
         configured = self.settings.fallbacks.get(model)
+        group = self.balancer.order(model, self._known_open) if self.balancer.groups else None
+        if group is None:
+            if configured:
+                return list(configured)
+            return [] if primary is None else [primary]
+        first = group[0]
+        self.metrics.picks[(model, f"{first.upstream}/{first.model}")] += 1
         if configured:
-            return list(configured)
-        return [] if primary is None else [primary]
+            group.extend(t for t in configured if t not in group)
+        return group
+
+    def _known_open(self, target: Target) -> bool:
+        """Whether this replica holds a refusal from the target's breaker right now."""
+        cached = self._refusing.get(self.breaker_name(target))
+        return cached is not None and self._clock() < cached[1]
 
     def breaker_name(self, target: Target) -> str:
         policy = self.settings.policy(target.upstream)
@@ -301,11 +327,14 @@ class Resilience:
         run.last_target = target
         started = self._clock()
         deadline = asyncio.timeout(max(0.0, run.remaining()))
+        balancer = self.balancer
+        balancer.started(target)
         try:
             async with deadline:
                 value = await attempt(target)
         except asyncio.CancelledError:
             bulkhead.release()
+            balancer.abandoned(target)
             if permit.permit_id:  # give a probe's permit back; the client went away
                 self._record_later(name, policy.breaker, permit, None, Outcome.IGNORED)
             raise
@@ -313,8 +342,13 @@ class Resilience:
             bulkhead.release()
             took = self._clock() - started
             outcome = _outcome(exc, took, policy.breaker, deadline.expired())
+            if outcome.failed:  # as the breaker judges it: a 400 is not the target's fault
+                balancer.finished(target, None)
+            else:
+                balancer.abandoned(target)
             return exc, await self._record(name, policy.breaker, permit, exc, outcome)
         took = self._clock() - started
+        balancer.finished(target, took)
         # A success never changes what this request does next: record it off the response path.
         outcome = classify(None, took, policy.breaker)
         if not self._defer(name, policy.breaker, permit, outcome):

@@ -1,11 +1,12 @@
 """Settings of the resilience stage: per-upstream breaker, bulkhead and retry
-policies, and each public model's ordered fallback chain (``config.yaml``)."""
+policies, each public model's ordered fallback chain, and the groups of
+interchangeable targets a model's calls are balanced over (``config.yaml``)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.breaker import BreakerSettings
 from deployments.bulkhead import BulkheadSettings
@@ -17,6 +18,38 @@ class Target(BaseModel):
 
     upstream: str
     model: str  # the upstream's own model name
+
+
+class WeightedTarget(Target):
+    weight: float = Field(1.0, gt=0)  # a share of the calls, or of the capacity (least-busy)
+
+
+class BalanceGroup(BaseModel):
+    """Targets that serve one public model interchangeably, and how a call picks one.
+
+    ``weighted``: at random, in proportion to the weights. ``least-busy``: the fewest
+    calls this replica has in flight to the target's upstream, per unit of weight.
+    ``lowest-latency``: the fastest recent calls from this replica (an average over
+    successes, a stream's up to its first chunk); targets within ``latency_buffer``
+    of the fastest share the calls by weight, a target not measured within
+    ``latency_ttl_s`` (or whose last call failed that long ago) is tried first again.
+    Whatever is picked, the group's other targets follow it in the request's chain,
+    then the model's fallbacks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["weighted", "least-busy", "lowest-latency"] = "weighted"
+    targets: list[WeightedTarget] = Field(min_length=1)
+    latency_buffer: float = Field(0.1, ge=0)
+    latency_ttl_s: float = Field(60.0, gt=0)
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, targets: list[WeightedTarget]) -> list[WeightedTarget]:
+        seen = [(t.upstream, t.model) for t in targets]
+        if len(set(seen)) != len(seen):
+            raise ValueError("a balance group lists the same upstream and model twice")
+        return targets
 
 
 class UpstreamPolicy(BaseModel):
@@ -34,6 +67,7 @@ class ResilienceSettings(BaseModel):
     default: UpstreamPolicy = Field(default_factory=UpstreamPolicy)
     upstreams: dict[str, UpstreamPolicy] = Field(default_factory=dict)
     fallbacks: dict[str, list[Target]] = Field(default_factory=dict)  # public model -> chain
+    balance: dict[str, BalanceGroup] = Field(default_factory=dict)  # public model -> group
     key_prefix: str = "breaker"
     store_retry_after_s: float = Field(1.0, gt=0)  # re-try Redis this often while it is down
     # An open breaker cannot close before its wait ends (only an admin can), so a

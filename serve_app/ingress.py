@@ -95,7 +95,9 @@ class Gateway:
             self.store = await store_module.connect(self.args.store)
         self.stages = Stages.build(self.args, self.store, self.metrics, self.semantic)
         # Admin calls reach any replica: each knows every breaker, not only those it has called.
-        for m in (m for m in self.args.models if not self.args.resilience.fallbacks.get(m.name)):
+        resilience = self.args.resilience
+        routed = {m for m, chain in resilience.fallbacks.items() if chain} | {*resilience.balance}
+        for m in (m for m in self.args.models if m.name not in routed):
             self.stages.resilience.breaker_name(Target(upstream=m.upstream, model=m.target_model))
         await self.stages.start()
         self.pipeline = ChatPipeline(self.args, self.stages, self.provider)

@@ -136,6 +136,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("from_breaker", "to_breaker"),
         None,
     ),
+    "gateway_balancer_picks_total": (
+        "counter",
+        "Calls of a balanced model, by the target picked first (upstream/model).",
+        ("model", "target"),
+        None,
+    ),
     "gateway_bulkhead_rejected_total": (
         "counter",
         "Calls refused by a full bulkhead.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
@@ -18,7 +19,7 @@ from deployments.cost_tracker import CostArgs
 from deployments.dedup_redis import DedupSettings
 from deployments.exact_cache import ExactCacheSettings
 from deployments.limiter_settings import LimiterSettings
-from deployments.resilience_settings import ResilienceSettings
+from deployments.resilience_settings import ResilienceSettings, Target
 from deployments.semantic_cache import SemanticCacheSettings
 from serve_app.store_settings import StoreSettings
 
@@ -120,9 +121,24 @@ class GatewayArgs(_Strict):
     @model_validator(mode="after")
     def _models_name_upstreams(self) -> GatewayArgs:
         for model in self.models:
-            if model.upstream not in self.upstreams:
-                raise ValueError(
-                    f"model {model.name!r} names upstream {model.upstream!r}, "
-                    f"which is not among upstreams {sorted(self.upstreams)}"
-                )
+            self._known_upstream(f"model {model.name!r}", model.upstream)
+        routes: dict[str, Mapping[str, Sequence[Target]]] = {
+            "fallbacks": self.resilience.fallbacks,
+            "balance": {m: g.targets for m, g in self.resilience.balance.items()},
+        }
+        models = {m.name for m in self.models}
+        for section, chains in routes.items():
+            for name, targets in chains.items():
+                where = f"resilience.{section}.{name}"
+                if name not in models:
+                    raise ValueError(f"{where}: no model {name!r} among models {sorted(models)}")
+                for target in targets:
+                    self._known_upstream(where, target.upstream)
         return self
+
+    def _known_upstream(self, where: str, upstream: str) -> None:
+        if upstream not in self.upstreams:
+            raise ValueError(
+                f"{where} names upstream {upstream!r}, "
+                f"which is not among upstreams {sorted(self.upstreams)}"
+            )

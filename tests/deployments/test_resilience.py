@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -478,3 +479,86 @@ async def test_retries_stay_within_the_upstreams_retry_budget(clock: Clock) -> N
     assert len(up.calls) == 50 + 10  # without the budget: 150
     assert res.metrics.retries["a"] == 10
     assert res.metrics.retries_over_budget["a"] == 50  # each request ended on a refusal
+
+
+def balanced(clock: Clock, strategy: str = "weighted", **extra: object) -> Resilience:
+    """The model "gpt" balanced over a and b (b twice a's weight), falling back to c."""
+    group = {
+        "strategy": strategy,
+        "targets": [{**A.model_dump(), "weight": 1}, {**B.model_dump(), "weight": 2}],
+        **extra,
+    }
+    settings = ResilienceSettings.model_validate(
+        {
+            "default": policy().model_dump(),
+            "balance": {"gpt": group},
+            "fallbacks": {"gpt": [A.model_dump(), C.model_dump()]},
+        }
+    )
+    return Resilience(settings, MemoryBreakerStore(clock), clock=clock, sleep=clock.sleep)
+
+
+async def test_a_balanced_chain_is_its_group_then_the_fallbacks_not_in_it(clock: Clock) -> None:
+    res = balanced(clock)
+    chains = [res.chain("gpt") for _ in range(3000)]
+    assert {tuple(c[2:]) for c in chains} == {(C,)}  # a, already in the group, once
+    assert {frozenset(c[:2]) for c in chains} == {frozenset({A, B})}
+    firsts = [c[0] for c in chains]
+    assert firsts.count(B) / 3000 == pytest.approx(2 / 3, abs=0.03)
+    assert res.metrics.picks[("gpt", "b/m-b")] == firsts.count(B)
+    assert res.chain("other", primary=A) == [A]  # unbalanced models are untouched
+
+
+async def test_a_failing_pick_is_followed_by_the_group_s_other_target(clock: Clock) -> None:
+    res = balanced(clock, "least-busy")
+    res.bulkhead("b").active = 5  # a is picked: it has less in flight
+    up = Upstreams(clock, a=[error(502)])  # retried once, then the next target
+    chain = res.chain("gpt")
+    res.bulkhead("b").active = 0
+    result = await res.call(chain, up, 30)
+    assert up.calls == ["a", "a", "b"] and result.target == B
+    assert res.metrics.fallbacks == {("a/m-a", "b/m-b"): 1}
+
+
+async def test_least_busy_sends_the_next_call_past_a_stream_in_flight(clock: Clock) -> None:
+    res = balanced(clock, "least-busy")
+    up = Upstreams(clock)
+    held = await res.call([B], up, 30, stream=True)  # holds b's bulkhead until released
+    for _ in range(20):
+        assert res.chain("gpt")[0] == A  # 0 in flight at a, 1 per 2 units of weight at b
+    held.release()
+    assert {res.chain("gpt")[0] for _ in range(50)} == {A, B}
+
+
+async def test_an_open_breaker_s_target_is_not_picked_while_its_refusal_is_known(
+    clock: Clock,
+) -> None:
+    res = balanced(clock)
+    await res.force_open("b/m-b")
+    up = Upstreams(clock)
+    results = [await res.call(res.chain("gpt"), up, 30) for _ in range(30)]
+    assert all(r.target == A for r in results)
+    assert up.calls.count("b") == 0
+    assert res.metrics.refused["b/m-b"] == 1  # asked once; then known to be open
+    clock.now += 31  # past wait_in_open_s and the refusal's memory: b is asked again
+    await res.force_close("b/m-b")
+    assert {(await res.call(res.chain("gpt"), up, 30)).target for _ in range(30)} == {A, B}
+
+
+async def test_lowest_latency_learns_from_the_calls_made(clock: Clock) -> None:
+    res = balanced(clock, "lowest-latency")
+    up = Upstreams(clock, a=[0.05], b=[0.4])  # each call advances the clock this long
+    for _ in range(2):  # one call each to measure both (the unmeasured go first)
+        await res.call(res.chain("gpt")[:1], up, 30)
+    assert res.balancer.latency_s(A) == pytest.approx(0.05)
+    assert res.balancer.latency_s(B) == pytest.approx(0.4)
+    served = [(await res.call(res.chain("gpt"), up, 30)).target for _ in range(20)]
+    assert served == [A] * 20
+    up.scripts["a"] = [error(400, **{"x-should-retry": "false"})]
+    with pytest.raises(UpstreamError):  # not retried, not fallen back: a client error
+        await res.call(res.chain("gpt"), up, 30)
+    assert res.balancer.latency_s(A) == pytest.approx(0.05)  # the client's fault: no measure
+    up.scripts["a"] = [error(500)]
+    result = await res.call(res.chain("gpt"), up, 30)  # a failed twice: b served
+    assert result.target == B and res.balancer.latency_s(A) == math.inf
+    assert [(await res.call(res.chain("gpt"), up, 30)).target for _ in range(5)] == [B] * 5

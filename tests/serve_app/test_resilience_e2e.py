@@ -60,7 +60,8 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
     flaky_models = ("storm-gpt", "limit-gpt", "admin-gpt", "primary-gpt")
     return {
         "upstreams": {
-            name: upstream for name in ("healthy", "flaky", "sticky", "retrying", "slow")
+            name: upstream
+            for name in ("healthy", "flaky", "sticky", "retrying", "slow", "east", "west")
         },
         "models": [
             {"name": "mock-gpt", "upstream": "healthy"},
@@ -68,6 +69,8 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
             {"name": "shared-gpt", "upstream": "sticky"},
             {"name": "retry-gpt", "upstream": "retrying"},
             {"name": "hang-gpt", "upstream": "slow"},
+            {"name": "spread-gpt", "upstream": "east"},
+            {"name": "quick-gpt", "upstream": "east"},
         ],
         "resilience": {
             "refusal_cache_s": REFUSAL_CACHE_S,
@@ -77,6 +80,7 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
             "upstreams": {
                 # Stays open far longer than its test takes, however slow the machine.
                 "sticky": {"breaker": {**BREAKER, "wait_in_open_s": 60}, "retry": NO_RETRY},
+                "west": {"breaker": {**BREAKER, "wait_in_open_s": 60}, "retry": NO_RETRY},
                 "retrying": {
                     "breaker": {**BREAKER, "minimum_calls": 10},  # retries, not opening
                     "retry": {"max_attempts": 2, "initial_backoff_s": 0.05, "jitter": "none"},
@@ -90,6 +94,21 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
                     },
                     "bulkhead": {"max_concurrent": BULKHEAD, "max_queued": 0},
                     "retry": NO_RETRY,
+                },
+            },
+            "balance": {
+                "spread-gpt": {
+                    "targets": [
+                        {"upstream": "east", "model": "spread-east"},
+                        {"upstream": "west", "model": "spread-west"},
+                    ]
+                },
+                "quick-gpt": {
+                    "strategy": "lowest-latency",
+                    "targets": [
+                        {"upstream": "east", "model": "quick-slow"},
+                        {"upstream": "west", "model": "quick-fast"},
+                    ],
                 },
             },
             "fallbacks": {
@@ -483,3 +502,54 @@ def test_refusals_reach_clients_through_the_openai_sdk(
         assert refused.value.response.headers["retry-after"]
     finally:
         admin(http, "reset", "flaky/admin-gpt")
+
+
+def test_a_balanced_model_spreads_its_calls_over_its_targets(
+    http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    calls = mock_behaviour.stats.by_model
+    before = (calls["spread-east"], calls["spread-west"])
+    served = []
+    for _ in range(60):
+        response = http.post(CHAT, json=ask("spread-gpt"), headers=auth())
+        assert response.status_code == 200, response.text
+        assert response.headers["x-attempts"] == "1"
+        served.append(response.headers["x-upstream"])
+    east, west = served.count("east"), served.count("west")
+    assert east + west == 60 and min(east, west) >= 12  # equal weights; P(< 12) ~ 1e-6
+    assert (calls["spread-east"] - before[0], calls["spread-west"] - before[1]) == (east, west)
+    with http.stream("POST", CHAT, json={**ask("spread-gpt"), "stream": True}, headers=auth()) as s:
+        assert s.status_code == 200 and s.headers["x-upstream"] in ("east", "west")
+        assert "data: [DONE]" in s.read().decode()
+
+
+def test_a_failing_target_of_a_balanced_model_costs_its_clients_nothing(
+    http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    mock_behaviour.config.faults["spread-west"] = Faults(error_rate=1.0, error_status=500)
+    try:
+        answers = [http.post(CHAT, json=ask("spread-gpt"), headers=auth()) for _ in range(40)]
+        assert [a.status_code for a in answers] == [200] * 40  # west's failures fell back to east
+        assert {a.headers["x-upstream"] for a in answers} == {"east"}
+        # Once west's breaker opened, west is no longer tried first: one call per request.
+        assert breaker(http, "west/spread-west")["state"] == "OPEN"
+        assert [a.headers["x-attempts"] for a in answers[-10:]] == ["1"] * 10
+    finally:
+        mock_behaviour.config.faults.pop("spread-west", None)
+        admin(http, "reset", "west/spread-west")
+
+
+def test_lowest_latency_sends_calls_to_the_faster_target(
+    http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    mock_behaviour.config.faults["quick-slow"] = Faults(hang_s=0.3)
+    try:
+        served = [
+            http.post(CHAT, json=ask("quick-gpt"), headers=auth()).headers["x-upstream"]
+            for _ in range(30)
+        ]
+        # Each of the two replicas may try the slow target once, to measure it; weighted
+        # at random, about half the calls would go there.
+        assert served.count("east") <= 2
+    finally:
+        mock_behaviour.config.faults.pop("quick-slow", None)

@@ -72,6 +72,26 @@ def _base() -> dict:
         ({"api_keys": [{"name": "k", "key_sha256": "plaintext"}]}, "key_sha256"),
         ({"max_body_bytes": 10}, "max_body_bytes"),
         ({"unknown_section": {}}, "unknown_section"),
+        (
+            {"resilience": {"fallbacks": {"m": [{"upstream": "gone", "model": "x"}]}}},
+            "resilience.fallbacks.m names upstream 'gone'",
+        ),
+        (
+            {"resilience": {"fallbacks": {"typo": [{"upstream": "u", "model": "x"}]}}},
+            "resilience.fallbacks.typo: no model 'typo'",
+        ),
+        (
+            {"resilience": {"balance": {"m": {"targets": [{"upstream": "gone", "model": "x"}]}}}},
+            "resilience.balance.m names upstream 'gone'",
+        ),
+        (
+            {"resilience": {"balance": {"typo": {"targets": [{"upstream": "u", "model": "x"}]}}}},
+            "resilience.balance.typo: no model 'typo'",
+        ),
+        (
+            {"resilience": {"balance": {"m": {"strategy": "fastest", "targets": []}}}},
+            "strategy",
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_message(patch: dict, needle: str) -> None:

@@ -1,0 +1,175 @@
+"""Which of a model's interchangeable targets a call tries first.
+
+A balanced model (``resilience.balance``) is served by several targets, e.g. two
+vLLM servers, or one model at OpenAI and at Azure. For each call the balancer
+orders the whole group: the first is the pick, the others follow it as
+fallbacks, so a failing pick costs a retry elsewhere rather than an error.
+Targets whose breaker this replica knows to be open go last, so they are not
+picked while open; they are asked again once that knowledge expires (the
+resilience stage keeps a refusal for about a second), which is how a
+half-open breaker still gets its probe calls.
+
+What the strategies know is this replica's own view (calls in flight, recent
+latencies): replicas do not share it, as LiteLLM's router processes do not,
+because a shared count would cost a Redis round trip per call on the hot path.
+With many replicas each balancing its own share, the sum still balances.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+
+from deployments.resilience_settings import BalanceGroup, Target, WeightedTarget
+
+EWMA_ALPHA = 0.3  # weight of the newest call in a target's latency average
+
+_Key = tuple[str, str]  # (upstream, model)
+
+
+def _key(target: Target) -> _Key:
+    return (target.upstream, target.model)
+
+
+def plain(target: Target) -> Target:
+    """The target without its weight: what the rest of the chain compares and logs."""
+    return Target(upstream=target.upstream, model=target.model)
+
+
+class Balancer:
+    def __init__(
+        self,
+        groups: Mapping[str, BalanceGroup],
+        *,
+        busy: Callable[[str], int],
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        """``busy(upstream)``: the calls this replica has in flight to that upstream."""
+        self.groups = dict(groups)
+        self._busy = busy
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._plain = {
+            model: {_key(t): plain(t) for t in group.targets} for model, group in groups.items()
+        }
+        # Latency estimates, kept only for targets of lowest-latency groups.
+        self._ttl: dict[_Key, float] = {}
+        for group in groups.values():
+            if group.strategy == "lowest-latency":
+                for t in group.targets:
+                    ttl = self._ttl.get(_key(t), math.inf)
+                    self._ttl[_key(t)] = min(ttl, group.latency_ttl_s)
+        self._latency: dict[_Key, tuple[float, float]] = {}  # key -> (seconds or inf, at)
+        self._probing: dict[_Key, float] = {}  # key -> when its first call started
+
+    def order(self, model: str, avoid: Callable[[Target], bool]) -> list[Target] | None:
+        """The model's group, best first for this call; None when it has no group."""
+        group = self.groups.get(model)
+        if group is None:
+            return None
+        if group.strategy == "least-busy":
+            ranked = self._least_busy(group.targets)
+        elif group.strategy == "lowest-latency":
+            ranked = self._lowest_latency(group)
+        else:
+            ranked = self._shuffled(group.targets)
+        plains = self._plain[model]
+        ordered = [plains[_key(t)] for t in ranked]
+        usable = [t for t in ordered if not avoid(t)]
+        if len(usable) == len(ordered):
+            return ordered
+        return usable + [t for t in ordered if avoid(t)]
+
+    def _shuffled(self, targets: list[WeightedTarget]) -> list[WeightedTarget]:
+        """A random order in which each target comes first in proportion to its weight
+        (Efraimidis and Spirakis' weighted sampling without replacement)."""
+        rand = self._rng.random
+        return sorted(targets, key=lambda t: rand() ** (1.0 / t.weight), reverse=True)
+
+    def _least_busy(self, targets: list[WeightedTarget]) -> list[WeightedTarget]:
+        shuffled = self._shuffled(targets)  # breaks ties by weight
+        return sorted(shuffled, key=lambda t: self._busy(t.upstream) / t.weight)
+
+    def _lowest_latency(self, group: BalanceGroup) -> list[WeightedTarget]:
+        now = self._clock()
+        ttl = group.latency_ttl_s
+        unmeasured: list[WeightedTarget] = []
+        last: list[WeightedTarget] = []  # failed, or its first call is still out
+        measured: list[tuple[float, WeightedTarget]] = []
+        for t in group.targets:
+            key = _key(t)
+            found = self._latency.get(key)
+            if found is None or now - found[1] >= ttl:
+                probing = self._probing.get(key)
+                if probing is not None and now - probing < ttl:
+                    last.append(t)
+                else:
+                    unmeasured.append(t)
+            elif math.isinf(found[0]):
+                last.append(t)
+            else:
+                measured.append((found[0], t))
+        close: list[WeightedTarget] = []
+        rest: list[tuple[float, WeightedTarget]] = []
+        if measured:
+            cutoff = min(s for s, _ in measured) * (1.0 + group.latency_buffer)
+            for seconds, t in measured:
+                if seconds <= cutoff:
+                    close.append(t)
+                else:
+                    rest.append((seconds, t))
+        rest.sort(key=lambda pair: pair[0])
+        return [
+            *self._shuffled(unmeasured),
+            *self._shuffled(close),
+            *(t for _, t in rest),
+            *self._shuffled(last),
+        ]
+
+    # -- what calls report (lowest-latency groups only) ---------------------------
+
+    def started(self, target: Target) -> None:
+        """A call to ``target`` begins. An unmeasured target's first call is noted, so
+        that concurrent calls do not all go to it (it may be the slow one) while its
+        answer is awaited."""
+        if not self._ttl:  # no lowest-latency group: nothing to learn (the common case)
+            return
+        key = _key(target)
+        ttl = self._ttl.get(key)
+        if ttl is None:
+            return
+        now = self._clock()
+        found = self._latency.get(key)
+        if found is None or now - found[1] >= ttl:
+            self._probing.setdefault(key, now)
+
+    def finished(self, target: Target, took_s: float | None) -> None:
+        """A call ended: in ``took_s`` seconds, or failed (None)."""
+        if not self._ttl:
+            return
+        key = _key(target)
+        ttl = self._ttl.get(key)
+        if ttl is None:
+            return
+        self._probing.pop(key, None)
+        now = self._clock()
+        found = self._latency.get(key)
+        if took_s is None:
+            self._latency[key] = (math.inf, now)
+        elif found is None or math.isinf(found[0]) or now - found[1] >= ttl:
+            self._latency[key] = (took_s, now)
+        else:
+            self._latency[key] = (found[0] + EWMA_ALPHA * (took_s - found[0]), now)
+
+    def abandoned(self, target: Target) -> None:
+        """A call ended with no answer to judge (its client left, or its own fault)."""
+        if self._probing:
+            self._probing.pop(_key(target), None)
+
+    def latency_s(self, target: Target) -> float | None:
+        """The current estimate (inf: the last call failed), for admin and tests."""
+        found = self._latency.get(_key(target))
+        return None if found is None else found[0]
