@@ -14,7 +14,7 @@ Redis adds it up, so the ledger's sums equal the sum of its records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -164,10 +164,17 @@ class CostMeter:
         max_tokens: int | None,
         *,
         provider: str | None = None,
+        served_models: Sequence[str] = (),
     ) -> Decimal:
-        price = self.book.lookup(model, provider=provider)
+        """The most the call may cost, whichever of ``served_models`` answers it (each is
+        billed at its own price when it has one, see ``charge``)."""
+        prices = [self.book.lookup(model, provider=provider)]
+        for served in served_models:
+            found = self.book.find(served, provider=provider) if served != model else None
+            if found is not None:
+                prices.append(found)
         output = max_tokens if max_tokens is not None else self.settings.default_max_tokens
-        return worst_case_cost(price, prompt_tokens_estimate, output)
+        return max(worst_case_cost(p, prompt_tokens_estimate, output) for p in prices)
 
     def charge(
         self,
@@ -179,7 +186,12 @@ class CostMeter:
         served_by: ServedBy = "upstream",
         provider: str | None = None,
         at: datetime | None = None,
+        served_model: str | None = None,
     ) -> Charge:
+        """``served_model``: the upstream's name of the model that answered (a fallback's
+        or a balanced target's), priced when it has a price of its own: a fallback to a
+        cheaper model costs what the provider bills. Else ``model``'s price applies (an
+        alias such as an Azure deployment name has none of its own)."""
         tokens = TokenUsage.from_openai(usage)
         estimated = tokens is None
         if tokens is None:
@@ -187,7 +199,11 @@ class CostMeter:
                 prompt_tokens=prompt_tokens_estimate,
                 completion_tokens=estimate_text_tokens(completion_text),
             )
-        price = self.book.lookup(model, provider=provider, at=at)
+        price = None
+        if served_model and served_model != model:
+            price = self.book.find(served_model, provider=provider, at=at)
+        if price is None:
+            price = self.book.lookup(model, provider=provider, at=at)
         breakdown = cost_of(tokens, price)
         paid = served_by == "upstream"
         return Charge(

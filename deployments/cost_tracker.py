@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -50,8 +50,12 @@ class CostTracker:
         *,
         clock: Callable[[], float] = time.time,
         on_threshold: Callable[[BudgetEvent], None] | None = None,
+        served_models: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """``served_models``: for a public model, the upstream model names that may answer
+        it (its primary, balanced targets and fallbacks); a hold covers the priciest."""
         self.settings = settings or CostArgs()
+        self._served = dict(served_models or {})
         self.meter = CostMeter(self.settings)
         self.guard = BudgetGuard(redis, budgets or BudgetSettings(), clock, on_threshold)
         self._budgeted = self.guard.settings.budgets_anything
@@ -75,7 +79,11 @@ class CostTracker:
         if not self._budgeted:  # no budget anywhere: nothing to price or hold
             return Reservation(ctx.request_id, 0, ())
         amount = self.meter.reservation(
-            ctx.model, ctx.prompt_tokens_estimate, ctx.max_tokens, provider=provider
+            ctx.model,
+            ctx.prompt_tokens_estimate,
+            ctx.max_tokens,
+            provider=provider,
+            served_models=self._served.get(ctx.model, ()),
         )
         reservation = await self.guard.reserve(
             ctx.request_id,
@@ -117,6 +125,7 @@ class CostTracker:
         status: str = "ok",
         attempts: int = 1,
         provider: str | None = None,
+        served_model: str | None = None,
     ) -> Charge:
         """Bill a finished request (also a failed one that reported usage); the settle and
         the ledger record happen in the background."""
@@ -127,6 +136,7 @@ class CostTracker:
             completion_text=completion_text,
             served_by=served_by,
             provider=provider,
+            served_model=served_model,
         )
         now_ms = int(self.clock() * 1000)
         self._settle_later(reservation, charge.cost)

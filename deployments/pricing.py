@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 log = logging.getLogger(__name__)
 
 TABLE_SOURCE = "genai-prices"
+UNPRICED = "unpriced"
 TABLE_VERSION = package_version("genai-prices")
 _RATE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "output_reasoning_mtok")
 
@@ -125,6 +126,7 @@ class PriceBook:
         self.settings = settings or PricingSettings()
         self._cache: dict[tuple[str, str | None, str], Price] = {}
         self._warned: set[str] = set()
+        self._unpriced: set[tuple[str, str | None, str]] = set()  # found to have no price
         self._today = ("", 0.0)  # (UTC day, epoch second it ends): formatted once a day
 
     def _day(self, at: datetime | None) -> str:
@@ -149,7 +151,21 @@ class PriceBook:
             self._cache[cache_key] = price
         return price
 
-    def _resolve(self, model: str, provider: str | None, at: datetime | None) -> Price:
+    def find(
+        self, model: str, *, provider: str | None = None, at: datetime | None = None
+    ) -> Price | None:
+        """Like ``lookup``, but None for a model with no price (no warning, no error)."""
+        cache_key = (model, provider, self._day(at))
+        price = self._cache.get(cache_key)
+        if price is None and cache_key not in self._unpriced:
+            price = self._known(model, provider, at)
+            if price is None:
+                self._unpriced.add(cache_key)
+            else:
+                self._cache[cache_key] = price
+        return None if price is None or price.source == UNPRICED else price
+
+    def _known(self, model: str, provider: str | None, at: datetime | None) -> Price | None:
         override = self.settings.overrides.get(model)
         if override is not None:
             rates = override.rates()
@@ -160,17 +176,19 @@ class PriceBook:
                 if found is not None:
                     return found
         if self.settings.use_table:
-            found = self._from_table(model, provider or self.settings.providers.get(model), at)
-            if found is not None:
-                return found
+            return self._from_table(model, provider or self.settings.providers.get(model), at)
+        return None
+
+    def _resolve(self, model: str, provider: str | None, at: datetime | None) -> Price:
+        found = self._known(model, provider, at)
+        if found is not None:
+            return found
         if self.settings.on_unknown_model == "error":
             raise UnknownModelPriceError(f"no price for model {model!r}")
         if model not in self._warned:
             self._warned.add(model)
             log.warning("no price for model %r: billing it at zero", model)
-        return Price(
-            model=model, rates=Rates(Decimal(0), Decimal(0)), source="unpriced", version=""
-        )
+        return Price(model=model, rates=Rates(Decimal(0), Decimal(0)), source=UNPRICED, version="")
 
     def _from_table(self, model: str, provider: str | None, at: datetime | None) -> Price | None:
         snapshot = data_snapshot.get_snapshot()

@@ -299,6 +299,7 @@ class ChatPipeline:
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
+            upstream_model=meta.get("upstream_model"),
             attempts=meta.get("attempts", 0) if served_by == "upstream" else 0,
             status=outcome,
         )
@@ -342,6 +343,7 @@ class ChatPipeline:
         meta = {
             "cache": status.value,
             "upstream": result.target.upstream,
+            "upstream_model": result.target.model,
             "attempts": result.attempts,
             "usage": usage if isinstance(usage, dict) else None,  # spares parsing the body again
         }
@@ -499,7 +501,10 @@ class _StreamRelay:
     def note_upstream(self) -> None:
         """Which upstream answered, once one did."""
         if (result := self.holder.get("result")) is not None:
-            self.meta.update(upstream=result.target.upstream, attempts=result.attempts)
+            target = result.target
+            self.meta.update(
+                upstream=target.upstream, upstream_model=target.model, attempts=result.attempts
+            )
 
     def _bill(self, status: str) -> Any:
         self.note_upstream()
@@ -509,6 +514,7 @@ class _StreamRelay:
             served_by=self.served_by,  # type: ignore[arg-type]
             cache=self.meta["cache"].lower(),
             upstream=self.meta.get("upstream", ""),
+            upstream_model=self.meta.get("upstream_model"),
             attempts=self.meta.get("attempts", 0) if self.served_by == "upstream" else 0,
             status="error" if self.left else status,
             completion_text=text,

@@ -208,6 +208,7 @@ class Gateway:
             served_by="upstream",
             cache="bypass",
             upstream=result.target.upstream,
+            upstream_model=result.target.model,
             attempts=result.attempts,
         )
         headers = {**ctx.response_headers, **result.headers()}

@@ -136,6 +136,18 @@ class GatewayArgs(_Strict):
                     self._known_upstream(where, target.upstream)
         return self
 
+    def served_models(self) -> dict[str, tuple[str, ...]]:
+        """Each public model's upstream model names that may answer it: its primary,
+        the targets of its balance group and of its fallback chain."""
+        found: dict[str, tuple[str, ...]] = {}
+        resilience = self.resilience
+        for m in self.models:
+            names = [m.target_model, *(t.model for t in resilience.fallbacks.get(m.name, ()))]
+            if (group := resilience.balance.get(m.name)) is not None:
+                names += [t.model for t in group.targets]
+            found[m.name] = tuple(dict.fromkeys(names))
+        return found
+
     def _known_upstream(self, where: str, upstream: str) -> None:
         if upstream not in self.upstreams:
             raise ValueError(

@@ -66,6 +66,7 @@ class Ticket:
         served_by: ServedBy,
         cache: str,
         upstream: str = "",
+        upstream_model: str | None = None,
         attempts: int = 0,
         status: str = "ok",
         completion_text: str = "",
@@ -92,6 +93,7 @@ class Ticket:
             upstream=upstream,
             status=status,
             attempts=attempts,
+            served_model=upstream_model,
         )
         self._record(charge)
         return charge

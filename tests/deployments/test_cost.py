@@ -155,6 +155,37 @@ def test_reservation_is_the_worst_case() -> None:
     assert default == Decimal("0.0006")
 
 
+def test_the_model_that_answered_is_billed_at_its_own_price() -> None:
+    """A fallback from gpt-4o to gpt-4o-mini costs what the provider bills: mini's price."""
+    m = meter()
+    fell_back = m.charge("gpt-4o", usage(1234, 567), served_model="gpt-4o-mini", at=AT)
+    assert fell_back.cost == Decimal("0.0005253") and "gpt-4o-mini" in fell_back.price.label
+    primary = m.charge("gpt-4o", usage(1234, 567), served_model="gpt-4o", at=AT)
+    assert primary.cost == m.charge("gpt-4o", usage(1234, 567), at=AT).cost
+
+
+def test_an_answering_model_with_no_price_of_its_own_is_billed_as_the_public_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An Azure deployment name, or a self-hosted model priced under its public name."""
+    m = meter(llama=PriceOverride(input_per_mtok=Decimal(1), output_per_mtok=Decimal(2)))
+    charge = m.charge("llama", usage(1_000_000, 1_000_000), served_model="my-llama-deploy")
+    assert charge.cost == Decimal(3) and charge.price.source == "config"
+    assert "my-llama-deploy" not in caplog.text  # no "billing it at zero" warning
+    assert m.book.find("my-llama-deploy") is None  # remembered as unpriced: asked once
+    assert m.book.find("llama") is not None
+    m.charge("no-such-public-xyz", usage(1, 1), served_model="my-llama-deploy")
+    assert "no-such-public-xyz" in caplog.text  # the warning is captured when it is due
+
+
+def test_a_reservation_holds_the_priciest_model_that_may_answer() -> None:
+    m = meter()
+    alone = m.reservation("gpt-4o-mini", 100, 1000)
+    chain = m.reservation("gpt-4o-mini", 100, 1000, served_models=("gpt-4o-mini", "o1", "nope"))
+    assert alone == Decimal("0.000615") and chain == m.reservation("o1", 100, 1000)
+    assert m.reservation("o1", 100, 1000, served_models=("gpt-4o-mini",)) == chain
+
+
 def test_money_formats_and_picodollars() -> None:
     assert format_usd(Decimal("1E-7")) == "0.0000001"
     assert format_usd(Decimal("0.0070")) == "0.007"

@@ -75,7 +75,18 @@ def _release_content(i: int) -> str:
 
 def _args(mock_url: str, redis_url: str) -> GatewayArgs:
     config = gateway_args(mock_url, redis_url).model_dump(mode="json")
-    models = [*config["models"], {"name": "mock-gpt-big", "upstream": "mock"}]
+    models = [
+        *config["models"],
+        {"name": "mock-gpt-big", "upstream": "mock"},
+        {"name": "dear-gpt", "upstream": "mock", "upstream_model": "mock-gpt-big"},
+    ]
+    # dear-gpt is mock-gpt-big under another name (priced as such), falling back to mock-gpt.
+    fallbacks = {
+        "dear-gpt": [
+            {"upstream": "mock", "model": "mock-gpt-big"},
+            {"upstream": "mock", "model": "mock-gpt"},
+        ]
+    }
     keys = [
         {"name": "local", "key_sha256": hash_key(LOCAL_KEY), "tenant": "local", "admin": True},
         {"name": "other", "key_sha256": hash_key(OTHER_KEY), "tenant": "other"},
@@ -98,8 +109,16 @@ def _args(mock_url: str, redis_url: str) -> GatewayArgs:
             "release": {"daily_usd": str(_reservation(_release_content(0)))},
         }
     }
+    resilience = {**config["resilience"], "fallbacks": fallbacks}
     return GatewayArgs.model_validate(
-        {**config, "models": models, "api_keys": keys, "cost": cost, "budgets": budgets}
+        {
+            **config,
+            "models": models,
+            "api_keys": keys,
+            "cost": cost,
+            "budgets": budgets,
+            "resilience": resilience,
+        }
     )
 
 
@@ -161,6 +180,29 @@ def test_cost_header_and_stream_cost_follow_the_price(
     # Each model's first two calls: later tests read totals that must hold these records.
     row = _recorded(http, "model", model, 2)
     assert Decimal(row["cost"]) == 2 * expected
+
+
+def test_a_fallback_is_billed_at_the_price_of_the_model_that_answered(
+    http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    body = {**chat_body("which model answers?"), "model": "dear-gpt"}
+    mock_behaviour.config.faults["mock-gpt-big"] = Faults(error_rate=1.0, error_status=500)
+    try:
+        answer = http.post(CHAT, json=body, headers=auth())
+    finally:
+        mock_behaviour.config.faults.clear()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "mock-gpt"  # the fallback answered
+    usage = answer.json()["usage"]
+    cost = Decimal(answer.headers["x-request-cost"])
+    assert cost == _cost("mock-gpt", usage["prompt_tokens"], usage["completion_tokens"])
+    assert cost < _cost("mock-gpt-big", usage["prompt_tokens"], usage["completion_tokens"])
+    big = {**body, "messages": [{"role": "user", "content": "big?"}]}
+    healthy = http.post(CHAT, json=big, headers=auth())
+    assert healthy.status_code == 200 and healthy.json()["model"] == "mock-gpt-big"
+    usage = healthy.json()["usage"]
+    expected = _cost("mock-gpt-big", usage["prompt_tokens"], usage["completion_tokens"])
+    assert Decimal(healthy.headers["x-request-cost"]) == expected
 
 
 def test_concurrent_requests_never_overshoot_the_budget(

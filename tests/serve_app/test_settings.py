@@ -109,3 +109,22 @@ def test_keys_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ring.authenticate("Bearer sk-team").tenant == "t"
     with pytest.raises(AuthenticationError):
         ring.authenticate("Bearer sk-local")
+
+
+def test_served_models_list_every_upstream_model_that_may_answer() -> None:
+    args = GatewayArgs.model_validate(
+        {
+            **_base(),
+            "models": [
+                {"name": "m", "upstream": "u", "upstream_model": "m-1"},
+                {"name": "plain", "upstream": "u"},
+            ],
+            "resilience": {
+                "balance": {"m": {"targets": [{"upstream": "u", "model": "m-2"}]}},
+                "fallbacks": {
+                    "m": [{"upstream": "u", "model": "m-1"}, {"upstream": "u", "model": "m-3"}]
+                },
+            },
+        }
+    )
+    assert args.served_models() == {"m": ("m-1", "m-3", "m-2"), "plain": ("plain",)}
