@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 import redis.asyncio as aioredis
 
+from serve_app.settings import GatewayArgs
 from serve_app.stages import Stages
 from tests.deployments.test_cost_tracker import ctx
 from tests.support import gateway_args
@@ -75,3 +76,17 @@ async def test_budgets_in_use_are_reported_with_what_is_left(
     await stages.cost.aclose()
     await stages.export_budgets()
     assert sink.gauges[("gateway_budget_remaining_usd", tags)] == 3.0
+
+
+async def test_balancer_picks_are_exported(redis_client: aioredis.Redis, redis_url: str) -> None:
+    sink = RecordingSink()
+    config = gateway_args("http://127.0.0.1:9/v1", redis_url).model_dump(mode="json")
+    targets = [{"upstream": "mock", "model": "a"}, {"upstream": "mock", "model": "b"}]
+    config["resilience"]["balance"] = {"mock-gpt": {"targets": targets}}
+    args = GatewayArgs.model_validate(config)
+    stages = Stages.build(args, _Store(redis_client), sink)  # type: ignore[arg-type]
+    for _ in range(7):
+        stages.resilience.chain("mock-gpt")
+    stages.sync_metrics()
+    stages.sync_metrics()
+    assert sink.counts["gateway_balancer_picks_total"] == 7
