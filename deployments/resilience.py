@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -45,7 +45,7 @@ from deployments.breaker import (
 from deployments.breaker_store import FailoverBreakerStore, RedisBreakerStore
 from deployments.bulkhead import Bulkhead
 from deployments.resilience_settings import ResilienceSettings, Target, UpstreamPolicy
-from deployments.retry import RetryPolicy, retry_after_s, should_fall_back
+from deployments.retry import RetryPolicy, context_overflow, retry_after_s, should_fall_back
 from deployments.retry_budget import RetryBudget
 from serve_app.errors import (
     GatewayError,
@@ -83,6 +83,7 @@ class ResilienceMetrics:
     retries_over_budget: Counter[str] = field(default_factory=Counter)  # upstream
     fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)  # from, to breaker
     picks: Counter[tuple[str, str]] = field(default_factory=Counter)  # model, upstream/model
+    context_fallbacks: Counter[str] = field(default_factory=Counter)  # breaker that overflowed
     bulkhead_rejected: Counter[str] = field(default_factory=Counter)  # upstream
     states: dict[str, BreakerState] = field(default_factory=dict)  # last state seen
 
@@ -147,7 +148,8 @@ class Resilience:
             clock=clock,
             rng=self._rng,
         )
-        targets = [t for chain in settings.fallbacks.values() for t in chain]
+        chains = (*settings.fallbacks.values(), *settings.context_fallbacks.values())
+        targets = [t for chain in chains for t in chain]
         targets += [t for group in settings.balance.values() for t in group.targets]
         for target in targets:
             self.breaker_name(target)
@@ -173,6 +175,10 @@ class Resilience:
         if configured:
             group.extend(t for t in configured if t not in group)
         return group
+
+    def overflow(self, model: str) -> list[Target]:
+        """Where ``model``'s calls go when a request does not fit its context window."""
+        return list(self.settings.context_fallbacks.get(model, ()))
 
     def _known_open(self, target: Target) -> bool:
         """Whether this replica holds a refusal from the target's breaker right now."""
@@ -210,13 +216,20 @@ class Resilience:
         deadline_s: float,
         *,
         stream: bool = False,
+        overflow: Sequence[Target] = (),
     ) -> ResilienceResult[T]:
-        """Serve from the first target that can; raise the most telling error if none can."""
+        """Serve from the first target that can; raise the most telling error if none can.
+
+        ``overflow``: the targets with a larger context window. When a target answers
+        that the request does not fit its model's, they take over the rest of the chain
+        (its other targets have the same window, or would have been listed there)."""
         run = _Run(self._clock() + deadline_s, self._clock)
         errors: list[BaseException] = []
         previous: str | None = None
+        pending = deque(chain)
         try:
-            for target in chain:
+            while pending:
+                target = pending.popleft()
                 name = self.breaker_name(target)
                 if previous is not None:
                     self.metrics.fallbacks[(previous, name)] += 1
@@ -225,6 +238,12 @@ class Resilience:
                     return await self._serve(target, name, attempt, run, stream)
                 except _NextTarget as moved:
                     errors.append(moved.error)
+                except UpstreamError as refused:
+                    if not (overflow and context_overflow(refused)):
+                        raise
+                    self.metrics.context_fallbacks[name] += 1
+                    errors.append(refused)
+                    pending, overflow = deque(overflow), ()
                 if run.remaining() <= 0:
                     break
             raise _final_error(errors)

@@ -68,6 +68,8 @@ class ResilienceSettings(BaseModel):
     upstreams: dict[str, UpstreamPolicy] = Field(default_factory=dict)
     fallbacks: dict[str, list[Target]] = Field(default_factory=dict)  # public model -> chain
     balance: dict[str, BalanceGroup] = Field(default_factory=dict)  # public model -> group
+    # public model -> the targets that take over when a request overflows its context window
+    context_fallbacks: dict[str, list[Target]] = Field(default_factory=dict)
     key_prefix: str = "breaker"
     store_retry_after_s: float = Field(1.0, gt=0)  # re-try Redis this often while it is down
     # An open breaker cannot close before its wait ends (only an admin can), so a

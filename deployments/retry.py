@@ -90,6 +90,27 @@ def should_fall_back(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError | ConnectionError)
 
 
+# How upstreams say a request does not fit the model's context window: OpenAI and
+# Azure (code ``context_length_exceeded``), vLLM and llama.cpp ("maximum context
+# length"), others ("context window", "prompt is too long", "too many tokens").
+_OVERFLOW_MARKERS = (
+    b"context_length_exceeded",
+    b"maximum context length",
+    b"context window",
+    b"context length",
+    b"prompt is too long",
+    b"too many tokens",
+)
+
+
+def context_overflow(exc: BaseException) -> bool:
+    """Whether ``exc`` is an upstream refusing a request too long for its model."""
+    if not isinstance(exc, UpstreamError) or exc.status_code not in (400, 413):
+        return False
+    text = (exc.upstream_body or str(exc).encode()).lower()
+    return any(marker in text for marker in _OVERFLOW_MARKERS)
+
+
 class RetryPolicy:
     """Decides retries on one target; the random source is injectable for tests."""
 

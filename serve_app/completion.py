@@ -334,8 +334,12 @@ class ChatPipeline:
             )
             return response.body, require_json(response.body).get("usage")
 
-        result = await self.stages.resilience.call(
-            self.chain(model), attempt, self.args.request_timeout_s
+        resilience = self.stages.resilience
+        result = await resilience.call(
+            self.chain(model),
+            attempt,
+            self.args.request_timeout_s,
+            overflow=resilience.overflow(model.name),
         )
         body, usage = result.value
         await self._remember(plan, body)
@@ -433,8 +437,13 @@ class ChatPipeline:
             )
 
         async def generate() -> AsyncIterator[bytes]:
-            result = await self.stages.resilience.call(
-                self.chain(model), attempt, self.args.request_timeout_s, stream=True
+            resilience = self.stages.resilience
+            result = await resilience.call(
+                self.chain(model),
+                attempt,
+                self.args.request_timeout_s,
+                stream=True,
+                overflow=resilience.overflow(model.name),
             )
             holder["result"] = result
             try:

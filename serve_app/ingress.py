@@ -199,8 +199,12 @@ class Gateway:
             return answer.body
 
         with ticket.failing():
-            result = await self.stages.resilience.call(
-                self.pipeline.chain(model), attempt, self.args.request_timeout_s
+            resilience = self.stages.resilience
+            result = await resilience.call(
+                self.pipeline.chain(model),
+                attempt,
+                self.args.request_timeout_s,
+                overflow=resilience.overflow(model.name),
             )
         usage = orjson.loads(result.value).get("usage")
         charge = ticket.finish(

@@ -136,6 +136,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("from_breaker", "to_breaker"),
         None,
     ),
+    "gateway_context_fallbacks_total": (
+        "counter",
+        "Requests too long for a target's context window, handed to the model's context fallbacks.",
+        ("breaker",),
+        None,
+    ),
     "gateway_balancer_picks_total": (
         "counter",
         "Calls of a balanced model, by the target picked first (upstream/model).",

@@ -125,6 +125,7 @@ class GatewayArgs(_Strict):
         routes: dict[str, Mapping[str, Sequence[Target]]] = {
             "fallbacks": self.resilience.fallbacks,
             "balance": {m: g.targets for m, g in self.resilience.balance.items()},
+            "context_fallbacks": self.resilience.context_fallbacks,
         }
         models = {m.name for m in self.models}
         for section, chains in routes.items():
@@ -138,11 +139,12 @@ class GatewayArgs(_Strict):
 
     def served_models(self) -> dict[str, tuple[str, ...]]:
         """Each public model's upstream model names that may answer it: its primary,
-        the targets of its balance group and of its fallback chain."""
+        the targets of its balance group, fallback chain and context fallbacks."""
         found: dict[str, tuple[str, ...]] = {}
         resilience = self.resilience
         for m in self.models:
-            names = [m.target_model, *(t.model for t in resilience.fallbacks.get(m.name, ()))]
+            chains = (resilience.fallbacks, resilience.context_fallbacks)
+            names = [m.target_model, *(t.model for c in chains for t in c.get(m.name, ()))]
             if (group := resilience.balance.get(m.name)) is not None:
                 names += [t.model for t in group.targets]
             found[m.name] = tuple(dict.fromkeys(names))

@@ -211,6 +211,7 @@ class Stages:
         deltas.export("gateway_retries_over_budget_total", m.retries_over_budget, ("upstream",))
         deltas.export("gateway_fallbacks_total", m.fallbacks, ("from_breaker", "to_breaker"))
         deltas.export("gateway_balancer_picks_total", m.picks, ("model", "target"))
+        deltas.export("gateway_context_fallbacks_total", m.context_fallbacks, ("breaker",))
         deltas.export("gateway_bulkhead_rejected_total", m.bulkhead_rejected, ("upstream",))
         for breaker, state in m.states.items():
             self.metrics.set("gateway_breaker_state", float(int(state)), {"breaker": breaker})

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from deployments.tokens import estimate_prompt_tokens
 from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig
 
 JSON = "application/json"
@@ -51,6 +52,25 @@ def error(status: int, message: str, retry_after: float | None = None) -> MockAn
     kind = "rate_limit_error" if status == 429 else "api_error"
     body = {"error": {"message": message, "type": kind, "param": None, "code": f"mock_{status}"}}
     return _json(body, status, headers)
+
+
+def _over_window(body: dict[str, Any], window: int) -> MockAnswer | None:
+    """OpenAI's answer to a chat that does not fit the model's context window."""
+    prompt = estimate_prompt_tokens(body.get("messages") or [])
+    wanted = prompt + int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+    if wanted <= window:
+        return None
+    message = (
+        f"This model's maximum context length is {window} tokens. However, you requested "
+        f"{wanted} tokens ({prompt} in the messages). Please reduce the length of the messages."
+    )
+    envelope = {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+    return _json({"error": envelope}, 400)
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
@@ -132,6 +152,11 @@ class MockProvider:
         return None
 
     def _chat(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+        window = self.behaviour.faults_for(model).context_tokens
+        if window is not None:
+            too_long = _over_window(body, window)
+            if too_long is not None:
+                return too_long
         words = self.behaviour.answer_words(body)
         usage = self.behaviour.usage(body, len(words))
         cid = "chatcmpl-mock-" + digest

@@ -34,6 +34,9 @@ class Faults(BaseModel):
     hang_s: float = Field(0.0, ge=0)  # sleep this long before answering (a hang or a slow call)
     malformed_rate: float = Field(0.0, ge=0.0, le=1.0)  # 200 with a body that is not JSON
     cut_stream_after: int | None = Field(None, ge=0)  # drop a stream after N chunks
+    # A context window this small: a chat whose prompt and max_tokens do not fit gets
+    # OpenAI's 400 ``context_length_exceeded``, as a real model would answer it.
+    context_tokens: int | None = Field(None, ge=1)
 
 
 _NO_FAULTS = Faults()

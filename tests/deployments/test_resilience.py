@@ -562,3 +562,48 @@ async def test_lowest_latency_learns_from_the_calls_made(clock: Clock) -> None:
     result = await res.call(res.chain("gpt"), up, 30)  # a failed twice: b served
     assert result.target == B and res.balancer.latency_s(A) == math.inf
     assert [(await res.call(res.chain("gpt"), up, 30)).target for _ in range(5)] == [B] * 5
+
+
+def context_error() -> UpstreamError:
+    body = b'{"error": {"code": "context_length_exceeded", "message": "too long"}}'
+    return UpstreamError("too long", status_code=400, headers={}, upstream_body=body)
+
+
+async def test_a_request_too_long_for_the_window_goes_to_the_context_fallbacks(
+    clock: Clock,
+) -> None:
+    res = resilience(clock)  # "gpt": a, b, c
+    up = Upstreams(clock, a=[context_error()])
+    result = await res.call(res.chain("gpt"), up, 30, overflow=[C])
+    assert (up.calls, result.target) == (["a", "c"], C)  # b, same window as a, is skipped
+    assert res.metrics.context_fallbacks == {"a/m-a": 1}
+    assert result.headers() == {"x-upstream": "c", "x-attempts": "2"}
+
+
+async def test_other_client_errors_and_models_without_context_fallbacks_are_passed_on(
+    clock: Clock,
+) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[error(400)])
+    with pytest.raises(UpstreamError) as plain:
+        await res.call(res.chain("gpt"), up, 30, overflow=[C])
+    assert plain.value.status_code == 400 and up.calls == ["a"]
+    up = Upstreams(clock, a=[context_error()])
+    with pytest.raises(UpstreamError) as overflowed:
+        await res.call(res.chain("gpt"), up, 30)
+    assert "too long" in str(overflowed.value) and up.calls == ["a"]
+
+
+async def test_context_fallbacks_are_taken_once_and_their_own_failure_is_told(
+    clock: Clock,
+) -> None:
+    res = resilience(clock)
+    up = Upstreams(clock, a=[context_error()], c=[context_error()])
+    with pytest.raises(UpstreamError) as still:
+        await res.call(res.chain("gpt"), up, 30, overflow=[C])
+    assert up.calls == ["a", "c"] and "too long" in str(still.value)
+    await res.force_open("c/m-c")  # the larger window is unavailable: say why it was needed
+    up = Upstreams(clock, a=[context_error()])
+    with pytest.raises(UpstreamError) as told:
+        await res.call(res.chain("gpt"), up, 30, overflow=[C])
+    assert told.value.status_code == 400 and up.calls == ["a"]

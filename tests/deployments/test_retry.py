@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from deployments.retry import RetryPolicy, RetrySettings, retry_after_s, should_fall_back
+from deployments.retry import (
+    RetryPolicy,
+    RetrySettings,
+    context_overflow,
+    retry_after_s,
+    should_fall_back,
+)
 from serve_app.errors import (
     CircuitOpenError,
     InvalidRequestError,
@@ -124,3 +130,46 @@ def test_retry_after_parsing(headers: dict[str, str], expected: float | None) ->
 )
 def test_should_fall_back(error: BaseException, expected: bool) -> None:
     assert should_fall_back(error) is expected
+
+
+def refusal(status: int, body: bytes) -> UpstreamError:
+    return UpstreamError("refused", status_code=status, headers={}, upstream_body=body)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # OpenAI and Azure
+        (
+            refusal(
+                400,
+                b'{"error": {"message": "This model\'s maximum context length is 128000 tokens.",'
+                b' "type": "invalid_request_error", "param": "messages",'
+                b' "code": "context_length_exceeded"}}',
+            ),
+            True,
+        ),
+        # vLLM (its older bare envelope)
+        (
+            refusal(
+                400,
+                b'{"object": "error", "message": "This model\'s maximum context length is 4096'
+                b' tokens. However, you requested 5000 tokens", "type": "BadRequestError",'
+                b' "code": 400}',
+            ),
+            True,
+        ),
+        (refusal(400, b'{"error": {"message": "prompt is too long: 210000 tokens"}}'), True),
+        (refusal(413, b"Request exceeds the context window"), True),
+        (UpstreamError("Too many tokens in the prompt", status_code=400, headers={}), True),
+        # Not about the window: the client's other mistakes, or the upstream's failure
+        (refusal(400, b'{"error": {"message": "temperature must be <= 2"}}'), False),
+        (refusal(500, b'{"error": {"message": "maximum context length reached"}}'), False),
+        (refusal(429, b'{"error": {"code": "context_length_exceeded"}}'), False),
+        (InvalidRequestError("maximum context length"), False),  # the gateway's own 400
+    ],
+)
+def test_context_overflow_is_recognised_in_upstreams_words(
+    error: BaseException, expected: bool
+) -> None:
+    assert context_overflow(error) is expected

@@ -119,6 +119,21 @@ async def test_faults_set_over_http_apply_with_their_retry_after(
     assert (await client.post(CHAT, json=BODY)).status_code == 200
 
 
+async def test_a_chat_too_long_for_the_context_window_gets_openai_s_400(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, behaviour = mock
+    behaviour.config.faults["mock-gpt"] = Faults(context_tokens=20)
+    assert (await client.post(CHAT, json=BODY)).status_code == 200  # a few tokens: it fits
+    long = {**BODY, "messages": [{"role": "user", "content": "word " * 40}]}
+    for body in (long, {**long, "stream": True}, {**BODY, "max_tokens": 30}):
+        refused = await client.post(CHAT, json=body)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+        assert "maximum context length is 20 tokens" in error["message"]
+
+
 async def test_a_fault_set_during_the_latency_applies_to_the_waiting_call(
     mock: tuple[httpx.AsyncClient, MockBehaviour],
 ) -> None:

@@ -71,6 +71,7 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
             {"name": "hang-gpt", "upstream": "slow"},
             {"name": "spread-gpt", "upstream": "east"},
             {"name": "quick-gpt", "upstream": "east"},
+            {"name": "short-gpt", "upstream": "healthy"},
         ],
         "resilience": {
             "refusal_cache_s": REFUSAL_CACHE_S,
@@ -111,6 +112,7 @@ def resilience_config(mock_url: str) -> dict[str, Any]:
                     ],
                 },
             },
+            "context_fallbacks": {"short-gpt": [{"upstream": "healthy", "model": "long-gpt"}]},
             "fallbacks": {
                 "primary-gpt": [
                     {"upstream": "flaky", "model": "primary-gpt"},
@@ -553,3 +555,28 @@ def test_lowest_latency_sends_calls_to_the_faster_target(
         assert served.count("east") <= 2
     finally:
         mock_behaviour.config.faults.pop("quick-slow", None)
+
+
+def test_a_request_too_long_for_the_model_goes_to_its_context_fallback(
+    http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    mock_behaviour.config.faults["short-gpt"] = Faults(context_tokens=30)
+    try:
+        short = http.post(CHAT, json=ask("short-gpt", "a short question"), headers=auth())
+        assert short.status_code == 200 and short.json()["model"] == "short-gpt"
+        long_body = ask("short-gpt", "a long question " * 20)
+        long = http.post(CHAT, json=long_body, headers=auth())
+        assert long.status_code == 200, long.text
+        assert long.json()["model"] == "long-gpt"
+        assert long.headers["x-attempts"] == "2"
+        streamed = {**long_body, "stream": True}
+        with http.stream("POST", CHAT, json=streamed, headers=auth()) as answer:
+            assert answer.status_code == 200
+            assert '"model":"long-gpt"' in answer.read().decode().replace(" ", "")
+        # Other models keep OpenAI's answer: the client's request is too long.
+        mock_behaviour.config.faults["retry-gpt"] = Faults(context_tokens=30)
+        refused = http.post(CHAT, json=ask("retry-gpt", "a long question " * 20), headers=auth())
+        assert (refused.status_code, code_of(refused)) == (400, "context_length_exceeded")
+    finally:
+        mock_behaviour.config.faults.pop("short-gpt", None)
+        mock_behaviour.config.faults.pop("retry-gpt", None)

@@ -92,6 +92,10 @@ def _base() -> dict:
             {"resilience": {"balance": {"m": {"strategy": "fastest", "targets": []}}}},
             "strategy",
         ),
+        (
+            {"resilience": {"context_fallbacks": {"m": [{"upstream": "gone", "model": "x"}]}}},
+            "resilience.context_fallbacks.m names upstream 'gone'",
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_message(patch: dict, needle: str) -> None:
@@ -124,7 +128,8 @@ def test_served_models_list_every_upstream_model_that_may_answer() -> None:
                 "fallbacks": {
                     "m": [{"upstream": "u", "model": "m-1"}, {"upstream": "u", "model": "m-3"}]
                 },
+                "context_fallbacks": {"m": [{"upstream": "u", "model": "m-4"}]},
             },
         }
     )
-    assert args.served_models() == {"m": ("m-1", "m-3", "m-2"), "plain": ("plain",)}
+    assert args.served_models() == {"m": ("m-1", "m-3", "m-4", "m-2"), "plain": ("plain",)}
