@@ -22,7 +22,11 @@ class KeyRing:
                 log.warning("api key %r: env var %s is unset; key disabled", key.name, key.key_env)
                 continue
             self._by_digest[digest] = Principal(
-                key_id=key.name, tenant=key.tenant, user=key.user, admin=key.admin
+                key_id=key.name,
+                tenant=key.tenant,
+                user=key.user,
+                admin=key.admin,
+                models=None if key.models is None else frozenset(key.models),
             )
 
     def authenticate(self, authorization: str | None) -> Principal:

@@ -35,6 +35,10 @@ class Principal:
     tenant: str
     user: str | None = None  # the key's own user, if the key belongs to one person
     admin: bool = False
+    models: frozenset[str] | None = None  # the public models it may use; None: all
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ from serve_app import store as store_module
 from serve_app.admin import Admin
 from serve_app.auth import KeyRing
 from serve_app.completion import ChatPipeline, require_json
-from serve_app.context import RequestContext, new_request_id
+from serve_app.context import Principal, RequestContext, new_request_id
 from serve_app.errors import (
     GatewayError,
     InvalidRequestError,
@@ -138,13 +138,19 @@ class Gateway:
             raise InvalidRequestError("The request body must be a JSON object.")
         return payload, raw
 
-    def _model(self, name: str, kind: str) -> ModelSettings:
+    def _visible(self, name: str, principal: Principal) -> ModelSettings:
+        """The model, if it exists and the key may use it; else OpenAI's 404, which does
+        not tell a model that exists from one that does not."""
         model = self.models.get(name)
-        if model is None:
+        if model is None or not principal.may_use(name):
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model",
             )
+        return model
+
+    def _model(self, name: str, kind: str, principal: Principal) -> ModelSettings:
+        model = self._visible(name, principal)
         if model.kind != kind:
             raise InvalidRequestError(
                 f"The model '{name}' is a {model.kind} model and cannot serve this endpoint.",
@@ -158,7 +164,7 @@ class Gateway:
         principal = self.keys.authenticate(request.headers.get("authorization"))
         body, raw = await self._read_body(request)
         parsed = validate(ChatCompletionRequest, body)
-        model = self._model(parsed.model, "chat")
+        model = self._model(parsed.model, "chat", principal)
         request.state.model = model.name
         ctx = RequestContext(
             request_id=request_id,
@@ -179,7 +185,7 @@ class Gateway:
         principal = self.keys.authenticate(request.headers.get("authorization"))
         body, _ = await self._read_body(request)
         parsed = validate(EmbeddingsRequest, body)
-        model = self._model(parsed.model, "embeddings")
+        model = self._model(parsed.model, "embeddings", principal)
         request.state.model = model.name
         ctx = RequestContext(
             request_id=request_id,
@@ -221,20 +227,14 @@ class Gateway:
         return Response(result.value, 200, headers, media_type="application/json")
 
     async def list_models(self, request: Request, request_id: str) -> Response:
-        self.keys.authenticate(request.headers.get("authorization"))
-        data = [_model_object(m) for m in self.models.values()]
+        principal = self.keys.authenticate(request.headers.get("authorization"))
+        data = [_model_object(m) for m in self.models.values() if principal.may_use(m.name)]
         return json_response({"object": "list", "data": data})
 
     async def retrieve_model(self, request: Request, request_id: str) -> Response:
         """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``); a name may hold slashes."""
-        self.keys.authenticate(request.headers.get("authorization"))
-        name = request.path_params["model"]
-        model = self.models.get(name)
-        if model is None:
-            raise ModelNotFoundError(
-                f"The model '{name}' does not exist or you do not have access to it.",
-                param="model",
-            )
+        principal = self.keys.authenticate(request.headers.get("authorization"))
+        model = self._visible(request.path_params["model"], principal)
         return json_response(_model_object(model))
 
     async def healthz(self, request: Request, request_id: str) -> Response:

@@ -69,6 +69,9 @@ class ApiKeySettings(_Strict):
     tenant: str = "default"
     user: str | None = None
     admin: bool = False
+    # The public models this key may call and list; none: every model. Others answer
+    # 404 model_not_found, as OpenAI answers a model an account has no access to.
+    models: list[str] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ApiKeySettings:
@@ -122,6 +125,14 @@ class GatewayArgs(_Strict):
     def _models_name_upstreams(self) -> GatewayArgs:
         for model in self.models:
             self._known_upstream(f"model {model.name!r}", model.upstream)
+        models = {m.name for m in self.models}
+        for key in self.api_keys:
+            unknown = sorted(set(key.models or ()) - models)
+            if unknown:
+                raise ValueError(
+                    f"api key {key.name!r} allows models {unknown}, "
+                    f"which are not among models {sorted(models)}"
+                )
         routes: dict[str, Mapping[str, Sequence[Target]]] = {
             "fallbacks": self.resilience.fallbacks,
             "balance": {m: g.targets for m, g in self.resilience.balance.items()},

@@ -79,6 +79,49 @@ async def test_chat_fast_path_under_a_prefix(redis_url: str) -> None:
 
 
 @pytest.mark.integration
+async def test_a_key_sees_and_calls_only_the_models_it_is_allowed(redis_url: str) -> None:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [
+                {"name": "m", "upstream": "u"},
+                {"name": "dear", "upstream": "u"},
+                {"name": "e", "upstream": "u", "kind": "embeddings"},
+            ],
+            "api_keys": [
+                {"name": "k", "key_sha256": hash_key("sk-k"), "models": ["m"]},
+                {"name": "all", "key_sha256": hash_key("sk-all")},
+            ],
+            "store": {"url": redis_url},
+        }
+    )
+    transport = CannedTransport()
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": transport}))
+    async with in_process(gateway, "sk-k") as client:
+        ask = {"messages": [{"role": "user", "content": "x"}]}
+        assert (await client.post("/v1/chat/completions", json={**ask, "model": "m"})).is_success
+        for model, route, body in (
+            ("dear", "/v1/chat/completions", ask),
+            ("e", "/v1/embeddings", {"input": "x"}),
+            ("nope", "/v1/chat/completions", ask),
+        ):
+            refused = await client.post(route, json={**body, "model": model})
+            assert refused.status_code == 404, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "model_not_found"  # as for a model that does not exist
+            assert error["message"] == (
+                f"The model '{model}' does not exist or you do not have access to it."
+            )
+        listed = await client.get("/v1/models")
+        assert [m["id"] for m in listed.json()["data"]] == ["m"]
+        assert (await client.get("/v1/models/dear")).status_code == 404
+        assert (await client.get("/v1/models/m")).status_code == 200
+        every = await client.get("/v1/models", headers={"authorization": "Bearer sk-all"})
+        assert [m["id"] for m in every.json()["data"]] == ["m", "dear", "e"]
+    assert transport.calls == 1
+
+
+@pytest.mark.integration
 async def test_a_model_is_retrieved_by_name_slashes_and_all(redis_url: str) -> None:
     args = GatewayArgs.model_validate(
         {

@@ -70,6 +70,10 @@ def _base() -> dict:
         ({"models": [{"name": "m", "upstream": "u"}] * 2}, "unique"),
         ({"api_keys": [{"name": "k"}]}, "exactly one of key_env or key_sha256"),
         ({"api_keys": [{"name": "k", "key_sha256": "plaintext"}]}, "key_sha256"),
+        (
+            {"api_keys": [{"name": "k", "key_sha256": hash_key("s"), "models": ["m", "x"]}]},
+            "api key 'k' allows models ['x']",
+        ),
         ({"max_body_bytes": 10}, "max_body_bytes"),
         ({"unknown_section": {}}, "unknown_section"),
         (
