@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -29,6 +29,7 @@ from deployments.pubsub import Message, follow_channel
 from deployments.recommendations import summary_csv, summary_json
 from deployments.tasks import cancel_and_wait
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
+from serve_app.runtime_keys import KeySpec, RuntimeKey
 from serve_app.scaling_record import ScalingRecord
 
 if TYPE_CHECKING:
@@ -38,10 +39,26 @@ log = logging.getLogger(__name__)
 LIMITS_KEY_PREFIX = "gw:config:limits:"
 LIMITS_POLL_S = 2.0
 BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload, default=str), status, media_type="application/json")
+
+
+def _parsed(model: type[M], body: bytes, what: str) -> M:
+    """``body`` as ``model``; else a 400 naming the first field at fault."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequestError(f"Invalid {what}: {first['msg']}", param=param) from None
+
+
+def _key_view(key: RuntimeKey) -> dict[str, Any]:
+    """A created key as the admin API shows it (never its secret or digest)."""
+    return {**asdict(key), "admin": False, "source": "runtime"}
 
 
 def _day(value: str | None, default: date, param: str) -> date:
@@ -63,8 +80,8 @@ class Admin:
         self._limits_key = LIMITS_KEY_PREFIX + hashlib.sha256(configured).hexdigest()[:16]
         self._watcher: asyncio.Task[None] | None = None
 
-    def _require_admin(self, request: Request) -> None:
-        principal = self.gateway.keys.authenticate(request.headers.get("authorization"))
+    async def _require_admin(self, request: Request) -> None:
+        principal = await self.gateway.principal(request)
         if not principal.admin:
             raise PermissionDeniedError("This endpoint needs an admin key.")
 
@@ -72,10 +89,31 @@ class Admin:
         self, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request, str], Awaitable[Response]]:
         async def run(request: Request, request_id: str) -> Response:
-            self._require_admin(request)
+            await self._require_admin(request)
             return await handler(request)
 
         return run
+
+    # -- keys ------------------------------------------------------------
+
+    async def create_key(self, request: Request) -> Response:
+        spec = _parsed(KeySpec, await request.body(), "key")
+        secret, key = await self.gateway.runtime_keys.create(spec)
+        return _json({**_key_view(key), "key": secret}, 201)
+
+    async def list_keys(self, request: Request) -> Response:
+        configured = [
+            {"name": k.name, "tenant": k.tenant, "user": k.user, "models": k.models,
+             "admin": k.admin, "source": "config"}
+            for k in self.gateway.args.api_keys
+        ]  # fmt: skip
+        created = [_key_view(k) for k in await self.gateway.runtime_keys.listed()]
+        return _json({"object": "list", "data": configured + created})
+
+    async def revoke_key(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        await self.gateway.runtime_keys.revoke(name)
+        return _json({"name": name, "revoked": True})
 
     # -- limits ----------------------------------------------------------
 
@@ -83,12 +121,7 @@ class Admin:
         return _json(self.gateway.stages.limiter.settings.model_dump(mode="json"))
 
     async def put_limits(self, request: Request) -> Response:
-        try:
-            settings = LimiterSettings.model_validate_json(await request.body())
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise InvalidRequestError(f"Invalid limits: {first['msg']}", param=param) from None
+        settings = _parsed(LimiterSettings, await request.body(), "limits")
         payload = settings.model_dump_json().encode()
         redis = self.gateway.stages.redis
         await redis.set(self._limits_key, payload)

@@ -30,6 +30,15 @@ class KeyRing:
             )
 
     def authenticate(self, authorization: str | None) -> Principal:
+        """A configured key's holder; any other key is refused."""
+        found = self.resolve(authorization)
+        if isinstance(found, str):
+            raise unknown_key()
+        return found
+
+    def resolve(self, authorization: str | None) -> Principal | str:
+        """A configured key's holder, or the digest of a key that is not configured
+        (one created at run time, or none): the caller looks that up."""
         if not authorization:
             raise AuthenticationError(
                 "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
@@ -37,7 +46,9 @@ class KeyRing:
         scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
             raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.")
-        principal = self._by_digest.get(hash_key(secret.strip()))
-        if principal is None:
-            raise AuthenticationError("Incorrect API key provided.")
-        return principal
+        digest = hash_key(secret.strip())
+        return self._by_digest.get(digest) or digest
+
+
+def unknown_key() -> AuthenticationError:
+    return AuthenticationError("Incorrect API key provided.")

@@ -27,7 +27,7 @@ from deployments.resilience import Target
 from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
 from serve_app import store as store_module
 from serve_app.admin import Admin
-from serve_app.auth import KeyRing
+from serve_app.auth import KeyRing, unknown_key
 from serve_app.completion import ChatPipeline, require_json
 from serve_app.context import Principal, RequestContext, new_request_id
 from serve_app.errors import (
@@ -40,6 +40,7 @@ from serve_app.errors import (
 )
 from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.replica_stats import ReplicaStats
+from serve_app.runtime_keys import RuntimeKeys
 from serve_app.schemas import ChatCompletionRequest, EmbeddingsRequest, validate
 from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import SemanticCacheClient, Stages
@@ -101,11 +102,18 @@ class Gateway:
             self.stages.resilience.breaker_name(Target(upstream=m.upstream, model=m.target_model))
         await self.stages.start()
         self.pipeline = ChatPipeline(self.args, self.stages, self.provider)
+        self.runtime_keys = RuntimeKeys(
+            self.stages.redis,
+            reserved_names=[k.name for k in self.args.api_keys],
+            models=self.models,
+        )
+        self.runtime_keys.start()
         self.admin = Admin(self)
         self.admin.start()
 
     async def aclose(self) -> None:
         await self.admin.stop()
+        await self.runtime_keys.stop()
         await drain_background()
         await self.stages.aclose()
         await self.provider.aclose()
@@ -138,6 +146,17 @@ class Gateway:
             raise InvalidRequestError("The request body must be a JSON object.")
         return payload, raw
 
+    async def principal(self, request: Request) -> Principal:
+        """Who sends the request: a configured key's holder (no await), else a key
+        created at run time (``serve_app/runtime_keys.py``)."""
+        found = self.keys.resolve(request.headers.get("authorization"))
+        if not isinstance(found, str):
+            return found
+        principal = await self.runtime_keys.principal(found)
+        if principal is None:
+            raise unknown_key()
+        return principal
+
     def _visible(self, name: str, principal: Principal) -> ModelSettings:
         """The model, if it exists and the key may use it; else OpenAI's 404, which does
         not tell a model that exists from one that does not."""
@@ -161,7 +180,7 @@ class Gateway:
     # -- routes ----------------------------------------------------------
 
     async def chat(self, request: Request, request_id: str) -> Response:
-        principal = self.keys.authenticate(request.headers.get("authorization"))
+        principal = await self.principal(request)
         body, raw = await self._read_body(request)
         parsed = validate(ChatCompletionRequest, body)
         model = self._model(parsed.model, "chat", principal)
@@ -182,7 +201,7 @@ class Gateway:
         return await self.pipeline.run(ctx, model)
 
     async def embeddings(self, request: Request, request_id: str) -> Response:
-        principal = self.keys.authenticate(request.headers.get("authorization"))
+        principal = await self.principal(request)
         body, _ = await self._read_body(request)
         parsed = validate(EmbeddingsRequest, body)
         model = self._model(parsed.model, "embeddings", principal)
@@ -227,13 +246,13 @@ class Gateway:
         return Response(result.value, 200, headers, media_type="application/json")
 
     async def list_models(self, request: Request, request_id: str) -> Response:
-        principal = self.keys.authenticate(request.headers.get("authorization"))
+        principal = await self.principal(request)
         data = [_model_object(m) for m in self.models.values() if principal.may_use(m.name)]
         return json_response({"object": "list", "data": data})
 
     async def retrieve_model(self, request: Request, request_id: str) -> Response:
         """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``); a name may hold slashes."""
-        principal = self.keys.authenticate(request.headers.get("authorization"))
+        principal = await self.principal(request)
         model = self._visible(request.path_params["model"], principal)
         return json_response(_model_object(model))
 
@@ -304,6 +323,9 @@ class Gateway:
             ("/admin/cache", admin.cache_delete, "DELETE"),
             ("/admin/cache/flush", admin.cache_flush, "POST"),
             ("/admin/scaling", admin.scaling, "GET"),
+            ("/admin/keys", admin.list_keys, "GET"),
+            ("/admin/keys", admin.create_key, "POST"),
+            ("/admin/keys/{name}", admin.revoke_key, "DELETE"),
             ("/v1/cost/summary", admin.cost_summary, "GET"),
             ("/v1/cost/recommendations", admin.cost_recommendations, "GET"),
         ):

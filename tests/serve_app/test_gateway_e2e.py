@@ -4,7 +4,8 @@ two gateway replicas, the mock provider as upstream, a real Redis."""
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -258,6 +259,42 @@ def test_two_streams_at_once(base_url: str, mock_behaviour: MockBehaviour) -> No
         first, second = pool.map(run, ["first stream", "second stream"])
     assert first[-1] == second[-1] == b"[DONE]"
     assert first[1:-1] != second[1:-1]
+
+
+def test_a_key_created_at_run_time_works_on_every_replica_until_revoked(
+    base_url: str, http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    made = http.post("/admin/keys", json={"name": name, "tenant": "runtime"}, headers=auth())
+    assert made.status_code == 201, made.text
+    sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key=made.json()["key"], max_retries=0)
+
+    def ask() -> None:
+        sdk.chat.completions.create(
+            model="mock-gpt", messages=[{"role": "user", "content": "who am I?"}]
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # both replicas answer it
+        list(pool.map(lambda _: ask(), range(16)))
+    revoked = http.delete(f"/admin/keys/{name}", headers=auth())
+    assert revoked.status_code == 200, revoked.text
+
+    def refused_everywhere() -> bool:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(lambda _: _refused(ask), range(16)))
+        return all(outcomes)
+
+    # Announced: well within the 5 s a replica remembers a key. (Before the store test
+    # below: a replica that missed the announcement while resubscribing may take those 5 s.)
+    wait_until(refused_everywhere, timeout_s=3)
+
+
+def _refused(call: Callable[[], None]) -> bool:
+    try:
+        call()
+    except openai.AuthenticationError:
+        return True
+    return False
 
 
 def test_readiness_follows_the_store(

@@ -305,3 +305,50 @@ async def test_the_semantic_tier_reads_a_request_as_the_exact_tier_does(
                 await asyncio.sleep(0.01)
         assert semantic.max_ages == [None, 5]
         assert semantic.ttls == [3600, 60]
+
+
+@pytest.mark.integration
+async def test_a_key_created_at_run_time_works_at_once_and_stops_when_revoked(
+    redis_client: object,
+    redis_url: str,  # redis_client: a flushed store
+) -> None:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}, {"name": "dear", "upstream": "u"}],
+            "api_keys": [{"name": "root", "key_sha256": hash_key("sk-root"), "admin": True}],
+            "store": {"url": redis_url},
+        }
+    )
+    transport = CannedTransport()
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": transport}))
+    async with in_process(gateway, "sk-root") as admin:
+        made = await admin.post(
+            "/admin/keys", json={"name": "team-a", "tenant": "a", "models": ["m"]}
+        )
+        assert made.status_code == 201, made.text
+        secret = made.json()["key"]
+        assert made.json()["source"] == "runtime" and made.json()["admin"] is False
+        team = {"authorization": f"Bearer {secret}"}
+        ask = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        answer = await admin.post("/v1/chat/completions", json=ask, headers=team)
+        assert answer.status_code == 200, answer.text
+        listed = await admin.get("/v1/models", headers=team)
+        assert [m["id"] for m in listed.json()["data"]] == ["m"]
+        denied = await admin.get("/admin/keys", headers=team)
+        assert denied.status_code == 403  # a created key is never an admin key
+        again = await admin.post("/admin/keys", json={"name": "team-a"})
+        assert (again.status_code, again.json()["error"]["code"]) == (409, "key_exists")
+        bad = await admin.post("/admin/keys", json={"name": "has space"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "name"
+        keys = (await admin.get("/admin/keys")).json()["data"]
+        expected = [("root", "config"), ("team-a", "runtime")]
+        assert [(k["name"], k["source"]) for k in keys] == expected
+        assert all("key" not in k for k in keys)  # no secret is ever shown again
+        gone = await admin.delete("/admin/keys/team-a")
+        assert gone.status_code == 200 and gone.json() == {"name": "team-a", "revoked": True}
+        refused = await admin.post("/v1/chat/completions", json=ask, headers=team)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (401, "invalid_api_key")
+        assert (await admin.delete("/admin/keys/team-a")).status_code == 404
+        assert (await admin.delete("/admin/keys/root")).status_code == 400
+    assert transport.calls == 1

@@ -1,0 +1,220 @@
+"""Gateway keys created at run time through the admin API, kept in Redis.
+
+A team gets a key without a redeploy: ``POST /admin/keys`` answers its secret
+once, and Redis keeps only its sha256 digest (as ``config.yaml`` does), so a
+copy of the store leaks no key. Such a key is never an admin key, and is
+limited, budgeted and billed under its name like a configured one (the
+``default`` limits and budgets apply to it).
+
+Each replica remembers what it looked up, found or not, for ``cache_s``: a key
+costs one Redis read per replica every ``cache_s``, however busy. Creating or
+revoking a key is announced on a pub/sub channel and every replica forgets its
+copy as the announcement arrives; one whose subscription was down forgets all
+it remembers as it subscribes again, and is never more than ``cache_s`` late.
+While the store is down a key a replica has seen keeps working from its copy;
+a key it has not seen is answered 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass
+
+import orjson
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.pubsub import Message, follow_channel
+from deployments.store_errors import STORE_ERRORS
+from deployments.tasks import cancel_and_wait
+from serve_app.context import Principal
+from serve_app.errors import InvalidRequestError, NotFoundError, StoreUnavailableError
+from serve_app.settings import hash_key
+
+log = logging.getLogger(__name__)
+
+# One hash tag: both hashes live in one slot of a Redis Cluster, as the scripts need.
+BY_NAME = "gw:{keys}:by_name"  # name -> digest
+BY_DIGEST = "gw:{keys}:by_digest"  # digest -> the key's record (JSON)
+CHANGED = "gw:{keys}:changed"  # announces a digest created or revoked
+SECRET_PREFIX = "sk-gw-"
+MAX_REMEMBERED = 10_000  # lookups a replica keeps (unknown keys included)
+
+_CREATE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+_REVOKE = """
+local digest = redis.call('HGET', KEYS[1], ARGV[1])
+if not digest then return false end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], digest)
+return digest
+"""
+
+
+class KeySpec(BaseModel):
+    """What ``POST /admin/keys`` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    tenant: str = Field("default", min_length=1, max_length=64)
+    user: str | None = Field(None, max_length=256)
+    models: list[str] | None = None  # the models it may use; none: every model
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeKey:
+    name: str
+    tenant: str
+    user: str | None
+    models: list[str] | None
+    created_ms: int
+
+    def principal(self) -> Principal:
+        models = None if self.models is None else frozenset(self.models)
+        return Principal(key_id=self.name, tenant=self.tenant, user=self.user, models=models)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> RuntimeKey:
+        return cls(**orjson.loads(raw))
+
+
+class RuntimeKeys:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        reserved_names: Collection[str],
+        models: Collection[str],
+        cache_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``reserved_names``: the configured keys' names; ``models``: the public models."""
+        self._redis = redis
+        self._reserved = frozenset(reserved_names)
+        self._models = frozenset(models)
+        self._cache_s = cache_s
+        self._clock = clock
+        self._seen: dict[str, tuple[Principal | None, float]] = {}  # digest -> (it, until)
+        self._create = redis.register_script(_CREATE)
+        self._revoke = redis.register_script(_REVOKE)
+        self._watcher: asyncio.Task[None] | None = None
+        self.listening = asyncio.Event()  # announcements are heard (set while subscribed)
+
+    # -- the request path --------------------------------------------------------
+
+    async def principal(self, digest: str) -> Principal | None:
+        """Who holds the key with this digest; None when no such key exists."""
+        now = self._clock()
+        seen = self._seen.get(digest)
+        if seen is not None and now < seen[1]:
+            return seen[0]
+        try:
+            raw = await self._redis.hget(BY_DIGEST, digest)
+        except STORE_ERRORS as exc:
+            if seen is not None and seen[0] is not None:
+                return seen[0]  # known here: it keeps working while the store is down
+            raise StoreUnavailableError(
+                "The state store (Redis) is not reachable to check this API key."
+            ) from exc
+        found = None if raw is None else RuntimeKey.from_json(raw).principal()
+        if len(self._seen) >= MAX_REMEMBERED:
+            self._seen.clear()  # a flood of made-up keys must not grow the replica
+        self._seen[digest] = (found, now + self._cache_s)
+        return found
+
+    # -- admin -------------------------------------------------------------------
+
+    async def create(self, spec: KeySpec) -> tuple[str, RuntimeKey]:
+        """A new key and its secret, which is shown this once."""
+        if spec.name in self._reserved:
+            raise _exists(spec.name, "is configured in config.yaml")
+        unknown = sorted(set(spec.models or ()) - self._models)
+        if unknown:
+            raise InvalidRequestError(f"No models {unknown} are configured.", param="models")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        digest = hash_key(secret)
+        key = RuntimeKey(spec.name, spec.tenant, spec.user, spec.models, int(time.time() * 1000))
+        created = await self._create(
+            keys=[BY_NAME, BY_DIGEST], args=[spec.name, digest, key.to_json()]
+        )
+        if not created:
+            raise _exists(spec.name, "exists")
+        await self._announce(digest)
+        return secret, key
+
+    async def revoke(self, name: str) -> None:
+        if name in self._reserved:
+            raise InvalidRequestError(
+                f"The key '{name}' is configured in config.yaml: remove it there.", param="name"
+            )
+        digest = await self._revoke(keys=[BY_NAME, BY_DIGEST], args=[name])
+        if not digest:
+            raise NotFoundError(f"No key named '{name}' was created here.", code="key_not_found")
+        digest = digest.decode() if isinstance(digest, bytes) else str(digest)
+        await self._announce(digest)
+
+    async def listed(self) -> list[RuntimeKey]:
+        records = await self._redis.hgetall(BY_DIGEST)
+        return sorted((RuntimeKey.from_json(raw) for raw in records.values()), key=_by_name)
+
+    async def _announce(self, digest: str) -> None:
+        self._seen.pop(digest, None)
+        try:
+            await self._redis.publish(CHANGED, digest)
+        except STORE_ERRORS:  # written already: the others see it within cache_s
+            log.warning(
+                "key change not announced; other replicas learn it within %ss", self._cache_s
+            )
+
+    # -- announcements -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._watcher)
+
+    async def _watch(self) -> None:
+        missed = False  # the subscription was down: announcements may have gone unheard
+
+        async def forget(message: Message) -> None:
+            nonlocal missed
+            if message is None:
+                return
+            if message["type"] == "subscribe":
+                if missed:  # ask the store again about every key (the copies stay for outages)
+                    self._seen = {digest: (it, 0.0) for digest, (it, _) in self._seen.items()}
+                    missed = False
+                self.listening.set()
+            elif message["type"] == "message":
+                data = message["data"]
+                self._seen.pop(data.decode() if isinstance(data, bytes) else str(data), None)
+
+        def down(_: BaseException) -> None:
+            nonlocal missed
+            missed = True
+            self.listening.clear()
+            log.debug("key announcements: store unavailable", exc_info=True)
+
+        await follow_channel(self._redis, CHANGED, forget, on_down=down, errors=(Exception,))
+
+
+def _by_name(key: RuntimeKey) -> str:
+    return key.name
+
+
+def _exists(name: str, why: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"A key named '{name}' {why}.", param="name", code="key_exists", status_code=409
+    )
