@@ -64,6 +64,12 @@ class CostTracker:
         self._settles = Background(log, "budget settle")
         self._subjects: dict[tuple[str, str, str | None], None] = {}  # ordered: oldest first
 
+    def reconfigure_budgets(self, budgets: BudgetSettings) -> None:
+        """New budgets from now on (run time: ``PUT /admin/budgets``); holds already
+        taken settle against the budgets they were taken from."""
+        self.guard.settings = budgets
+        self._budgeted = budgets.budgets_anything
+
     def start(self) -> None:
         self.ledger.start()
 

@@ -1,16 +1,14 @@
-"""Admin and analytics routes (admin key required): limits at run time,
-breakers, the cache, scaling, and cost summaries and recommendations.
+"""Admin and analytics routes (admin key required): keys, limits and budgets
+at run time, breakers, the cache, scaling, and cost summaries and
+recommendations.
 
-Limits changed here are written to Redis and announced on a pub/sub channel:
-every replica applies them as the announcement arrives, and re-reads them every
-``LIMITS_POLL_S`` in case it missed one (Serve's ``user_config`` reaches
+Limits and budgets changed here reach every replica through
+``serve_app/runtime_settings.py`` (Serve's ``user_config`` reaches
 ``reconfigure`` as well).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,21 +21,20 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from deployments.budget import BudgetSettings
 from deployments.ledger import GroupBy
 from deployments.limiter_settings import LimiterSettings
-from deployments.pubsub import Message, follow_channel
 from deployments.recommendations import summary_csv, summary_json
-from deployments.tasks import cancel_and_wait
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
 from serve_app.runtime_keys import KeySpec, RuntimeKey
+from serve_app.runtime_settings import KEY_PREFIX, RuntimeSetting
 from serve_app.scaling_record import ScalingRecord
 
 if TYPE_CHECKING:
     from serve_app.ingress import Gateway
 
 log = logging.getLogger(__name__)
-LIMITS_KEY_PREFIX = "gw:config:limits:"
-LIMITS_POLL_S = 2.0
+LIMITS_KEY_PREFIX = KEY_PREFIX + "limits:"
 BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,12 +70,13 @@ def _day(value: str | None, default: date, param: str) -> date:
 class Admin:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._limits_version: bytes | None = None
-        # Run-time limits are keyed by the config they override: a redeploy with new
-        # limits in config.yaml starts from those, not from an older PUT.
-        configured = gateway.args.limits.model_dump_json().encode()
-        self._limits_key = LIMITS_KEY_PREFIX + hashlib.sha256(configured).hexdigest()[:16]
-        self._watcher: asyncio.Task[None] | None = None
+        stages, args = gateway.stages, gateway.args
+        self.limits = RuntimeSetting(
+            stages.redis, "limits", args.limits, stages.limiter.reconfigure
+        )
+        self.budgets = RuntimeSetting(
+            stages.redis, "budgets", args.budgets, stages.cost.reconfigure_budgets
+        )
 
     async def _require_admin(self, request: Request) -> None:
         principal = await self.gateway.principal(request)
@@ -115,55 +113,31 @@ class Admin:
         await self.gateway.runtime_keys.revoke(name)
         return _json({"name": name, "revoked": True})
 
-    # -- limits ----------------------------------------------------------
+    # -- limits and budgets (serve_app/runtime_settings.py) ---------------
 
     async def get_limits(self, request: Request) -> Response:
         return _json(self.gateway.stages.limiter.settings.model_dump(mode="json"))
 
     async def put_limits(self, request: Request) -> Response:
         settings = _parsed(LimiterSettings, await request.body(), "limits")
-        payload = settings.model_dump_json().encode()
-        redis = self.gateway.stages.redis
-        await redis.set(self._limits_key, payload)
-        self._apply_limits(payload)
-        await redis.publish(self._limits_key, b"changed")  # the other replicas re-read now
+        await self.limits.put(settings)
         return _json(settings.model_dump(mode="json"))
 
-    def _apply_limits(self, payload: bytes | None) -> None:
-        """Apply a stored override; none stored (deleted) means the configured limits."""
-        if payload == self._limits_version:
-            return
-        if payload is None:
-            settings = self.gateway.args.limits
-        else:
-            settings = LimiterSettings.model_validate_json(payload)
-        self.gateway.stages.limiter.reconfigure(settings)
-        self._limits_version = payload
+    async def get_budgets(self, request: Request) -> Response:
+        return _json(self.gateway.stages.cost.guard.settings.model_dump(mode="json"))
+
+    async def put_budgets(self, request: Request) -> Response:
+        settings = _parsed(BudgetSettings, await request.body(), "budgets")
+        await self.budgets.put(settings)
+        return _json(settings.model_dump(mode="json"))
 
     def start(self) -> None:
-        self._watcher = asyncio.create_task(self._watch_limits())
+        self.limits.start()
+        self.budgets.start()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._watcher)
-
-    async def _watch_limits(self) -> None:
-        redis = self.gateway.stages.redis
-
-        async def reread(_: Message) -> None:  # on an announcement, and every LIMITS_POLL_S
-            self._apply_limits(await redis.get(self._limits_key))
-
-        def down(_: BaseException) -> None:  # a store outage must not stop the watcher
-            log.debug("limits watcher: store unavailable", exc_info=True)
-
-        await follow_channel(
-            redis,
-            self._limits_key,
-            reread,
-            on_down=down,
-            tick_s=LIMITS_POLL_S,
-            retry_s=LIMITS_POLL_S,
-            errors=(Exception,),
-        )
+        await self.limits.stop()
+        await self.budgets.stop()
 
     # -- breakers --------------------------------------------------------
 

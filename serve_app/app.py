@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.applications import Starlette
 
+from deployments.budget import BudgetSettings
 from deployments.limiter_settings import LimiterSettings
 from deployments.semantic_cache import SemanticCacheDeployment
 from serve_app.ingress import Gateway
@@ -46,10 +47,13 @@ class GatewayIngress:
         return self.gateway.asgi()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``user_config: {limits: {...}}`` changes limits without a restart."""
+        """``user_config: {limits: {...}, budgets: {...}}`` changes them without a restart."""
         if "limits" in user_config:
             limits = LimiterSettings.model_validate(user_config["limits"])
             self.gateway.stages.limiter.reconfigure(limits)
+        if "budgets" in user_config:
+            budgets = BudgetSettings.model_validate(user_config["budgets"])
+            self.gateway.stages.cost.reconfigure_budgets(budgets)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         # async: Serve runs a sync hook in a worker thread, started anew under load (py-spy)

@@ -317,6 +317,8 @@ class Gateway:
         for path, handler, method in (
             ("/admin/limits", admin.get_limits, "GET"),
             ("/admin/limits", admin.put_limits, "PUT"),
+            ("/admin/budgets", admin.get_budgets, "GET"),
+            ("/admin/budgets", admin.put_budgets, "PUT"),
             ("/admin/breakers", admin.breakers, "GET"),
             ("/admin/breakers/{action}", admin.breaker_action, "POST"),
             ("/admin/cache/stats", admin.cache_stats, "GET"),

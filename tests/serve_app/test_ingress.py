@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any
 
 import httpx
 import orjson
@@ -307,19 +308,26 @@ async def test_the_semantic_tier_reads_a_request_as_the_exact_tier_does(
         assert semantic.ttls == [3600, 60]
 
 
+def rooted(redis_url: str, **config: Any) -> GatewayArgs:
+    """Upstream "u" serving model "m", and one admin key, "sk-root"."""
+    return GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}],
+            "api_keys": [{"name": "root", "key_sha256": hash_key("sk-root"), "admin": True}],
+            "store": {"url": redis_url},
+            **config,
+        }
+    )
+
+
 @pytest.mark.integration
 async def test_a_key_created_at_run_time_works_at_once_and_stops_when_revoked(
     redis_client: object,
     redis_url: str,  # redis_client: a flushed store
 ) -> None:
-    args = GatewayArgs.model_validate(
-        {
-            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
-            "models": [{"name": "m", "upstream": "u"}, {"name": "dear", "upstream": "u"}],
-            "api_keys": [{"name": "root", "key_sha256": hash_key("sk-root"), "admin": True}],
-            "store": {"url": redis_url},
-        }
-    )
+    models = [{"name": "m", "upstream": "u"}, {"name": "dear", "upstream": "u"}]
+    args = rooted(redis_url, models=models)
     transport = CannedTransport()
     gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": transport}))
     async with in_process(gateway, "sk-root") as admin:
@@ -352,3 +360,39 @@ async def test_a_key_created_at_run_time_works_at_once_and_stops_when_revoked(
         assert (await admin.delete("/admin/keys/team-a")).status_code == 404
         assert (await admin.delete("/admin/keys/root")).status_code == 400
     assert transport.calls == 1
+
+
+@pytest.mark.integration
+async def test_budgets_put_at_run_time_reach_every_replica(
+    redis_client: object,
+    redis_url: str,  # redis_client: a flushed store
+) -> None:
+    price = {"m": {"input_per_mtok": 1, "output_per_mtok": 1}}
+    args = rooted(redis_url, cost={"pricing": {"overrides": price}})
+
+    def replica() -> Gateway:
+        return Gateway(args, provider=ProviderClient(args.upstreams, {"u": CannedTransport()}))
+
+    async with in_process(replica(), "sk-root") as one, in_process(replica(), "sk-root") as two:
+        secret = (await one.post("/admin/keys", json={"name": "team-a"})).json()["key"]
+        team = {"authorization": f"Bearer {secret}"}
+        ask = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
+        assert (await two.post("/v1/chat/completions", json=ask, headers=team)).is_success
+        budgets = {"keys": {"team-a": {"daily_usd": "0.000001"}}}  # less than one call's hold
+        put = await one.put("/admin/budgets", json=budgets)
+        assert put.status_code == 200 and put.json()["keys"]["team-a"]["daily_usd"] == "0.000001"
+        bad = await one.put("/admin/budgets", json={"keys": {"team-a": {"daily_usd": "x"}}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("keys")
+
+        async def refused_on_two() -> bool:
+            answer = await two.post("/v1/chat/completions", json=ask, headers=team)
+            return answer.status_code == 429 and answer.json()["error"]["code"] == (
+                "insufficient_quota"
+            )
+
+        for _ in range(50):  # announced: applied on the other replica at once
+            if await refused_on_two():
+                break
+            await asyncio.sleep(0.05)
+        assert await refused_on_two()
+        assert (await two.get("/admin/budgets")).json()["keys"]["team-a"]["daily_usd"] == "0.000001"
