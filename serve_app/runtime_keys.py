@@ -106,6 +106,7 @@ class RuntimeKeys:
         self._cache_s = cache_s
         self._clock = clock
         self._seen: dict[str, tuple[Principal | None, float]] = {}  # digest -> (it, until)
+        self._generation = 0  # counts the changes heard: a read older than one is not kept
         self._create = redis.register_script(_CREATE)
         self._revoke = redis.register_script(_REVOKE)
         self._watcher: asyncio.Task[None] | None = None
@@ -119,6 +120,7 @@ class RuntimeKeys:
         seen = self._seen.get(digest)
         if seen is not None and now < seen[1]:
             return seen[0]
+        generation = self._generation
         try:
             raw = await self._redis.hget(BY_DIGEST, digest)
         except STORE_ERRORS as exc:
@@ -128,6 +130,8 @@ class RuntimeKeys:
                 "The state store (Redis) is not reachable to check this API key."
             ) from exc
         found = None if raw is None else RuntimeKey.from_json(raw).principal()
+        if generation != self._generation:
+            return found  # a change was announced meanwhile: this read may predate it
         if len(self._seen) >= MAX_REMEMBERED:
             self._seen.clear()  # a flood of made-up keys must not grow the replica
         self._seen[digest] = (found, now + self._cache_s)
@@ -168,8 +172,12 @@ class RuntimeKeys:
         records = await self._redis.hgetall(BY_DIGEST)
         return sorted((RuntimeKey.from_json(raw) for raw in records.values()), key=_by_name)
 
-    async def _announce(self, digest: str) -> None:
+    def _forget(self, digest: str) -> None:
+        self._generation += 1
         self._seen.pop(digest, None)
+
+    async def _announce(self, digest: str) -> None:
+        self._forget(digest)
         try:
             await self._redis.publish(CHANGED, digest)
         except STORE_ERRORS:  # written already: the others see it within cache_s
@@ -194,12 +202,13 @@ class RuntimeKeys:
                 return
             if message["type"] == "subscribe":
                 if missed:  # ask the store again about every key (the copies stay for outages)
+                    self._generation += 1
                     self._seen = {digest: (it, 0.0) for digest, (it, _) in self._seen.items()}
                     missed = False
                 self.listening.set()
             elif message["type"] == "message":
                 data = message["data"]
-                self._seen.pop(data.decode() if isinstance(data, bytes) else str(data), None)
+                self._forget(data.decode() if isinstance(data, bytes) else str(data))
 
         def down(_: BaseException) -> None:
             nonlocal missed

@@ -154,3 +154,27 @@ async def test_a_replica_back_from_a_store_outage_asks_again_about_every_key(
         assert await ring.principal(digest) is None  # long before its 60 s
     finally:
         await ring.stop()
+
+
+async def test_a_lookup_that_crossed_a_revocation_is_not_remembered(
+    redis_client: aioredis.Redis,
+) -> None:
+    ring = keys(redis_client, cache_s=60)
+    secret, _ = await ring.create(KeySpec(name="team-a"))
+    digest = hash_key(secret)
+    read = asyncio.Event()
+    real_hget = redis_client.hget
+
+    async def slow_hget(*args: object) -> object:
+        value = await real_hget(*args)  # type: ignore[arg-type]
+        read.set()
+        await asyncio.sleep(0.1)  # the revocation is announced while this read is out
+        return value
+
+    redis_client.hget = slow_hget  # type: ignore[method-assign]
+    lookup = asyncio.create_task(ring.principal(digest))
+    await read.wait()
+    redis_client.hget = real_hget  # type: ignore[method-assign]
+    await ring.revoke("team-a")
+    assert await lookup is not None  # it read the key before the revocation
+    assert await ring.principal(digest) is None  # but did not keep it for 60 s
