@@ -131,6 +131,14 @@ class Admin:
         await self.budgets.put(settings)
         return _json(settings.model_dump(mode="json"))
 
+    async def reset_limits(self, request: Request) -> Response:
+        await self.limits.reset()
+        return await self.get_limits(request)
+
+    async def reset_budgets(self, request: Request) -> Response:
+        await self.budgets.reset()
+        return await self.get_budgets(request)
+
     def start(self) -> None:
         self.limits.start()
         self.budgets.start()

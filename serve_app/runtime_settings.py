@@ -56,6 +56,12 @@ class RuntimeSetting(Generic[M]):
         self._load(payload)
         await self._redis.publish(self.key, b"changed")
 
+    async def reset(self) -> None:
+        """Back to the configured section, here and on the other replicas."""
+        await self._redis.delete(self.key)
+        self._load(None)
+        await self._redis.publish(self.key, b"changed")
+
     def _load(self, payload: bytes | None) -> None:
         """Apply a stored section; none stored (deleted) means the configured one."""
         if payload == self._version:

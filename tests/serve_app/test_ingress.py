@@ -396,3 +396,10 @@ async def test_budgets_put_at_run_time_reach_every_replica(
             await asyncio.sleep(0.05)
         assert await refused_on_two()
         assert (await two.get("/admin/budgets")).json()["keys"]["team-a"]["daily_usd"] == "0.000001"
+        reset = await two.delete("/admin/budgets")  # back to config.yaml's: none
+        assert reset.status_code == 200 and reset.json()["keys"] == {}
+        for _ in range(50):
+            if (await one.post("/v1/chat/completions", json=ask, headers=team)).is_success:
+                break
+            await asyncio.sleep(0.05)
+        assert (await one.post("/v1/chat/completions", json=ask, headers=team)).is_success
