@@ -165,14 +165,21 @@ def decide(
     controls: CacheControls,
     tenant: str,
     settings: CachePolicySettings,
+    *,
+    deterministic: bool = False,
 ) -> CacheDecision:
-    """What the cache tiers may do for this request."""
+    """What the cache tiers may do for this request. ``deterministic``: its answer does
+    not depend on sampling (embeddings), so no temperature makes it uncacheable."""
     namespace = resolve_namespace(tenant, controls.namespace, settings)
     ttl = min(controls.ttl_s or settings.default_ttl_s, settings.max_ttl_s)
     reason = ""
     if not settings.enabled:
         reason = "cache disabled"
-    elif _sampled(body, settings) and not (settings.cache_sampled or controls.opted_in):
+    elif (
+        not deterministic
+        and _sampled(body, settings)
+        and not (settings.cache_sampled or controls.opted_in)
+    ):
         reason = "temperature > 0 without opt-in"
     lookup = not reason and not controls.no_cache and controls.max_age_s != 0
     store = not reason and not controls.no_store and controls.ttl_s != 0

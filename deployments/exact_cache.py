@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal, TypeVar
@@ -202,7 +202,7 @@ class ExactCache:
             completion = orjson.loads(body)
         except orjson.JSONDecodeError:
             return False
-        if not is_complete_completion(completion):
+        if not (is_complete_completion(completion) or is_complete_embedding(completion)):
             return False
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
         gen, ttl_ms = self.near.generation, ttl_s * 1000
@@ -295,3 +295,15 @@ class ExactCache:
             entry_bytes=entry_bytes,
             used_memory=int(info.get("used_memory", 0)),
         )
+
+
+def is_complete_embedding(answer: Any) -> bool:
+    """A successful embeddings answer: a vector (a list, or base64 text) for every input."""
+    if not isinstance(answer, Mapping) or answer.get("object") != "list" or "error" in answer:
+        return False
+    data = answer.get("data")
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and all(isinstance(d, Mapping) and isinstance(d.get("embedding"), list | str) for d in data)
+    )

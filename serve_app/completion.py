@@ -109,7 +109,8 @@ def require_json(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _usage(body: bytes) -> dict[str, Any] | None:
+def usage_in(body: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of an OpenAI answer's body, if it has one."""
     try:
         usage = orjson.loads(body).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
@@ -130,7 +131,13 @@ class ChatPipeline:
 
     def plan(self, ctx: RequestContext, model: ModelSettings) -> Plan:
         controls = parse_controls(ctx.body.pop("cache", None), ctx.headers.get("cache-control"))
-        decision = decide(ctx.body, controls, ctx.principal.tenant, self.args.cache.policy)
+        decision = decide(
+            ctx.body,
+            controls,
+            ctx.principal.tenant,
+            self.args.cache.policy,
+            deterministic=model.kind == "embeddings",
+        )
         coalesce = self.args.dedup.enabled and self.args.dedup.should_coalesce(decision.cacheable)
         return Plan(decision, coalesce, ctx, model.target_model, self.keys)
 
@@ -149,7 +156,7 @@ class ChatPipeline:
         primary = Target(upstream=model.upstream, model=model.target_model)
         return self.stages.resilience.chain(model.name, primary=primary)
 
-    async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
+    async def exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
         if not plan.decision.lookup:
             return None
         hit = await self.stages.exact.lookup(plan.key, plan.decision.max_age_s)
@@ -199,7 +206,7 @@ class ChatPipeline:
     def _semantic_failed(self, reason: str) -> None:
         self.stages.metrics.inc("gateway_semantic_lookup_failures_total", 1, {"reason": reason})
 
-    async def _remember(self, plan: Plan, body: bytes) -> None:
+    async def remember(self, plan: Plan, body: bytes) -> None:
         """Store a complete answer in both tiers (before the flight ends, so a
         request arriving right after finds it)."""
         if not plan.decision.store:
@@ -255,9 +262,9 @@ class ChatPipeline:
     async def _complete(
         self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
     ) -> Response:
-        if (hit := await self._exact_hit(plan)) is not None:
+        if (hit := await self.exact_hit(plan)) is not None:
             body, headers = hit
-            charge = ticket.finish(_usage(body), served_by="cache", cache="hit")
+            charge = ticket.finish(usage_in(body), served_by="cache", cache="hit")
             self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
             headers = {**ctx.response_headers, **headers}
             if charge is not None:
@@ -295,7 +302,7 @@ class ChatPipeline:
         outcome: str = "ok",
     ) -> Charge | None:
         return ticket.finish(
-            meta["usage"] if "usage" in meta else _usage(body),
+            meta["usage"] if "usage" in meta else usage_in(body),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
@@ -342,7 +349,7 @@ class ChatPipeline:
             overflow=resilience.overflow(model.name),
         )
         body, usage = result.value
-        await self._remember(plan, body)
+        await self.remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
             "cache": status.value,
@@ -361,7 +368,7 @@ class ChatPipeline:
         want_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
         sse = {"cache-control": "no-cache"}
         hit: tuple[bytes, dict[str, Any]] | None = None
-        if (exact := await self._exact_hit(plan)) is not None:
+        if (exact := await self.exact_hit(plan)) is not None:
             hit = (exact[0], {"cache": "HIT"})
             status, served_by, headers = CacheStatus.HIT, "cache", exact[1]
         elif (semantic := await self._semantic_hit(plan)) is not None:
@@ -370,7 +377,7 @@ class ChatPipeline:
             headers = self._headers(ctx, plan, status, semantic[1], None)
         if hit is not None:
             body = hit[0]
-            charge = ticket.finish(_usage(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
+            charge = ticket.finish(usage_in(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
             if status is CacheStatus.HIT:
                 self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
             headers = {**ctx.response_headers, **headers, **sse}
@@ -564,7 +571,7 @@ class _StreamRelay:
         if not self.result.done:
             raise UpstreamError("The upstream stream ended before [DONE].")
         if self._keep and (body := self.assembler.body()) is not None:
-            await self.pipeline._remember(self.plan, body)
+            await self.pipeline.remember(self.plan, body)
 
     async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:

@@ -22,13 +22,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from deployments.cache_policy import CacheStatus, cache_headers
+from deployments.cost import Charge
 from deployments.provider import ProviderClient
 from deployments.resilience import Target
 from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
 from serve_app import store as store_module
 from serve_app.admin import Admin
 from serve_app.auth import KeyRing, unknown_key
-from serve_app.completion import ChatPipeline, require_json
+from serve_app.completion import ChatPipeline, require_json, usage_in
 from serve_app.context import Principal, RequestContext, new_request_id
 from serve_app.errors import (
     GatewayError,
@@ -216,9 +218,16 @@ class Gateway:
             prompt_tokens_estimate=estimate_input_tokens(parsed.input),
         )
         ticket = await Ticket.admit(ctx, self.stages)
+        with ticket.failing():
+            plan = self.pipeline.plan(ctx, model)  # embeddings are deterministic: cacheable
+            hit = await self.pipeline.exact_hit(plan)
+        if hit is not None:
+            answer, headers = hit
+            charge = ticket.finish(usage_in(answer), served_by="cache", cache="hit")
+            return self._embedded(answer, {**ctx.response_headers, **headers}, charge)
 
         async def attempt(target: Target) -> bytes:
-            payload = orjson.dumps({**body, "model": target.model})
+            payload = orjson.dumps({**ctx.body, "model": target.model})
             answer = await self.provider.post(target.upstream, "/embeddings", payload, request_id)
             require_json(answer.body)
             return answer.body
@@ -231,19 +240,28 @@ class Gateway:
                 self.args.request_timeout_s,
                 overflow=resilience.overflow(model.name),
             )
-        usage = orjson.loads(result.value).get("usage")
+        await self.pipeline.remember(plan, result.value)
+        status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         charge = ticket.finish(
-            usage,
+            usage_in(result.value),
             served_by="upstream",
-            cache="bypass",
+            cache=status.value.lower(),
             upstream=result.target.upstream,
             upstream_model=result.target.model,
             attempts=result.attempts,
         )
-        headers = {**ctx.response_headers, **result.headers()}
+        headers = {
+            **ctx.response_headers,
+            **result.headers(),
+            **cache_headers(status, plan.digest),
+        }
+        return self._embedded(result.value, headers, charge)
+
+    def _embedded(self, answer: bytes, headers: dict[str, str], charge: Charge | None) -> Response:
+        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": headers["x-cache"]})
         if charge is not None:
             headers["x-request-cost"] = charge.header_value()
-        return Response(result.value, 200, headers, media_type="application/json")
+        return Response(answer, 200, headers, media_type="application/json")
 
     async def list_models(self, request: Request, request_id: str) -> Response:
         principal = await self.principal(request)

@@ -87,6 +87,7 @@ class MockBehaviour:
         self.config = config or MockConfig()
         self.stats = MockStats()
         self._random = random.Random(self.config.seed)
+        self.last_body = b""  # the last call's body as received (tests read what was sent)
 
     def reset(self) -> None:
         self.stats = MockStats()
@@ -96,6 +97,7 @@ class MockBehaviour:
     def record(self, path: str, model: str, raw: bytes) -> str:
         """Count a call; returns its body's hash."""
         digest = body_hash(raw)
+        self.last_body = raw
         self.stats.calls += 1
         self.stats.by_body[digest] += 1
         self.stats.by_model[model] += 1

@@ -66,6 +66,14 @@ def test_missing_temperature_can_count_as_zero() -> None:
     assert decide({"model": "m"}, parse_controls(None), "acme", settings).cacheable
 
 
+def test_a_deterministic_request_is_cacheable_with_no_temperature() -> None:
+    embeddings = {"model": "e", "input": ["a"]}  # no sampling: the same input, the same vectors
+    assert decide(embeddings, parse_controls(None), "acme", DEFAULTS, deterministic=True).cacheable
+    assert not decide(embeddings, parse_controls(None), "acme", DEFAULTS).cacheable
+    refused = parse_controls({"no-store": True, "no-cache": True})
+    assert not decide(embeddings, refused, "acme", DEFAULTS, deterministic=True).cacheable
+
+
 def test_opt_in_by_ttl_or_max_age() -> None:
     sampled = {**ZERO, "temperature": 0.7}
     assert decide(sampled, parse_controls({"ttl": 60}), "acme", DEFAULTS).store

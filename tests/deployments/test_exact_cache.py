@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import MaxConnectionsError
 
 from deployments.cache_policy import CachePolicySettings, decide, parse_controls
-from deployments.exact_cache import ExactCache, ExactCacheSettings
+from deployments.exact_cache import ExactCache, ExactCacheSettings, is_complete_embedding
 from deployments.request_key import RequestKey, request_key
 from serve_app.embedded_store import free_port
 from serve_app.errors import StoreUnavailableError
@@ -168,3 +168,21 @@ async def test_slow_redis_is_a_miss_without_backing_off(dead_redis: aioredis.Red
         cache._lookup = script  # type: ignore[assignment]
         assert await cache.lookup(rkey()) is None
         assert cache._down_until == 0.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "complete"),
+    [
+        ({"object": "list", "data": [{"object": "embedding", "embedding": [0.1, 0.2]}]}, True),
+        ({"object": "list", "data": [{"object": "embedding", "embedding": "AAAAPw=="}]}, True),
+        ({"object": "list", "data": []}, False),
+        ({"object": "list", "data": [{"object": "embedding"}]}, False),
+        ({"object": "list", "data": [{"embedding": [1]}], "error": {"message": "x"}}, False),
+        ({"object": "chat.completion", "data": [{"embedding": [1]}]}, False),
+        ([1, 2], False),
+    ],
+)
+def test_an_embeddings_answer_is_complete_with_a_vector_for_every_input(
+    answer: object, complete: bool
+) -> None:
+    assert is_complete_embedding(answer) is complete

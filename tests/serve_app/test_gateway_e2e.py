@@ -155,6 +155,25 @@ def test_embeddings(http: httpx.Client, mock_behaviour: MockBehaviour) -> None:
     assert len(response.json()["data"]) == 2
 
 
+def test_embeddings_are_served_from_the_exact_cache(
+    http: httpx.Client, mock_behaviour: MockBehaviour
+) -> None:
+    text = f"embed me {uuid.uuid4().hex}"
+    body = {"model": "mock-embed", "input": [text]}  # deterministic: cached by default
+    first = http.post("/v1/embeddings", json=body, headers=auth())
+    assert first.status_code == 200 and first.headers["x-cache"] == "MISS", first.text
+    calls = mock_behaviour.stats.calls
+    again = http.post("/v1/embeddings", json=body, headers=auth())
+    assert again.status_code == 200 and again.headers["x-cache"] == "HIT"
+    assert again.headers["x-cache-key"] == first.headers["x-cache-key"] and "age" in again.headers
+    assert again.json() == first.json() and mock_behaviour.stats.calls == calls
+    other = http.post("/v1/embeddings", json={**body, "dimensions": 8}, headers=auth())
+    assert other.headers["x-cache"] == "MISS"  # another question, another answer
+    fresh = http.post("/v1/embeddings", json={**body, "cache": {"no-cache": True}}, headers=auth())
+    assert fresh.headers["x-cache"] == "BYPASS" and mock_behaviour.stats.calls == calls + 2
+    assert "cache" not in orjson.loads(mock_behaviour.last_body)  # the gateway's own field
+
+
 @pytest.mark.parametrize(
     ("content", "headers", "status", "code", "param"),
     [
