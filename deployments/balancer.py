@@ -43,13 +43,19 @@ class Balancer:
         self,
         groups: Mapping[str, BalanceGroup],
         *,
-        busy: Callable[[str], int],
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        """``busy(upstream)``: the calls this replica has in flight to that upstream."""
         self.groups = dict(groups)
-        self._busy = busy
+        # Calls in flight per target of a least-busy group, counted from the moment the
+        # target is picked (``enter``), not from when its call starts: requests picking
+        # at once then see each other, rather than all the same least busy target.
+        self._inflight: dict[_Key, int] = {
+            _key(t): 0
+            for group in groups.values()
+            if group.strategy == "least-busy"
+            for t in group.targets
+        }
         self._clock = clock
         self._rng = rng or random.Random()
         self._plain = {
@@ -91,7 +97,24 @@ class Balancer:
 
     def _least_busy(self, targets: list[WeightedTarget]) -> list[WeightedTarget]:
         shuffled = self._shuffled(targets)  # breaks ties by weight
-        return sorted(shuffled, key=lambda t: self._busy(t.upstream) / t.weight)
+        inflight = self._inflight
+        return sorted(shuffled, key=lambda t: inflight[_key(t)] / t.weight)
+
+    def enter(self, target: Target) -> bool:
+        """A call that picked ``target`` begins; True when it is counted (a target of a
+        least-busy group), and must then ``leave`` once it ends, stream and all."""
+        key = _key(target)
+        if key not in self._inflight:
+            return False
+        self._inflight[key] += 1
+        return True
+
+    def leave(self, target: Target) -> None:
+        key = _key(target)
+        self._inflight[key] = max(0, self._inflight[key] - 1)
+
+    def inflight(self, target: Target) -> int:
+        return self._inflight.get(_key(target), 0)
 
     def _lowest_latency(self, group: BalanceGroup) -> list[WeightedTarget]:
         now = self._clock()

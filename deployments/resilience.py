@@ -142,12 +142,7 @@ class Resilience:
         self._permits: dict[str, tuple[float, Decision]] = {}  # name -> (until, closed permit)
         self._deferred: list[tuple[str, BreakerSettings, Decision, Outcome]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.balancer = Balancer(
-            settings.balance,
-            busy=lambda upstream: self.bulkhead(upstream).active,
-            clock=clock,
-            rng=self._rng,
-        )
+        self.balancer = Balancer(settings.balance, clock=clock, rng=self._rng)
         chains = (*settings.fallbacks.values(), *settings.context_fallbacks.values())
         targets = [t for chain in chains for t in chain]
         targets += [t for group in settings.balance.values() for t in group.targets]
@@ -223,6 +218,34 @@ class Resilience:
         ``overflow``: the targets with a larger context window. When a target answers
         that the request does not fit its model's, they take over the rest of the chain
         (its other targets have the same window, or would have been listed there)."""
+        balancer, picked = self.balancer, chain[0] if chain else None
+        if picked is None or not balancer.enter(picked):
+            return await self._call(chain, attempt, deadline_s, stream, overflow)
+        try:  # counted as in flight at its pick until the call, or its stream, ends
+            result = await self._call(chain, attempt, deadline_s, stream, overflow)
+        except BaseException:
+            balancer.leave(picked)
+            raise
+        if not stream:
+            balancer.leave(picked)
+            return result
+        release = result.release
+
+        def release_both() -> None:
+            release()
+            balancer.leave(picked)
+
+        result.release = _once_only(release_both)
+        return result
+
+    async def _call(
+        self,
+        chain: Sequence[Target],
+        attempt: Callable[[Target], Awaitable[T]],
+        deadline_s: float,
+        stream: bool,
+        overflow: Sequence[Target],
+    ) -> ResilienceResult[T]:
         run = _Run(self._clock() + deadline_s, self._clock)
         errors: list[BaseException] = []
         previous: str | None = None

@@ -28,7 +28,8 @@ class BalanceGroup(BaseModel):
     """Targets that serve one public model interchangeably, and how a call picks one.
 
     ``weighted``: at random, in proportion to the weights. ``least-busy``: the fewest
-    calls this replica has in flight to the target's upstream, per unit of weight.
+    calls from this replica that picked the target and have not ended (streams
+    included), per unit of weight.
     ``lowest-latency``: the fastest recent calls from this replica (an average over
     successes, a stream's up to its first chunk); targets within ``latency_buffer``
     of the fastest share the calls by weight, a target not measured within

@@ -33,13 +33,12 @@ def group(strategy: str = "weighted", weights: tuple[float, ...] = (1, 1, 1), **
 def balancer(
     g: BalanceGroup, busy: dict[str, int] | None = None, clock: Clock | None = None
 ) -> Balancer:
-    counts = busy if busy is not None else {}
-    return Balancer(
-        {"llm": g},
-        busy=lambda upstream: counts.get(upstream, 0),
-        clock=clock or Clock(),
-        rng=random.Random(7),
-    )
+    """``busy``: calls in flight per upstream, entered before the test orders."""
+    made = Balancer({"llm": g}, clock=clock or Clock(), rng=random.Random(7))
+    for upstream, count in (busy or {}).items():
+        for _ in range(count):
+            assert made.enter(Target(upstream=upstream, model="m"))
+    return made
 
 
 def never(_: Target) -> bool:
@@ -106,6 +105,23 @@ def test_least_busy_counts_in_flight_per_unit_of_weight() -> None:
     busy = {"a": 4, "b": 3}  # a has twice b's capacity: 2 per unit against 3
     order = balancer(group("least-busy", weights=(2, 1)), busy).order("llm", never)
     assert order == [A, B]
+
+
+def test_least_busy_counts_a_call_from_its_pick_to_its_end() -> None:
+    bal = balancer(group("least-busy"))
+    picked = []
+    for _ in range(6):  # picks made at once, before any call started, spread out
+        order = bal.order("llm", never)
+        assert order is not None
+        picked.append(order[0].upstream)
+        bal.enter(order[0])
+    assert sorted(picked) == ["a", "a", "b", "b", "c", "c"]
+    bal.leave(A)
+    bal.leave(A)
+    assert (bal.inflight(A), bal.inflight(B)) == (0, 2)
+    bal.leave(A)  # never below none
+    assert bal.inflight(A) == 0 and bal.order("llm", never)[0] == A  # type: ignore[index]
+    assert not balancer(group("weighted")).enter(A)  # other strategies count nothing
 
 
 def test_least_busy_breaks_ties_at_random() -> None:

@@ -481,6 +481,14 @@ async def test_retries_stay_within_the_upstreams_retry_budget(clock: Clock) -> N
     assert res.metrics.retries_over_budget["a"] == 50  # each request ended on a refusal
 
 
+class RemoteStore(MemoryBreakerStore):
+    """Asks for a permit over the network, as Redis does: the caller waits a turn."""
+
+    async def acquire(self, name: str, cfg: BreakerSettings, lease_s: float):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0)
+        return await super().acquire(name, cfg, lease_s)
+
+
 def balanced(clock: Clock, strategy: str = "weighted", **extra: object) -> Resilience:
     """The model "gpt" balanced over a and b (b twice a's weight), falling back to c."""
     group = {
@@ -490,12 +498,12 @@ def balanced(clock: Clock, strategy: str = "weighted", **extra: object) -> Resil
     }
     settings = ResilienceSettings.model_validate(
         {
-            "default": policy().model_dump(),
+            "default": {**policy().model_dump(), "bulkhead": {"max_concurrent": 8}},
             "balance": {"gpt": group},
             "fallbacks": {"gpt": [A.model_dump(), C.model_dump()]},
         }
     )
-    return Resilience(settings, MemoryBreakerStore(clock), clock=clock, sleep=clock.sleep)
+    return Resilience(settings, RemoteStore(clock), clock=clock, sleep=clock.sleep)
 
 
 async def test_a_balanced_chain_is_its_group_then_the_fallbacks_not_in_it(clock: Clock) -> None:
@@ -511,10 +519,12 @@ async def test_a_balanced_chain_is_its_group_then_the_fallbacks_not_in_it(clock:
 
 async def test_a_failing_pick_is_followed_by_the_group_s_other_target(clock: Clock) -> None:
     res = balanced(clock, "least-busy")
-    res.bulkhead("b").active = 5  # a is picked: it has less in flight
+    for _ in range(5):
+        res.balancer.enter(B)  # a is picked: it has less in flight
     up = Upstreams(clock, a=[error(502)])  # retried once, then the next target
     chain = res.chain("gpt")
-    res.bulkhead("b").active = 0
+    for _ in range(5):
+        res.balancer.leave(B)
     result = await res.call(chain, up, 30)
     assert up.calls == ["a", "a", "b"] and result.target == B
     assert res.metrics.fallbacks == {("a/m-a", "b/m-b"): 1}
@@ -528,6 +538,34 @@ async def test_least_busy_sends_the_next_call_past_a_stream_in_flight(clock: Clo
         assert res.chain("gpt")[0] == A  # 0 in flight at a, 1 per 2 units of weight at b
     held.release()
     assert {res.chain("gpt")[0] for _ in range(50)} == {A, B}
+    assert (res.balancer.inflight(A), res.balancer.inflight(B)) == (0, 0)
+    with pytest.raises(UpstreamError):  # a failed call leaves too
+        await res.call([A], Upstreams(clock, a=[error(400)]), 30)
+    assert res.balancer.inflight(A) == 0
+
+
+async def test_least_busy_spreads_calls_that_pick_at_once(clock: Clock) -> None:
+    res = balanced(clock, "least-busy")
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "ok"
+
+    up = Upstreams(clock, a=[held], b=[held])
+
+    async def one() -> object:  # picks and calls with nothing in between, as the ingress does
+        return await res.call(res.chain("gpt"), up, 30)
+
+    calls = [asyncio.create_task(one()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert (res.balancer.inflight(A), res.balancer.inflight(B)) == (1, 2)  # b: twice a's weight
+    for _ in range(5):  # each asks its breaker for a permit (a network turn), then calls
+        await asyncio.sleep(0)
+    assert sorted(up.calls) == ["a", "b", "b"]  # not all three on whichever looked idle first
+    gate.set()
+    await asyncio.gather(*calls)
+    assert (res.balancer.inflight(A), res.balancer.inflight(B)) == (0, 0)
 
 
 async def test_an_open_breaker_s_target_is_not_picked_while_its_refusal_is_known(
