@@ -101,17 +101,25 @@ class Balancer:
         return sorted(shuffled, key=lambda t: inflight[_key(t)] / t.weight)
 
     def enter(self, target: Target) -> bool:
-        """A call that picked ``target`` begins; True when it is counted (a target of a
-        least-busy group), and must then ``leave`` once it ends, stream and all."""
+        """A call that picked ``target`` begins, before it asks anything of anyone, so
+        that calls picking at once see each other. True when that is noted (a target
+        of a least-busy or lowest-latency group): ``leave`` once the call, stream and
+        all, ends."""
         key = _key(target)
-        if key not in self._inflight:
-            return False
-        self._inflight[key] += 1
-        return True
+        if key in self._inflight:
+            self._inflight[key] += 1
+            return True
+        if key in self._ttl:
+            self.started(target)  # its first call is out: the others go elsewhere meanwhile
+            return True
+        return False
 
     def leave(self, target: Target) -> None:
         key = _key(target)
-        self._inflight[key] = max(0, self._inflight[key] - 1)
+        if key in self._inflight:
+            self._inflight[key] = max(0, self._inflight[key] - 1)
+        else:
+            self.abandoned(target)  # ended with no measure (refused before calling it)
 
     def inflight(self, target: Target) -> int:
         return self._inflight.get(_key(target), 0)

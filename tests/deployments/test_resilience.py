@@ -645,3 +645,28 @@ async def test_context_fallbacks_are_taken_once_and_their_own_failure_is_told(
     with pytest.raises(UpstreamError) as told:
         await res.call(res.chain("gpt"), up, 30, overflow=[C])
     assert told.value.status_code == 400 and up.calls == ["a"]
+
+
+async def test_lowest_latency_sends_one_call_at_a_time_to_an_unmeasured_target(
+    clock: Clock,
+) -> None:
+    res = balanced(clock, "lowest-latency")
+    res.balancer.finished(A, 0.1)  # a is measured; b is not, so b goes first, once
+    gate = asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "ok"
+
+    up = Upstreams(clock, a=[held], b=[held])
+
+    async def one() -> object:
+        return await res.call(res.chain("gpt"), up, 30)
+
+    calls = [asyncio.create_task(one()) for _ in range(4)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sorted(up.calls) == ["a", "a", "a", "b"]  # not four calls on a maybe-slow b
+    gate.set()
+    await asyncio.gather(*calls)
+    assert res.balancer.latency_s(B) == pytest.approx(0.0)  # measured now (the clock stood)
