@@ -154,7 +154,10 @@ class Gateway:
         found = self.keys.resolve(request.headers.get("authorization"))
         if not isinstance(found, str):
             return found
-        principal = await self.runtime_keys.principal(found)
+        return await self._created_key(found)
+
+    async def _created_key(self, digest: str) -> Principal:
+        principal = await self.runtime_keys.principal(digest)
         if principal is None:
             raise unknown_key()
         return principal
@@ -182,7 +185,9 @@ class Gateway:
     # -- routes ----------------------------------------------------------
 
     async def chat(self, request: Request, request_id: str) -> Response:
-        principal = await self.principal(request)
+        principal = self.keys.resolve(request.headers.get("authorization"))
+        if isinstance(principal, str):  # the hot path spares itself an await for configured keys
+            principal = await self._created_key(principal)
         body, raw = await self._read_body(request)
         parsed = validate(ChatCompletionRequest, body)
         model = self._model(parsed.model, "chat", principal)
