@@ -200,6 +200,28 @@ class Balancer:
         if self._probing:
             self._probing.pop(_key(target), None)
 
+    def view(self, picks: Mapping[tuple[str, str], int]) -> list[dict[str, object]]:
+        """Each balanced model as this replica sees it (``GET /admin/balance``);
+        ``picks``: first picks so far, by (model, "upstream/model")."""
+        shown = []
+        for model, group in self.groups.items():
+            targets = []
+            for t in group.targets:
+                latency = self.latency_s(t)
+                targets.append(
+                    {
+                        "upstream": t.upstream,
+                        "model": t.model,
+                        "weight": t.weight,
+                        "picks": picks.get((model, f"{t.upstream}/{t.model}"), 0),
+                        "in_flight": self.inflight(t),
+                        "latency_s": None if latency is None or math.isinf(latency) else latency,
+                        "failed": latency is not None and math.isinf(latency),
+                    }
+                )
+            shown.append({"model": model, "strategy": group.strategy, "targets": targets})
+        return shown
+
     def latency_s(self, target: Target) -> float | None:
         """The current estimate (inf: the last call failed), for admin and tests."""
         found = self._latency.get(_key(target))

@@ -153,6 +153,10 @@ class Admin:
         snapshots = await self.gateway.stages.resilience.breakers()
         return _json([{**s._asdict(), "state": s.state.name} for s in snapshots])
 
+    async def balance(self, request: Request) -> Response:
+        resilience = self.gateway.stages.resilience
+        return _json(resilience.balancer.view(resilience.metrics.picks))
+
     async def breaker_action(self, request: Request) -> Response:
         action = request.path_params["action"]
         if action not in BREAKER_ACTIONS:

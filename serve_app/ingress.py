@@ -345,6 +345,7 @@ class Gateway:
             ("/admin/budgets", admin.put_budgets, "PUT"),
             ("/admin/budgets", admin.reset_budgets, "DELETE"),
             ("/admin/breakers", admin.breakers, "GET"),
+            ("/admin/balance", admin.balance, "GET"),
             ("/admin/breakers/{action}", admin.breaker_action, "POST"),
             ("/admin/cache/stats", admin.cache_stats, "GET"),
             ("/admin/cache", admin.cache_delete, "DELETE"),

@@ -201,3 +201,17 @@ def test_a_group_names_each_target_once() -> None:
         BalanceGroup(targets=[])
     with pytest.raises(ValidationError):
         WeightedTarget(upstream="a", model="m", weight=0)
+
+
+def test_the_admin_view_shows_each_target_as_this_replica_sees_it() -> None:
+    bal = balancer(group("lowest-latency", weights=(2, 1)))
+    bal.finished(A, 0.25)
+    bal.finished(B, None)
+    (shown,) = bal.view({("llm", "a/m"): 3})
+    assert shown["strategy"] == "lowest-latency"
+    assert shown["targets"] == [
+        {"upstream": "a", "model": "m", "weight": 2, "picks": 3, "in_flight": 0,
+         "latency_s": 0.25, "failed": False},
+        {"upstream": "b", "model": "m", "weight": 1, "picks": 0, "in_flight": 0,
+         "latency_s": None, "failed": True},
+    ]  # fmt: skip

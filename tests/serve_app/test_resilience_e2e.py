@@ -553,6 +553,12 @@ def test_lowest_latency_sends_calls_to_the_faster_target(
         # Each of the two replicas may try the slow target once, to measure it; weighted
         # at random, about half the calls would go there.
         assert served.count("east") <= 2
+        shown = http.get("/admin/balance", headers=auth())  # one replica's view
+        assert shown.status_code == 200
+        (quick,) = [g for g in shown.json() if g["model"] == "quick-gpt"]
+        fast = {t["model"]: t for t in quick["targets"]}["quick-fast"]
+        assert quick["strategy"] == "lowest-latency" and fast["picks"] > 0
+        assert fast["latency_s"] is not None and fast["latency_s"] < 0.3
     finally:
         mock_behaviour.config.faults.pop("quick-slow", None)
 
