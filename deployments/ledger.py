@@ -40,7 +40,7 @@ from deployments.tasks import Background
 
 log = logging.getLogger(__name__)
 
-GroupBy = Literal["key", "user", "tenant", "model", "day"]
+GroupBy = Literal["key", "user", "tenant", "model", "day", "tag"]
 DIMENSIONS: tuple[str, ...] = ("key", "user", "tenant", "model", "all")
 _CHUNK = 500  # records per EXISTS or ZADD in the script: its unpack stays under Lua's limit
 
@@ -306,14 +306,17 @@ def _row(group: str, acc: dict[str, Any]) -> SummaryRow:
 def _aggregates(batch: list[LedgerRecord]) -> dict[tuple[str, str, str], list[int]]:
     """The summed increments of a batch per aggregate (day, dimension, member): records
     are grouped by day and members first, so the usual batch (one group) sums cheaply."""
-    groups: dict[tuple[int, str, str | None, str, str], list[LedgerRecord]] = {}
+    groups: dict[tuple[Any, ...], list[LedgerRecord]] = {}
     for r in batch:
-        groups.setdefault((r.ts_ms // DAY_MS, r.key_id, r.user, r.tenant, r.model), []).append(r)
+        key = (r.ts_ms // DAY_MS, r.key_id, r.user, r.tenant, r.model, r.tags)
+        groups.setdefault(key, []).append(r)
     aggs: dict[tuple[str, str, str], list[int]] = {}
     for group in groups.values():
         sums = [sum(column) for column in zip(*(r.values() for r in group), strict=True)]
-        day = group[0].day
-        for dim, member in zip(DIMENSIONS, group[0].members(), strict=True):
+        day, first = group[0].day, group[0]
+        members = [*zip(DIMENSIONS, first.members(), strict=True)]
+        members += [("tag", tag) for tag in first.tags]  # a request counts under each tag
+        for dim, member in members:
             acc = aggs.get((day, dim, member))
             if acc is None:
                 aggs[(day, dim, member)] = sums.copy()

@@ -51,6 +51,7 @@ class LedgerRecord:
     attempts: int = 1  # upstream attempts (retries + 1)
     stream: bool = False
     prompt_fingerprint: str = ""  # normalised-prompt hash: near-duplicate detection
+    tags: tuple[str, ...] = ()  # the request's x-gateway-tags (spend by application, feature)
 
     @property
     def cost(self) -> Decimal:
@@ -69,7 +70,9 @@ class LedgerRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LedgerRecord:
-        return cls(**orjson.loads(raw))
+        fields = orjson.loads(raw)
+        fields["tags"] = tuple(fields.get("tags", ()))  # JSON has lists; the record hashes
+        return cls(**fields)
 
     def increments(self) -> list[tuple[str, int]]:
         """What one record adds to each of its aggregates."""
@@ -164,4 +167,5 @@ def record_for(
         attempts=attempts,
         stream=ctx.stream,
         prompt_fingerprint=prompt_fingerprint(ctx.body.get("messages") or ()),
+        tags=ctx.tags,
     )

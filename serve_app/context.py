@@ -55,6 +55,7 @@ class RequestContext:
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased request headers
     raw_body: bytes = b""  # the body as received (the request-key memo's key)
     response_headers: dict[str, str] = field(default_factory=dict)  # stages add theirs here
+    tags: tuple[str, ...] = ()  # x-gateway-tags: what the ledger sums spend by, besides keys
 
     @property
     def user(self) -> str | None:

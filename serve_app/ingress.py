@@ -204,6 +204,7 @@ class Gateway:
             max_tokens=parsed.max_completion_tokens or parsed.max_tokens,
             headers={"cache-control": request.headers.get("cache-control", "")},
             raw_body=raw,
+            tags=spend_tags(request.headers.get(TAGS_HEADER)),
         )
         return await self.pipeline.run(ctx, model)
 
@@ -221,6 +222,7 @@ class Gateway:
             body=body,
             end_user=parsed.user,
             prompt_tokens_estimate=estimate_input_tokens(parsed.input),
+            tags=spend_tags(request.headers.get(TAGS_HEADER)),
         )
         ticket = await Ticket.admit(ctx, self.stages)
         with ticket.failing():
@@ -413,3 +415,24 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 __all__ = ["Gateway", "error_response", "json_response"]
+
+
+TAGS_HEADER = "x-gateway-tags"
+MAX_TAGS = 10
+_TAG = re.compile(r"[A-Za-z0-9._:=/-]{1,64}")
+
+
+def spend_tags(header: str | None) -> tuple[str, ...]:
+    """``x-gateway-tags: search,env=prod``: the tags the ledger sums this request's spend
+    under (``/v1/cost/summary?group_by=tag``), each once, in the order given."""
+    if not header:
+        return ()
+    tags = tuple(dict.fromkeys(t.strip() for t in header.split(",") if t.strip()))
+    bad = [t for t in tags if not _TAG.fullmatch(t)]
+    if bad or len(tags) > MAX_TAGS:
+        raise InvalidRequestError(
+            f"{TAGS_HEADER} takes at most {MAX_TAGS} comma-separated tags of 1 to 64 letters,"
+            f" digits and . _ : = / - (refused: {bad[:3] or 'too many'}).",
+            param=TAGS_HEADER,
+        )
+    return tags

@@ -84,6 +84,24 @@ async def test_every_grouping_adds_up_to_its_records(redis_client: aioredis.Redi
             assert row.estimated == sum(r.estimated for r in mine)
 
 
+async def test_spend_adds_up_under_each_tag_a_request_carries(
+    redis_client: aioredis.Redis,
+) -> None:
+    ledger = Ledger(redis_client)
+    tag_sets = [("search",), ("search", "env=prod"), (), ("env=prod",), ("search",)]
+    records = [record(i, ts_ms=NOW_MS, tags=tags) for i, tags in enumerate(tag_sets)]
+    assert await ledger.write(records) == 5
+    today = datetime.fromtimestamp(NOW_MS / 1000, UTC).date()
+    rows = {row.group: row for row in await ledger.summary("tag", today, today)}
+    assert set(rows) == {"search", "env=prod"}  # the untagged request is under no tag
+    for tag, row in rows.items():
+        mine = [r for r in records if tag in r.tags]
+        assert row.requests == len(mine) and row.cost == sum((r.cost for r in mine), Decimal(0))
+    assert (await ledger.get("req-1")).tags == ("search", "env=prod")  # type: ignore[union-attr]
+    [day] = await ledger.summary("day", today, today)
+    assert day.requests == 5  # a request with two tags is still one request
+
+
 async def test_a_replayed_record_is_not_counted_twice(redis_client: aioredis.Redis) -> None:
     ledger = Ledger(redis_client)
     first = record(1)

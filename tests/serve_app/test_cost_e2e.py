@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -364,3 +365,17 @@ def test_a_bad_query_is_a_400_naming_it(
 ) -> None:
     error = envelope(http.get(path, params=params, headers=auth()), 400, None)
     assert error["param"] == param
+
+
+def test_spend_is_summed_by_the_tags_a_request_carries(http: httpx.Client) -> None:
+    app = f"app-{uuid.uuid4().hex[:8]}"
+    tagged = {**auth(), "x-gateway-tags": f"{app},env=test"}
+    for content in ("tagged one", "tagged two"):
+        answer = http.post(CHAT, json=chat_body(content), headers=tagged)
+        assert answer.status_code == 200, answer.text
+    row = _recorded(http, "tag", app, 2)
+    assert Decimal(row["cost"]) > 0
+    refused = http.post(CHAT, json=chat_body("x"), headers={**auth(), "x-gateway-tags": "a b"})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "x-gateway-tags")

@@ -14,7 +14,8 @@ import orjson
 import pytest
 
 from deployments.provider import ProviderClient, UpstreamResponse
-from serve_app.ingress import Gateway
+from serve_app.errors import InvalidRequestError
+from serve_app.ingress import Gateway, spend_tags
 from serve_app.settings import GatewayArgs, hash_key
 from tests.support import in_process
 
@@ -403,3 +404,26 @@ async def test_budgets_put_at_run_time_reach_every_replica(
                 break
             await asyncio.sleep(0.05)
         assert (await one.post("/v1/chat/completions", json=ask, headers=team)).is_success
+
+
+@pytest.mark.parametrize(
+    ("header", "tags"),
+    [
+        (None, ()),
+        ("", ()),
+        ("search", ("search",)),
+        (" search , env=prod,search,, team/a ", ("search", "env=prod", "team/a")),
+    ],
+)
+def test_spend_tags_are_read_from_their_header(header: str | None, tags: tuple[str, ...]) -> None:
+    assert spend_tags(header) == tags
+
+
+ELEVEN_TAGS = ",".join(f"t{i}" for i in range(11))
+
+
+@pytest.mark.parametrize("header", ["has space", "x" * 65, ELEVEN_TAGS, "é"])
+def test_bad_spend_tags_are_a_400_naming_the_header(header: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        spend_tags(header)
+    assert refused.value.param == "x-gateway-tags"
