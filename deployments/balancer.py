@@ -10,9 +10,9 @@ resilience stage keeps a refusal for about a second), which is how a
 half-open breaker still gets its probe calls.
 
 What the strategies know is this replica's own view (calls in flight, recent
-latencies): replicas do not share it, as LiteLLM's router processes do not,
-because a shared count would cost a Redis round trip per call on the hot path.
-With many replicas each balancing its own share, the sum still balances.
+latencies): replicas do not share it, because a shared count would cost a Redis
+round trip per call on the hot path. With many replicas each balancing its own
+share, the sum still balances.
 """
 
 from __future__ import annotations
