@@ -55,7 +55,8 @@ def _parsed(model: type[M], body: bytes, what: str) -> M:
 
 def _key_view(key: RuntimeKey) -> dict[str, Any]:
     """A created key as the admin API shows it (never its secret or digest)."""
-    return {**asdict(key), "admin": False, "source": "runtime"}
+    expired = key.expired(time.time() * 1000)
+    return {**asdict(key), "expired": expired, "admin": False, "source": "runtime"}
 
 
 def _day(value: str | None, default: date, param: str) -> date:

@@ -32,7 +32,12 @@ from deployments.pubsub import Message, follow_channel
 from deployments.store_errors import STORE_ERRORS
 from deployments.tasks import cancel_and_wait
 from serve_app.context import Principal
-from serve_app.errors import InvalidRequestError, NotFoundError, StoreUnavailableError
+from serve_app.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from serve_app.settings import hash_key
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ class KeySpec(BaseModel):
     tenant: str = Field("default", min_length=1, max_length=64)
     user: str | None = Field(None, max_length=256)
     models: list[str] | None = None  # the models it may use; none: every model
+    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86_400)  # none: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,10 @@ class RuntimeKey:
     user: str | None
     models: list[str] | None
     created_ms: int
+    expires_ms: int | None = None  # epoch ms; past it the key is refused until deleted
+
+    def expired(self, now_ms: float) -> bool:
+        return self.expires_ms is not None and now_ms >= self.expires_ms
 
     def principal(self) -> Principal:
         models = None if self.models is None else frozenset(self.models)
@@ -98,6 +108,7 @@ class RuntimeKeys:
         models: Collection[str],
         cache_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         """``reserved_names``: the configured keys' names; ``models``: the public models."""
         self._redis = redis
@@ -105,7 +116,9 @@ class RuntimeKeys:
         self._models = frozenset(models)
         self._cache_s = cache_s
         self._clock = clock
-        self._seen: dict[str, tuple[Principal | None, float]] = {}  # digest -> (it, until)
+        self._wall = wall  # expiries are wall-clock times, shared by every replica
+        # digest -> (its key, or None: no such key; until when this is trusted)
+        self._seen: dict[str, tuple[RuntimeKey | None, float]] = {}
         self._generation = 0  # counts the changes heard: a read older than one is not kept
         self._create = redis.register_script(_CREATE)
         self._revoke = redis.register_script(_REVOKE)
@@ -115,7 +128,16 @@ class RuntimeKeys:
     # -- the request path --------------------------------------------------------
 
     async def principal(self, digest: str) -> Principal | None:
-        """Who holds the key with this digest; None when no such key exists."""
+        """Who holds the key with this digest; None when no such key exists, and
+        ``AuthenticationError`` when it has expired."""
+        key = await self._key(digest)
+        if key is None:
+            return None
+        if key.expired(self._wall() * 1000):
+            raise AuthenticationError("This API key has expired.", code="expired_api_key")
+        return key.principal()
+
+    async def _key(self, digest: str) -> RuntimeKey | None:
         now = self._clock()
         seen = self._seen.get(digest)
         if seen is not None and now < seen[1]:
@@ -129,7 +151,7 @@ class RuntimeKeys:
             raise StoreUnavailableError(
                 "The state store (Redis) is not reachable to check this API key."
             ) from exc
-        found = None if raw is None else RuntimeKey.from_json(raw).principal()
+        found = None if raw is None else RuntimeKey.from_json(raw)
         if generation != self._generation:
             return found  # a change was announced meanwhile: this read may predate it
         if len(self._seen) >= MAX_REMEMBERED:
@@ -148,7 +170,11 @@ class RuntimeKeys:
             raise InvalidRequestError(f"No models {unknown} are configured.", param="models")
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         digest = hash_key(secret)
-        key = RuntimeKey(spec.name, spec.tenant, spec.user, spec.models, int(time.time() * 1000))
+        created_ms = int(self._wall() * 1000)
+        expires_ms = None
+        if spec.expires_in_s is not None:
+            expires_ms = created_ms + int(spec.expires_in_s * 1000)
+        key = RuntimeKey(spec.name, spec.tenant, spec.user, spec.models, created_ms, expires_ms)
         created = await self._create(
             keys=[BY_NAME, BY_DIGEST], args=[spec.name, digest, key.to_json()]
         )

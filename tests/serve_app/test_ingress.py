@@ -354,13 +354,21 @@ async def test_a_key_created_at_run_time_works_at_once_and_stops_when_revoked(
         expected = [("root", "config"), ("team-a", "runtime")]
         assert [(k["name"], k["source"]) for k in keys] == expected
         assert all("key" not in k for k in keys)  # no secret is ever shown again
+        brief = await admin.post("/admin/keys", json={"name": "brief", "expires_in_s": 0.2})
+        brief_key = {"authorization": f"Bearer {brief.json()['key']}"}
+        assert (await admin.post("/v1/chat/completions", json=ask, headers=brief_key)).is_success
+        await asyncio.sleep(0.3)
+        late = await admin.post("/v1/chat/completions", json=ask, headers=brief_key)
+        assert (late.status_code, late.json()["error"]["code"]) == (401, "expired_api_key")
+        listed = {k["name"]: k for k in (await admin.get("/admin/keys")).json()["data"]}
+        assert listed["brief"]["expired"] is True and listed["team-a"]["expired"] is False
         gone = await admin.delete("/admin/keys/team-a")
         assert gone.status_code == 200 and gone.json() == {"name": "team-a", "revoked": True}
         refused = await admin.post("/v1/chat/completions", json=ask, headers=team)
         assert (refused.status_code, refused.json()["error"]["code"]) == (401, "invalid_api_key")
         assert (await admin.delete("/admin/keys/team-a")).status_code == 404
         assert (await admin.delete("/admin/keys/root")).status_code == 400
-    assert transport.calls == 1
+    assert transport.calls == 2  # team-a once, brief once
 
 
 @pytest.mark.integration

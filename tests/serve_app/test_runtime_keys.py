@@ -9,7 +9,12 @@ import contextlib
 import pytest
 import redis.asyncio as aioredis
 
-from serve_app.errors import InvalidRequestError, NotFoundError, StoreUnavailableError
+from serve_app.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from serve_app.runtime_keys import BY_DIGEST, SECRET_PREFIX, KeySpec, RuntimeKeys
 from serve_app.settings import hash_key
 from tests.support import OwnStore
@@ -178,3 +183,26 @@ async def test_a_lookup_that_crossed_a_revocation_is_not_remembered(
     await ring.revoke("team-a")
     assert await lookup is not None  # it read the key before the revocation
     assert await ring.principal(digest) is None  # but did not keep it for 60 s
+
+
+async def test_a_key_made_to_expire_is_refused_from_then_on_until_deleted(
+    redis_client: aioredis.Redis,
+) -> None:
+    wall = Clock()
+    wall.now = 1_800_000_000.0
+    ring = RuntimeKeys(redis_client, reserved_names=(), models=MODELS, cache_s=60, wall=wall)
+    secret, key = await ring.create(KeySpec(name="contractor", expires_in_s=3600))
+    assert key.expires_ms == 1_800_000_000_000 + 3_600_000
+    digest = hash_key(secret)
+    assert await ring.principal(digest) is not None
+    wall.now += 3599
+    assert await ring.principal(digest) is not None
+    wall.now += 1  # remembered for 60 s more, but its expiry is checked on every use
+    with pytest.raises(AuthenticationError) as expired:
+        await ring.principal(digest)
+    assert expired.value.code == "expired_api_key" and expired.value.status_code == 401
+    assert [k.expired(wall.now * 1000) for k in await ring.listed()] == [True]
+    with pytest.raises(InvalidRequestError):  # its name stays taken until it is deleted
+        await ring.create(KeySpec(name="contractor"))
+    await ring.revoke("contractor")
+    assert (await ring.create(KeySpec(name="contractor")))[1].expires_ms is None
