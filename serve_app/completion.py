@@ -336,7 +336,10 @@ class ChatPipeline:
                 "gateway_upstream_duration_seconds",
                 target,
                 self.provider.post(
-                    target.upstream, "/chat/completions", _payload(ctx.body, target), ctx.request_id
+                    target.upstream,
+                    UPSTREAM_PATHS[ctx.route],
+                    _payload(ctx.body, target),
+                    ctx.request_id,
                 ),
             )
             return response.body, require_json(response.body).get("usage")
@@ -643,6 +646,11 @@ class _StreamRelay:
                 self._bill("error")
             else:  # it never produced anything: as if it had failed before the first byte
                 self.ticket.fail()
+
+
+# The upstream route each of the gateway's routes calls (non-streamed answers share one path:
+# cache tiers, single flight, billing).
+UPSTREAM_PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 
 
 def _payload(body: dict[str, Any], target: Target) -> bytes:

@@ -22,15 +22,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from deployments.cache_policy import CacheStatus, cache_headers
-from deployments.cost import Charge
 from deployments.provider import ProviderClient
 from deployments.resilience import Target
 from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
 from serve_app import store as store_module
 from serve_app.admin import Admin
 from serve_app.auth import KeyRing, unknown_key
-from serve_app.completion import ChatPipeline, require_json, usage_in
+from serve_app.completion import ChatPipeline
 from serve_app.context import Principal, RequestContext, new_request_id
 from serve_app.errors import (
     GatewayError,
@@ -47,7 +45,7 @@ from serve_app.schemas import ChatCompletionRequest, EmbeddingsRequest, validate
 from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import SemanticCacheClient, Stages
 from serve_app.store import Store
-from serve_app.ticket import Ticket, drain_background
+from serve_app.ticket import drain_background
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +208,7 @@ class Gateway:
 
     async def embeddings(self, request: Request, request_id: str) -> Response:
         principal = await self.principal(request)
-        body, _ = await self._read_body(request)
+        body, raw = await self._read_body(request)
         parsed = validate(EmbeddingsRequest, body)
         model = self._model(parsed.model, "embeddings", principal)
         request.state.model = model.name
@@ -222,53 +220,11 @@ class Gateway:
             body=body,
             end_user=parsed.user,
             prompt_tokens_estimate=estimate_input_tokens(parsed.input),
+            headers={"cache-control": request.headers.get("cache-control", "")},
+            raw_body=raw,
             tags=spend_tags(request.headers.get(TAGS_HEADER)),
         )
-        ticket = await Ticket.admit(ctx, self.stages)
-        with ticket.failing():
-            plan = self.pipeline.plan(ctx, model)  # embeddings are deterministic: cacheable
-            hit = await self.pipeline.exact_hit(plan)
-        if hit is not None:
-            answer, headers = hit
-            charge = ticket.finish(usage_in(answer), served_by="cache", cache="hit")
-            return self._embedded(answer, {**ctx.response_headers, **headers}, charge)
-
-        async def attempt(target: Target) -> bytes:
-            payload = orjson.dumps({**ctx.body, "model": target.model})
-            answer = await self.provider.post(target.upstream, "/embeddings", payload, request_id)
-            require_json(answer.body)
-            return answer.body
-
-        with ticket.failing():
-            resilience = self.stages.resilience
-            result = await resilience.call(
-                self.pipeline.chain(model),
-                attempt,
-                self.args.request_timeout_s,
-                overflow=resilience.overflow(model.name),
-            )
-        await self.pipeline.remember(plan, result.value)
-        status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
-        charge = ticket.finish(
-            usage_in(result.value),
-            served_by="upstream",
-            cache=status.value.lower(),
-            upstream=result.target.upstream,
-            upstream_model=result.target.model,
-            attempts=result.attempts,
-        )
-        headers = {
-            **ctx.response_headers,
-            **result.headers(),
-            **cache_headers(status, plan.digest),
-        }
-        return self._embedded(result.value, headers, charge)
-
-    def _embedded(self, answer: bytes, headers: dict[str, str], charge: Charge | None) -> Response:
-        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": headers["x-cache"]})
-        if charge is not None:
-            headers["x-request-cost"] = charge.header_value()
-        return Response(answer, 200, headers, media_type="application/json")
+        return await self.pipeline.run(ctx, model)  # deterministic: cached and coalesced
 
     async def list_models(self, request: Request, request_id: str) -> Response:
         principal = await self.principal(request)

@@ -106,6 +106,23 @@ def test_identical_concurrent_requests_share_one_upstream_call(
     assert len({r.headers["x-cache-key"] for r in responses}) == 1
 
 
+def test_identical_concurrent_embeddings_share_one_upstream_call(
+    base_url: str, mock_behaviour: MockBehaviour
+) -> None:
+    mock_behaviour.config.latency.fixed_ms = 800
+    body = {"model": "mock-embed", "input": [f"embed {uuid.uuid4().hex}"]}
+    responses = all_at_once(
+        base_url, CROWD, lambda c: c.post("/v1/embeddings", json=body, headers=auth())
+    )
+    assert [r.status_code for r in responses] == [200] * CROWD
+    assert mock_behaviour.stats.calls == 1 and len({r.content for r in responses}) == 1
+    roles = sorted(r.headers["x-dedup"] for r in responses)
+    assert roles == ["FOLLOWER"] * (CROWD - 1) + ["LEADER"]
+    with client(base_url) as c:
+        again = c.post("/v1/embeddings", json=body, headers=auth())
+    assert again.headers["x-cache"] == "HIT" and mock_behaviour.stats.calls == 1
+
+
 def test_identical_concurrent_streams_share_one_upstream_call(
     base_url: str, mock_behaviour: MockBehaviour
 ) -> None:
