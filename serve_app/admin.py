@@ -109,6 +109,10 @@ class Admin:
         created = [_key_view(k) for k in await self.gateway.runtime_keys.listed()]
         return _json({"object": "list", "data": configured + created})
 
+    async def rotate_key(self, request: Request) -> Response:
+        secret, key = await self.gateway.runtime_keys.rotate(request.path_params["name"])
+        return _json({**_key_view(key), "key": secret})
+
     async def revoke_key(self, request: Request) -> Response:
         name = request.path_params["name"]
         await self.gateway.runtime_keys.revoke(name)

@@ -54,6 +54,16 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+# The key keeps its name and settings under a new secret; the old secret stops at once.
+_ROTATE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return false end
+local record = redis.call('HGET', KEYS[2], old)
+redis.call('HDEL', KEYS[2], old)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], record)
+return {old, record}
+"""
 _REVOKE = """
 local digest = redis.call('HGET', KEYS[1], ARGV[1])
 if not digest then return false end
@@ -122,6 +132,7 @@ class RuntimeKeys:
         self._generation = 0  # counts the changes heard: a read older than one is not kept
         self._create = redis.register_script(_CREATE)
         self._revoke = redis.register_script(_REVOKE)
+        self._rotate = redis.register_script(_ROTATE)
         self._watcher: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # announcements are heard (set while subscribed)
 
@@ -184,19 +195,34 @@ class RuntimeKeys:
         return secret, key
 
     async def revoke(self, name: str) -> None:
-        if name in self._reserved:
-            raise InvalidRequestError(
-                f"The key '{name}' is configured in config.yaml: remove it there.", param="name"
-            )
+        self._refuse_configured(name)
         digest = await self._revoke(keys=[BY_NAME, BY_DIGEST], args=[name])
         if not digest:
-            raise NotFoundError(f"No key named '{name}' was created here.", code="key_not_found")
+            raise _missing(name)
         digest = digest.decode() if isinstance(digest, bytes) else str(digest)
         await self._announce(digest)
+
+    async def rotate(self, name: str) -> tuple[str, RuntimeKey]:
+        """A new secret for the key ``name`` (its settings, expiry included, kept); the
+        old secret is refused from now on, on every replica as the change is announced."""
+        self._refuse_configured(name)
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        replaced = await self._rotate(keys=[BY_NAME, BY_DIGEST], args=[name, hash_key(secret)])
+        if not replaced:
+            raise _missing(name)
+        old, record = replaced
+        await self._announce(old.decode() if isinstance(old, bytes) else str(old))
+        return secret, RuntimeKey.from_json(record)
 
     async def listed(self) -> list[RuntimeKey]:
         records = await self._redis.hgetall(BY_DIGEST)
         return sorted((RuntimeKey.from_json(raw) for raw in records.values()), key=_by_name)
+
+    def _refuse_configured(self, name: str) -> None:
+        if name in self._reserved:
+            raise InvalidRequestError(
+                f"The key '{name}' is configured in config.yaml: change it there.", param="name"
+            )
 
     def _forget(self, digest: str) -> None:
         self._generation += 1
@@ -253,3 +279,7 @@ def _exists(name: str, why: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"A key named '{name}' {why}.", param="name", code="key_exists", status_code=409
     )
+
+
+def _missing(name: str) -> NotFoundError:
+    return NotFoundError(f"No key named '{name}' was created here.", code="key_not_found")

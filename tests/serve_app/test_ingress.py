@@ -362,13 +362,19 @@ async def test_a_key_created_at_run_time_works_at_once_and_stops_when_revoked(
         assert (late.status_code, late.json()["error"]["code"]) == (401, "expired_api_key")
         listed = {k["name"]: k for k in (await admin.get("/admin/keys")).json()["data"]}
         assert listed["brief"]["expired"] is True and listed["team-a"]["expired"] is False
+        rotated = await admin.post("/admin/keys/team-a/rotate")
+        assert rotated.status_code == 200 and rotated.json()["models"] == ["m"]
+        stale = await admin.post("/v1/chat/completions", json=ask, headers=team)
+        assert stale.status_code == 401  # the old secret stops at once
+        team = {"authorization": f"Bearer {rotated.json()['key']}"}
+        assert (await admin.post("/v1/chat/completions", json=ask, headers=team)).is_success
         gone = await admin.delete("/admin/keys/team-a")
         assert gone.status_code == 200 and gone.json() == {"name": "team-a", "revoked": True}
         refused = await admin.post("/v1/chat/completions", json=ask, headers=team)
         assert (refused.status_code, refused.json()["error"]["code"]) == (401, "invalid_api_key")
         assert (await admin.delete("/admin/keys/team-a")).status_code == 404
         assert (await admin.delete("/admin/keys/root")).status_code == 400
-    assert transport.calls == 2  # team-a once, brief once
+    assert transport.calls == 3  # team-a twice (before and after rotation), brief once
 
 
 @pytest.mark.integration

@@ -206,3 +206,29 @@ async def test_a_key_made_to_expire_is_refused_from_then_on_until_deleted(
         await ring.create(KeySpec(name="contractor"))
     await ring.revoke("contractor")
     assert (await ring.create(KeySpec(name="contractor")))[1].expires_ms is None
+
+
+async def test_a_rotated_key_keeps_its_settings_under_a_new_secret(
+    redis_client: aioredis.Redis,
+) -> None:
+    here, there = keys(redis_client, cache_s=60), keys(redis_client, cache_s=60)
+    there.start()
+    try:
+        old = await remembered(here, there)  # "team-a", remembered by `there`
+        secret, key = await here.rotate("team-a")
+        assert key.name == "team-a" and hash_key(secret) != old
+        assert await here.principal(old) is None
+        for _ in range(100):  # announced: the other replica drops the old secret too
+            if await there.principal(old) is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await there.principal(old) is None
+        found = await there.principal(hash_key(secret))
+        assert found is not None and found.key_id == "team-a"
+        assert [k.name for k in await here.listed()] == ["team-a"]
+        with pytest.raises(NotFoundError):
+            await here.rotate("never-made")
+        with pytest.raises(InvalidRequestError):
+            await here.rotate("local")
+    finally:
+        await there.stop()
