@@ -124,9 +124,9 @@ class PriceBook:
 
     def __init__(self, settings: PricingSettings | None = None) -> None:
         self.settings = settings or PricingSettings()
-        self._cache: dict[tuple[str, str | None, str], Price] = {}
-        self._warned: set[str] = set()
+        self._cache: dict[tuple[str, str | None, str], Price] = {}  # priced models only
         self._unpriced: set[tuple[str, str | None, str]] = set()  # found to have no price
+        self._zeros: dict[str, Price] = {}  # what an unpriced model is billed at (warned once)
         self._today = ("", 0.0)  # (UTC day, epoch second it ends): formatted once a day
 
     def _day(self, at: datetime | None) -> str:
@@ -143,13 +143,8 @@ class PriceBook:
         self, model: str, *, provider: str | None = None, at: datetime | None = None
     ) -> Price:
         """The price of ``model`` (public or upstream name) at time ``at`` (default now)."""
-        day = self._day(at)
-        cache_key = (model, provider, day)
-        price = self._cache.get(cache_key)
-        if price is None:
-            price = self._resolve(model, provider, at)
-            self._cache[cache_key] = price
-        return price
+        price = self.find(model, provider=provider, at=at)
+        return price if price is not None else self._unpriced_price(model)
 
     def find(
         self, model: str, *, provider: str | None = None, at: datetime | None = None
@@ -163,7 +158,7 @@ class PriceBook:
                 self._unpriced.add(cache_key)
             else:
                 self._cache[cache_key] = price
-        return None if price is None or price.source == UNPRICED else price
+        return price
 
     def _known(self, model: str, provider: str | None, at: datetime | None) -> Price | None:
         override = self.settings.overrides.get(model)
@@ -179,16 +174,16 @@ class PriceBook:
             return self._from_table(model, provider or self.settings.providers.get(model), at)
         return None
 
-    def _resolve(self, model: str, provider: str | None, at: datetime | None) -> Price:
-        found = self._known(model, provider, at)
-        if found is not None:
-            return found
+    def _unpriced_price(self, model: str) -> Price:
+        """A model found nowhere: refused, or billed at zero with one warning."""
         if self.settings.on_unknown_model == "error":
             raise UnknownModelPriceError(f"no price for model {model!r}")
-        if model not in self._warned:
-            self._warned.add(model)
+        zero = self._zeros.get(model)
+        if zero is None:
             log.warning("no price for model %r: billing it at zero", model)
-        return Price(model=model, rates=Rates(Decimal(0), Decimal(0)), source=UNPRICED, version="")
+            rates = Rates(Decimal(0), Decimal(0))
+            zero = self._zeros[model] = Price(model=model, rates=rates, source=UNPRICED, version="")
+        return zero
 
     def _from_table(self, model: str, provider: str | None, at: datetime | None) -> Price | None:
         snapshot = data_snapshot.get_snapshot()
