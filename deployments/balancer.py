@@ -132,8 +132,8 @@ class Balancer:
         measured: list[tuple[float, WeightedTarget]] = []
         for t in group.targets:
             key = _key(t)
-            found = self._latency.get(key)
-            if found is None or now - found[1] >= ttl:
+            found = self._measure(key, now, ttl)
+            if found is None:
                 probing = self._probing.get(key)
                 if probing is not None and now - probing < ttl:
                     last.append(t)
@@ -173,8 +173,7 @@ class Balancer:
         if ttl is None:
             return
         now = self._clock()
-        found = self._latency.get(key)
-        if found is None or now - found[1] >= ttl:
+        if self._measure(key, now, ttl) is None:
             self._probing.setdefault(key, now)
 
     def finished(self, target: Target, took_s: float | None) -> None:
@@ -187,13 +186,19 @@ class Balancer:
             return
         self._probing.pop(key, None)
         now = self._clock()
-        found = self._latency.get(key)
+        found = self._measure(key, now, ttl)
         if took_s is None:
             self._latency[key] = (math.inf, now)
-        elif found is None or math.isinf(found[0]) or now - found[1] >= ttl:
+        elif found is None or math.isinf(found[0]):
             self._latency[key] = (took_s, now)
         else:
             self._latency[key] = (found[0] + EWMA_ALPHA * (took_s - found[0]), now)
+
+    def _measure(self, key: _Key, now: float, ttl: float) -> tuple[float, float] | None:
+        """The target's latency estimate and when it was made, unless it is older than
+        ``ttl`` (then it is treated as never made)."""
+        found = self._latency.get(key)
+        return None if found is None or now - found[1] >= ttl else found
 
     def abandoned(self, target: Target) -> None:
         """A call ended with no answer to judge (its client left, or its own fault)."""
