@@ -179,7 +179,7 @@ class RuntimeKeys:
         unknown = sorted(set(spec.models or ()) - self._models)
         if unknown:
             raise InvalidRequestError(f"No models {unknown} are configured.", param="models")
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        secret = _new_secret()
         digest = hash_key(secret)
         created_ms = int(self._wall() * 1000)
         expires_ms = None
@@ -199,19 +199,18 @@ class RuntimeKeys:
         digest = await self._revoke(keys=[BY_NAME, BY_DIGEST], args=[name])
         if not digest:
             raise _missing(name)
-        digest = digest.decode() if isinstance(digest, bytes) else str(digest)
         await self._announce(digest)
 
     async def rotate(self, name: str) -> tuple[str, RuntimeKey]:
         """A new secret for the key ``name`` (its settings, expiry included, kept); the
         old secret is refused from now on, on every replica as the change is announced."""
         self._refuse_configured(name)
-        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        secret = _new_secret()
         replaced = await self._rotate(keys=[BY_NAME, BY_DIGEST], args=[name, hash_key(secret)])
         if not replaced:
             raise _missing(name)
         old, record = replaced
-        await self._announce(old.decode() if isinstance(old, bytes) else str(old))
+        await self._announce(old)
         return secret, RuntimeKey.from_json(record)
 
     async def listed(self) -> list[RuntimeKey]:
@@ -224,11 +223,12 @@ class RuntimeKeys:
                 f"The key '{name}' is configured in config.yaml: change it there.", param="name"
             )
 
-    def _forget(self, digest: str) -> None:
+    def _forget(self, digest: bytes | str) -> None:
+        """A change to the key with this digest (as Redis returns it) was made or heard."""
         self._generation += 1
-        self._seen.pop(digest, None)
+        self._seen.pop(digest.decode() if isinstance(digest, bytes) else digest, None)
 
-    async def _announce(self, digest: str) -> None:
+    async def _announce(self, digest: bytes | str) -> None:
         self._forget(digest)
         try:
             await self._redis.publish(CHANGED, digest)
@@ -259,8 +259,7 @@ class RuntimeKeys:
                     missed = False
                 self.listening.set()
             elif message["type"] == "message":
-                data = message["data"]
-                self._forget(data.decode() if isinstance(data, bytes) else str(data))
+                self._forget(message["data"])
 
         def down(_: BaseException) -> None:
             nonlocal missed
@@ -283,3 +282,7 @@ def _exists(name: str, why: str) -> InvalidRequestError:
 
 def _missing(name: str) -> NotFoundError:
     return NotFoundError(f"No key named '{name}' was created here.", code="key_not_found")
+
+
+def _new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
