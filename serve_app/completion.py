@@ -109,8 +109,7 @@ def require_json(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def usage_in(body: bytes) -> dict[str, Any] | None:
-    """The ``usage`` object of an OpenAI answer's body, if it has one."""
+def _usage(body: bytes) -> dict[str, Any] | None:
     try:
         usage = orjson.loads(body).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
@@ -156,7 +155,7 @@ class ChatPipeline:
         primary = Target(upstream=model.upstream, model=model.target_model)
         return self.stages.resilience.chain(model.name, primary=primary)
 
-    async def exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
+    async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
         if not plan.decision.lookup:
             return None
         hit = await self.stages.exact.lookup(plan.key, plan.decision.max_age_s)
@@ -206,7 +205,7 @@ class ChatPipeline:
     def _semantic_failed(self, reason: str) -> None:
         self.stages.metrics.inc("gateway_semantic_lookup_failures_total", 1, {"reason": reason})
 
-    async def remember(self, plan: Plan, body: bytes) -> None:
+    async def _remember(self, plan: Plan, body: bytes) -> None:
         """Store a complete answer in both tiers (before the flight ends, so a
         request arriving right after finds it)."""
         if not plan.decision.store:
@@ -262,9 +261,9 @@ class ChatPipeline:
     async def _complete(
         self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
     ) -> Response:
-        if (hit := await self.exact_hit(plan)) is not None:
+        if (hit := await self._exact_hit(plan)) is not None:
             body, headers = hit
-            charge = ticket.finish(usage_in(body), served_by="cache", cache="hit")
+            charge = ticket.finish(_usage(body), served_by="cache", cache="hit")
             self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
             headers = {**ctx.response_headers, **headers}
             if charge is not None:
@@ -302,7 +301,7 @@ class ChatPipeline:
         outcome: str = "ok",
     ) -> Charge | None:
         return ticket.finish(
-            meta["usage"] if "usage" in meta else usage_in(body),
+            meta["usage"] if "usage" in meta else _usage(body),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
@@ -352,7 +351,7 @@ class ChatPipeline:
             overflow=resilience.overflow(model.name),
         )
         body, usage = result.value
-        await self.remember(plan, body)
+        await self._remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
             "cache": status.value,
@@ -371,7 +370,7 @@ class ChatPipeline:
         want_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
         sse = {"cache-control": "no-cache"}
         hit: tuple[bytes, dict[str, Any]] | None = None
-        if (exact := await self.exact_hit(plan)) is not None:
+        if (exact := await self._exact_hit(plan)) is not None:
             hit = (exact[0], {"cache": "HIT"})
             status, served_by, headers = CacheStatus.HIT, "cache", exact[1]
         elif (semantic := await self._semantic_hit(plan)) is not None:
@@ -380,7 +379,7 @@ class ChatPipeline:
             headers = self._headers(ctx, plan, status, semantic[1], None)
         if hit is not None:
             body = hit[0]
-            charge = ticket.finish(usage_in(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
+            charge = ticket.finish(_usage(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
             if status is CacheStatus.HIT:
                 self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
             headers = {**ctx.response_headers, **headers, **sse}
@@ -574,7 +573,7 @@ class _StreamRelay:
         if not self.result.done:
             raise UpstreamError("The upstream stream ended before [DONE].")
         if self._keep and (body := self.assembler.body()) is not None:
-            await self.pipeline.remember(self.plan, body)
+            await self.pipeline._remember(self.plan, body)
 
     async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:

@@ -152,10 +152,7 @@ class Gateway:
         found = self.keys.resolve(request.headers.get("authorization"))
         if not isinstance(found, str):
             return found
-        return await self._created_key(found)
-
-    async def _created_key(self, digest: str) -> Principal:
-        principal = await self.runtime_keys.principal(digest)
+        principal = await self.runtime_keys.principal(found)
         if principal is None:
             raise unknown_key()
         return principal
@@ -183,9 +180,7 @@ class Gateway:
     # -- routes ----------------------------------------------------------
 
     async def chat(self, request: Request, request_id: str) -> Response:
-        principal = self.keys.resolve(request.headers.get("authorization"))
-        if isinstance(principal, str):  # the hot path spares itself an await for configured keys
-            principal = await self._created_key(principal)
+        principal = await self.principal(request)
         body, raw = await self._read_body(request)
         parsed = validate(ChatCompletionRequest, body)
         model = self._model(parsed.model, "chat", principal)
@@ -298,13 +293,13 @@ class Gateway:
         for path, handler, method in (
             ("/admin/limits", admin.get_limits, "GET"),
             ("/admin/limits", admin.put_limits, "PUT"),
-            ("/admin/budgets", admin.get_budgets, "GET"),
             ("/admin/limits", admin.reset_limits, "DELETE"),
+            ("/admin/budgets", admin.get_budgets, "GET"),
             ("/admin/budgets", admin.put_budgets, "PUT"),
             ("/admin/budgets", admin.reset_budgets, "DELETE"),
             ("/admin/breakers", admin.breakers, "GET"),
-            ("/admin/balance", admin.balance, "GET"),
             ("/admin/breakers/{action}", admin.breaker_action, "POST"),
+            ("/admin/balance", admin.balance, "GET"),
             ("/admin/cache/stats", admin.cache_stats, "GET"),
             ("/admin/cache", admin.cache_delete, "DELETE"),
             ("/admin/cache/flush", admin.cache_flush, "POST"),
@@ -371,9 +366,6 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return response
 
 
-__all__ = ["Gateway", "error_response", "json_response"]
-
-
 TAGS_HEADER = "x-gateway-tags"
 MAX_TAGS = 10
 _TAG = re.compile(r"[A-Za-z0-9._:=/-]{1,64}")
@@ -393,3 +385,6 @@ def spend_tags(header: str | None) -> tuple[str, ...]:
             param=TAGS_HEADER,
         )
     return tags
+
+
+__all__ = ["Gateway", "error_response", "json_response"]

@@ -138,7 +138,6 @@ class GatewayArgs(_Strict):
             "balance": {m: g.targets for m, g in self.resilience.balance.items()},
             "context_fallbacks": self.resilience.context_fallbacks,
         }
-        models = {m.name for m in self.models}
         for section, chains in routes.items():
             for name, targets in chains.items():
                 where = f"resilience.{section}.{name}"
