@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from deployments.tokens import estimate_prompt_tokens
 from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig
 
 JSON = "application/json"
@@ -55,8 +54,8 @@ def error(status: int, message: str, retry_after: float | None = None) -> MockAn
 
 
 def _over_window(body: dict[str, Any], window: int) -> MockAnswer | None:
-    """OpenAI's answer to a chat that does not fit the model's context window."""
-    prompt = estimate_prompt_tokens(body.get("messages") or [])
+    """OpenAI's answer to a request that does not fit the model's context window."""
+    prompt = MockBehaviour.prompt_tokens(body)
     wanted = prompt + int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
     if wanted <= window:
         return None
@@ -73,16 +72,32 @@ def _over_window(body: dict[str, Any], window: int) -> MockAnswer | None:
     return _json({"error": envelope}, 400)
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish}
-    payload = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
+def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# One streamed piece of an answer: its text ("" with a finish reason: the last one).
+_Piece = Callable[[str, str | None], dict[str, Any]]
+
+
+def _chat_piece(base: dict[str, Any]) -> _Piece:
+    def piece(text: str, finish: str | None) -> dict[str, Any]:
+        delta = {"content": text} if text else {}
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    return piece
+
+
+def _text_piece(base: dict[str, Any]) -> _Piece:
+    def piece(text: str, finish: str | None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    return piece
+
+
+def _role_delta() -> dict[str, Any]:
+    return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
 
 
 # A model call's answer, from its body's hash, its parsed body and its model.
@@ -104,9 +119,10 @@ class MockProvider:
 
     def __init__(self, behaviour: MockBehaviour | None = None) -> None:
         self.behaviour = behaviour or MockBehaviour()
-        chat, embeddings = "/v1/chat/completions", "/v1/embeddings"
+        chat, text, embeddings = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
         self.routes: dict[str, tuple[str, Callable[[bytes], MockAnswer | Admitted]]] = {
             chat: ("POST", lambda raw: self._call(chat, raw, self._chat)),
+            text: ("POST", lambda raw: self._call(text, raw, self._text)),
             embeddings: ("POST", lambda raw: self._call(embeddings, raw, self._embeddings)),
             "/v1/models": ("GET", self._models),
             "/_mock/stats": ("GET", self._stats),
@@ -151,56 +167,76 @@ class MockProvider:
             return MockAnswer(200, b'{"choices": [')
         return None
 
-    def _chat(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+    def _over_context(self, body: dict[str, Any], model: str) -> MockAnswer | None:
         window = self.behaviour.faults_for(model).context_tokens
-        if window is not None:
-            too_long = _over_window(body, window)
-            if too_long is not None:
-                return too_long
+        return _over_window(body, window) if window is not None else None
+
+    def _chat(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+        if (too_long := self._over_context(body, model)) is not None:
+            return too_long
         words = self.behaviour.answer_words(body)
         usage = self.behaviour.usage(body, len(words))
-        cid = "chatcmpl-mock-" + digest
-        created = int(time.time())
+        base = {"id": "chatcmpl-mock-" + digest, "created": int(time.time()), "model": model}
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = self._stream(cid, created, model, words, usage if include_usage else None)
-            return MockAnswer(200, content_type=SSE, stream=chunks)
+            base["object"] = "chat.completion.chunk"
+            opening = {**base, "choices": [_role_delta()]}
+            return self._streamed(body, model, words, usage, _chat_piece(base), opening)
         message = {"role": "assistant", "content": " ".join(words)}
-        return _json(
-            {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": usage,
-            }
-        )
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return _json({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
+
+    def _text(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+        """A legacy text completion (``/v1/completions``), as vLLM and Ollama serve it."""
+        if (too_long := self._over_context(body, model)) is not None:
+            return too_long
+        words = self.behaviour.answer_words(body)
+        usage = self.behaviour.usage(body, len(words))
+        base = {
+            "id": "cmpl-mock-" + digest,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        if body.get("stream"):
+            return self._streamed(body, model, words, usage, _text_piece(base), None)
+        choice = {"index": 0, "text": " ".join(words), "logprobs": None, "finish_reason": "stop"}
+        return _json({**base, "choices": [choice], "usage": usage})
+
+    def _streamed(
+        self,
+        body: dict[str, Any],
+        model: str,
+        words: list[str],
+        usage: dict[str, int],
+        piece: _Piece,
+        opening: dict[str, Any] | None,
+    ) -> MockAnswer:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = self._stream(model, words, usage if include_usage else None, piece, opening)
+        return MockAnswer(200, content_type=SSE, stream=chunks)
 
     async def _stream(
-        self, cid: str, created: int, model: str, words: list[str], usage: dict[str, int] | None
+        self,
+        model: str,
+        words: list[str],
+        usage: dict[str, int] | None,
+        piece: _Piece,
+        opening: dict[str, Any] | None,
     ) -> AsyncGenerator[bytes, None]:
         per_token_s = self.behaviour.config.latency.per_token_ms / 1000
         cut_after = self.behaviour.faults_for(model).cut_stream_after
-        yield _chunk(cid, created, model, {"role": "assistant", "content": ""}, None)
+        if opening is not None:
+            yield _sse(opening)
         for index, word in enumerate(words):
             if cut_after is not None and index >= cut_after:
                 raise ConnectionAbortedError("mock: stream cut by fault injection")
             if per_token_s:
                 await asyncio.sleep(per_token_s)
-            text = word if index == 0 else " " + word
-            yield _chunk(cid, created, model, {"content": text}, None)
-        yield _chunk(cid, created, model, {}, "stop")
+            yield _sse(piece(word if index == 0 else " " + word, None))
+        last = piece("", "stop")
+        yield _sse(last)
         if usage is not None:
-            payload = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-            yield b"data: " + orjson.dumps(payload) + b"\n\n"
+            yield _sse({**last, "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
 
     def _embeddings(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.tokens import estimate_prompt_tokens
+from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
 
 _WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
@@ -127,15 +127,24 @@ class MockBehaviour:
         return (latency.fixed_ms + jitter) / 1000 + self.faults_for(model).hang_s
 
     def answer_words(self, body: dict[str, Any]) -> list[str]:
-        """A deterministic answer: seeded by the request, bounded by max_tokens."""
-        digest = hashlib.sha256(repr(body.get("messages")).encode()).digest()
+        """A deterministic answer: seeded by the request's messages (a chat) or prompt
+        (a text completion), bounded by max_tokens."""
+        seed = body["messages"] if "messages" in body else body.get("prompt")
+        digest = hashlib.sha256(repr(seed).encode()).digest()
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         count = max(1, min(int(limit), 8 + digest[0] % 9))
         return [_WORDS[b % len(_WORDS)] for b in digest[:count]]  # count <= 16 < 32 bytes
 
     @staticmethod
-    def usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
-        prompt = estimate_prompt_tokens(body.get("messages") or [])
+    def prompt_tokens(body: dict[str, Any]) -> int:
+        """A chat's messages, or a text completion's prompt, in tokens."""
+        if "messages" in body or not isinstance(body.get("prompt"), str | list):
+            return estimate_prompt_tokens(body.get("messages") or [])
+        return estimate_input_tokens(body["prompt"])
+
+    @classmethod
+    def usage(cls, body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+        prompt = cls.prompt_tokens(body)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion_tokens,
