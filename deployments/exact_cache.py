@@ -46,6 +46,7 @@ from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
 from deployments.store_errors import STORE_ERRORS
 from deployments.tasks import cancel_and_wait
+from deployments.text_replay import is_complete_text_completion
 from serve_app.errors import StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,11 @@ class ExactCache:
             completion = orjson.loads(body)
         except orjson.JSONDecodeError:
             return False
-        if not (is_complete_completion(completion) or is_complete_embedding(completion)):
+        if not (
+            is_complete_completion(completion)
+            or is_complete_text_completion(completion)
+            or is_complete_embedding(completion)
+        ):
             return False
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
         gen, ttl_ms = self.near.generation, ttl_s * 1000

@@ -151,16 +151,22 @@ class _Choice:
         return message
 
 
-class StreamAssembler:
-    """Feed it the raw SSE bytes of a stream, in any slicing."""
+class ChunkAssembler:
+    """Feed it the raw SSE bytes of a stream, in any slicing: it keeps the root
+    fields, the usage and each choice (``_new_choice`` makes one with ``add``)."""
+
+    root_fields: tuple[str, ...] = _ROOT_FIELDS
 
     def __init__(self) -> None:
         self._buffer = b""
         self._root: dict[str, Any] = {}
-        self._choices: dict[int, _Choice] = {}
+        self._choices: dict[int, Any] = {}
         self._usage: Any = None
         self.done = False
         self.failed = False
+
+    def _new_choice(self) -> Any:
+        raise NotImplementedError
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -183,13 +189,33 @@ class StreamAssembler:
         if not isinstance(chunk, dict) or "error" in chunk:
             self.failed = True
             return
-        for name in _ROOT_FIELDS:
+        for name in self.root_fields:
             if name in chunk and name not in self._root:
                 self._root[name] = chunk[name]
         if chunk.get("usage") is not None:
             self._usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
-            self._choices.setdefault(choice.get("index", 0), _Choice()).add(choice)
+            index = choice.get("index", 0) if isinstance(choice, Mapping) else None
+            if not isinstance(index, int):  # a choice no provider sends: not storable
+                self.failed = True
+                return
+            if index not in self._choices:
+                self._choices[index] = self._new_choice()
+            self._choices[index].add(choice)
+
+    def completion(self) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def body(self) -> bytes | None:
+        completion = self.completion()
+        return orjson.dumps(completion) if completion is not None else None
+
+
+class StreamAssembler(ChunkAssembler):
+    """A ``chat.completion.chunk`` stream put back together."""
+
+    def _new_choice(self) -> _Choice:
+        return _Choice()
 
     def completion(self) -> dict[str, Any] | None:
         """The whole answer as a ``chat.completion``, or None if it is not complete."""
@@ -209,7 +235,3 @@ class StreamAssembler:
         if self._usage is not None:
             completion["usage"] = self._usage
         return completion if is_complete_completion(completion) else None
-
-    def body(self) -> bytes | None:
-        completion = self.completion()
-        return orjson.dumps(completion) if completion is not None else None
