@@ -163,17 +163,20 @@ class CostMeter:
         prompt_tokens_estimate: int,
         max_tokens: int | None,
         *,
+        choices: int = 1,
         provider: str | None = None,
         served_models: Sequence[str] = (),
     ) -> Decimal:
         """The most the call may cost, whichever of ``served_models`` answers it (each is
-        billed at its own price when it has one, see ``charge``)."""
+        billed at its own price when it has one, see ``charge``): ``choices``
+        completions of up to ``max_tokens`` each."""
         prices = [self.book.lookup(model, provider=provider)]
         for served in served_models:
             found = self.book.find(served, provider=provider) if served != model else None
             if found is not None:
                 prices.append(found)
         output = max_tokens if max_tokens is not None else self.settings.default_max_tokens
+        output *= max(1, choices)
         return max(worst_case_cost(p, prompt_tokens_estimate, output) for p in prices)
 
     def charge(

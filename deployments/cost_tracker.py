@@ -88,6 +88,7 @@ class CostTracker:
             ctx.model,
             ctx.prompt_tokens_estimate,
             ctx.max_tokens,
+            choices=ctx.choices,
             provider=provider,
             served_models=self._served.get(ctx.model, ()),
         )

@@ -137,11 +137,12 @@ class RateLimiter:
 
     def reservation(self, ctx: RequestContext) -> int:
         """Tokens held for a request until it settles: its prompt estimate plus,
-        for chat, its max_tokens (or ``default_max_tokens``)."""
+        unless it asks for embeddings, its max_tokens (or ``default_max_tokens``)
+        for each completion it asks for."""
         completion = self.settings.default_max_tokens if ctx.max_tokens is None else ctx.max_tokens
         if ctx.route == "embeddings":
             completion = 0
-        return max(0, ctx.prompt_tokens_estimate) + max(0, completion)
+        return max(0, ctx.prompt_tokens_estimate) + max(0, completion) * max(1, ctx.choices)
 
     async def acquire(self, ctx: RequestContext) -> LimitDecision:
         """Decide and record; raise ``RateLimitError`` (429) on a rejection and

@@ -21,6 +21,9 @@ Canonical form, so every replica and every run agrees:
 - a message whose content is a list holding one text part is the same as one
   whose content is that string (OpenAI documents them as equivalent).
 
+A request to another route than chat (``completions``, ``embeddings``) has
+the route in its digest: one body sent to two routes asks two questions.
+
 The *semantic scope* is the same digest computed with the final user message's
 text blanked out: the semantic tier only compares entries within one scope and
 measures similarity on that text alone.
@@ -151,9 +154,11 @@ def _answer_fields(body: Mapping[str, Any], model: str | None) -> dict[str, Any]
     return fields
 
 
-def _digest(namespace: str, fields: Mapping[str, Any]) -> str:
-    payload = canonical_json({"v": KEY_VERSION, "ns": namespace, "req": fields})
-    return hashlib.sha256(payload).hexdigest()
+def _digest(namespace: str, fields: Mapping[str, Any], route: str) -> str:
+    envelope: dict[str, Any] = {"v": KEY_VERSION, "ns": namespace, "req": fields}
+    if route != "chat":  # one body sent to two routes asks two questions; chat keys predate this
+        envelope["route"] = route
+    return hashlib.sha256(canonical_json(envelope)).hexdigest()
 
 
 def _final_user_text(messages: list[Any]) -> str | None:
@@ -165,22 +170,25 @@ def _final_user_text(messages: list[Any]) -> str | None:
     return str(last["content"])
 
 
-def request_key(body: Mapping[str, Any], *, namespace: str, model: str | None = None) -> RequestKey:
-    """The key of a chat request ``body`` in cache namespace ``namespace``.
+def request_key(
+    body: Mapping[str, Any], *, namespace: str, model: str | None = None, route: str = "chat"
+) -> RequestKey:
+    """The key of a request ``body`` to the gateway's ``route`` (``chat``,
+    ``completions``, ``embeddings``) in cache namespace ``namespace``.
 
     ``model`` is the model the gateway resolved the request to, when it differs
     from the body's (an alias); two aliases of one model then share entries.
     """
     namespace = canonical(namespace)
     fields = _answer_fields(body, model)
-    digest = _digest(namespace, fields)
-    text = _final_user_text(fields["messages"])
+    digest = _digest(namespace, fields, route)
+    text = _final_user_text(fields["messages"]) if route == "chat" else None
     if text is None:
         return RequestKey(namespace, digest, digest, None)
     scoped = dict(fields)
     scoped["messages"] = [*fields["messages"][:-1], {**fields["messages"][-1]}]
     scoped["messages"][-1]["content"] = _SCOPE_PLACEHOLDER
-    return RequestKey(namespace, digest, _digest(namespace, scoped), text)
+    return RequestKey(namespace, digest, _digest(namespace, scoped, route), text)
 
 
 class RequestKeys:
@@ -192,19 +200,26 @@ class RequestKeys:
     def __init__(self, entries: int = 2048, max_body_bytes: int = 8192) -> None:
         self._entries = entries
         self._max_body_bytes = max_body_bytes
-        self._memo: OrderedDict[tuple[str, str | None, bytes], RequestKey] = OrderedDict()
+        self._memo: OrderedDict[tuple[str, str | None, str, bytes], RequestKey] = OrderedDict()
 
     def key(
-        self, body: Mapping[str, Any], raw: bytes, *, namespace: str, model: str | None = None
+        self,
+        body: Mapping[str, Any],
+        raw: bytes,
+        *,
+        namespace: str,
+        model: str | None = None,
+        route: str = "chat",
     ) -> RequestKey:
         if not raw or len(raw) > self._max_body_bytes:
-            return request_key(body, namespace=namespace, model=model)
-        memo_key = (namespace, model, raw)
+            return request_key(body, namespace=namespace, model=model, route=route)
+        memo_key = (namespace, model, route, raw)
         found = self._memo.get(memo_key)
         if found is not None:
             self._memo.move_to_end(memo_key)
             return found
-        found = self._memo[memo_key] = request_key(body, namespace=namespace, model=model)
+        found = request_key(body, namespace=namespace, model=model, route=route)
+        self._memo[memo_key] = found
         if len(self._memo) > self._entries:
             self._memo.popitem(last=False)
         return found

@@ -32,7 +32,8 @@ from deployments.dedup import ChunkReader, Flight, Role, StreamFlight
 from deployments.provider import ProviderClient, UpstreamStream
 from deployments.request_key import RequestKey, RequestKeys
 from deployments.resilience import ResilienceResult, Target
-from deployments.sse_replay import StreamAssembler, replay_sse
+from deployments.sse_replay import ChunkAssembler, StreamAssembler, replay_sse
+from deployments.text_replay import TextStreamAssembler, replay_text_sse
 from serve_app.context import RequestContext
 from serve_app.errors import GatewayError, UpstreamError
 from serve_app.settings import GatewayArgs, ModelSettings
@@ -78,7 +79,11 @@ class Plan:
         if self._key is None:
             ctx = self._ctx
             self._key = self._keys.key(
-                ctx.body, ctx.raw_body, namespace=self.decision.namespace, model=self._model
+                ctx.body,
+                ctx.raw_body,
+                namespace=self.decision.namespace,
+                model=self._model,
+                route=ctx.route,
             )
         return self._key
 
@@ -387,7 +392,7 @@ class ChatPipeline:
             if charge is not None:
                 headers["x-request-cost"] = charge.header_value()
                 cost = charge.usage_fields()
-            replay = _replay(body, want_usage, cost)
+            replay = _replay(REPLAYS[ctx.route](body, include_usage=want_usage), cost)
             return StreamingResponse(replay, headers=headers, media_type="text/event-stream")
 
         holder: dict[str, ResilienceResult[UpstreamStream]] = {}
@@ -441,7 +446,10 @@ class ChatPipeline:
                 "gateway_upstream_ttft_seconds",
                 target,
                 self.provider.open_stream(
-                    target.upstream, "/chat/completions", _payload(body, target), ctx.request_id
+                    target.upstream,
+                    UPSTREAM_PATHS[ctx.route],
+                    _payload(body, target),
+                    ctx.request_id,
                 ),
             )
 
@@ -465,9 +473,9 @@ class ChatPipeline:
         return generate
 
 
-async def _replay(body: bytes, want_usage: bool, cost: dict[str, Any]) -> AsyncIterator[bytes]:
-    """A cached answer as SSE; its usage chunk carries the (zero) cost like a live one."""
-    for event in replay_sse(body, include_usage=want_usage):
+async def _replay(events: Iterator[bytes], cost: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A cached answer's SSE; its usage chunk carries the (zero) cost like a live one."""
+    for event in events:
         data = event_data(event.strip())
         if cost and data and data != b"[DONE]":
             chunk = orjson.loads(data)
@@ -499,7 +507,7 @@ class _StreamRelay:
         self.role: Role | None = None
         self.meta: dict[str, Any] = {"cache": "MISS" if plan.decision.lookup else "BYPASS"}
         self.result = StreamResult()
-        self.assembler = StreamAssembler()
+        self.assembler = ASSEMBLERS[ctx.route]()
         self.splitter = EventSplitter()
         self.received = False
         self.left = False  # the client went away before the end
@@ -649,7 +657,20 @@ class _StreamRelay:
 
 # The upstream route each of the gateway's routes calls (non-streamed answers share one path:
 # cache tiers, single flight, billing).
-UPSTREAM_PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
+UPSTREAM_PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+}
+# How each streamed route's answers are replayed from the cache and put back together.
+REPLAYS: dict[str, Callable[..., Iterator[bytes]]] = {
+    "chat": replay_sse,
+    "completions": replay_text_sse,
+}
+ASSEMBLERS: dict[str, Callable[[], ChunkAssembler]] = {
+    "chat": StreamAssembler,
+    "completions": TextStreamAssembler,
+}
 
 
 def _payload(body: dict[str, Any], target: Target) -> bytes:

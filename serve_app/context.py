@@ -45,13 +45,15 @@ class Principal:
 class RequestContext:
     request_id: str
     principal: Principal
-    route: str  # "chat" | "embeddings"
+    route: str  # "chat" | "completions" | "embeddings"
     model: str  # the public model name the client asked for
     body: dict[str, Any]  # the validated request body as a plain dict (upstream-bound)
     stream: bool = False
     end_user: str | None = None  # the body's `user` field
     prompt_tokens_estimate: int = 0
     max_tokens: int | None = None
+    # Completions the request asks for (n, best_of, one per prompt): each may run to max_tokens.
+    choices: int = 1
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased request headers
     raw_body: bytes = b""  # the body as received (the request-key memo's key)
     response_headers: dict[str, str] = field(default_factory=dict)  # stages add theirs here

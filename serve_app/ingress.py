@@ -41,7 +41,12 @@ from serve_app.errors import (
 from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.replica_stats import ReplicaStats
 from serve_app.runtime_keys import RuntimeKeys
-from serve_app.schemas import ChatCompletionRequest, EmbeddingsRequest, validate
+from serve_app.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    validate,
+)
 from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import SemanticCacheClient, Stages
 from serve_app.store import Store
@@ -179,47 +184,45 @@ class Gateway:
 
     # -- routes ----------------------------------------------------------
 
-    async def chat(self, request: Request, request_id: str) -> Response:
+    async def _serve(
+        self,
+        request: Request,
+        request_id: str,
+        route: str,
+        read: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]],
+    ) -> Response:
+        """A model call on ``route``: ``read`` validates the body and gives its model
+        name and what the stages need to know of it (``RequestContext`` fields)."""
         principal = await self.principal(request)
         body, raw = await self._read_body(request)
-        parsed = validate(ChatCompletionRequest, body)
-        model = self._model(parsed.model, "chat", principal)
+        name, fields = read(body)
+        model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
         request.state.model = model.name
         ctx = RequestContext(
             request_id=request_id,
             principal=principal,
-            route="chat",
-            model=parsed.model,
+            route=route,
+            model=model.name,
             body=body,
-            stream=parsed.stream,
-            end_user=parsed.user,
-            prompt_tokens_estimate=estimate_prompt_tokens(body["messages"]),
-            max_tokens=parsed.max_completion_tokens or parsed.max_tokens,
             headers={"cache-control": request.headers.get("cache-control", "")},
             raw_body=raw,
             tags=spend_tags(request.headers.get(TAGS_HEADER)),
+            **fields,
         )
         return await self.pipeline.run(ctx, model)
 
+    async def chat(self, request: Request, request_id: str) -> Response:
+        return await self._serve(request, request_id, "chat", _read_chat)
+
+    async def completions(self, request: Request, request_id: str) -> Response:
+        """``/v1/completions``: a prompt to a text-generation (``kind: chat``) model,
+        through the same stages as chat (the semantic tier, which compares chat
+        messages, aside)."""
+        return await self._serve(request, request_id, "completions", _read_completion)
+
     async def embeddings(self, request: Request, request_id: str) -> Response:
-        principal = await self.principal(request)
-        body, raw = await self._read_body(request)
-        parsed = validate(EmbeddingsRequest, body)
-        model = self._model(parsed.model, "embeddings", principal)
-        request.state.model = model.name
-        ctx = RequestContext(
-            request_id=request_id,
-            principal=principal,
-            route="embeddings",
-            model=parsed.model,
-            body=body,
-            end_user=parsed.user,
-            prompt_tokens_estimate=estimate_input_tokens(parsed.input),
-            headers={"cache-control": request.headers.get("cache-control", "")},
-            raw_body=raw,
-            tags=spend_tags(request.headers.get(TAGS_HEADER)),
-        )
-        return await self.pipeline.run(ctx, model)  # deterministic: cached and coalesced
+        # deterministic: cached and coalesced with no opt-in
+        return await self._serve(request, request_id, "embeddings", _read_embeddings)
 
     async def list_models(self, request: Request, request_id: str) -> Response:
         principal = await self.principal(request)
@@ -283,6 +286,7 @@ class Gateway:
         chat = self._endpoint(CHAT_PATH, self.chat)
         routes = [
             Route(CHAT_PATH, chat, methods=["POST"]),
+            route("/v1/completions", self.completions, "POST"),
             route("/v1/embeddings", self.embeddings, "POST"),
             route("/v1/models", self.list_models, "GET"),
             route("/v1/models/{model:path}", self.retrieve_model, "GET"),
@@ -364,6 +368,36 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     response = error_response(error)
     response.headers["x-request-id"] = new_request_id()
     return response
+
+
+def _read_chat(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parsed = validate(ChatCompletionRequest, body)
+    return parsed.model, {
+        "stream": parsed.stream,
+        "end_user": parsed.user,
+        "prompt_tokens_estimate": estimate_prompt_tokens(body["messages"]),
+        "max_tokens": parsed.max_completion_tokens or parsed.max_tokens,
+        "choices": parsed.n or 1,
+    }
+
+
+def _read_completion(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parsed = validate(CompletionRequest, body)
+    return parsed.model, {
+        "stream": parsed.stream,
+        "end_user": parsed.user,
+        "prompt_tokens_estimate": estimate_input_tokens(parsed.prompt),
+        "max_tokens": parsed.max_tokens,
+        "choices": max(parsed.n or 1, parsed.best_of or 1) * parsed.prompts,
+    }
+
+
+def _read_embeddings(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parsed = validate(EmbeddingsRequest, body)
+    return parsed.model, {
+        "end_user": parsed.user,
+        "prompt_tokens_estimate": estimate_input_tokens(parsed.input),
+    }
 
 
 TAGS_HEADER = "x-gateway-tags"

@@ -4,9 +4,9 @@ fields below are the ones the gateway itself relies on or must bound."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictBool, ValidationError
 
 from serve_app.errors import InvalidRequestError
 
@@ -21,6 +21,30 @@ class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text_or_tokens(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value) or all(_is_token(v) for v in value):
+            return value
+        if all(isinstance(v, list) and v and all(_is_token(t) for t in v) for v in value):
+            return value
+    raise ValueError(
+        "expected a string, or a non-empty array of strings, of token ids or of arrays of token ids"
+    )
+
+
+# An embeddings input or a completion prompt. One check instead of pydantic's union,
+# whose error names a member of the union ('input.str') rather than the field.
+TextOrTokens = Annotated[
+    str | list[str] | list[int] | list[list[int]], PlainValidator(_text_or_tokens)
+]
 
 
 class StreamOptions(_Open):
@@ -41,9 +65,32 @@ class ChatCompletionRequest(_Open):
     user: str | None = Field(None, max_length=256)
 
 
+class CompletionRequest(_Open):
+    """A legacy text completion (``/v1/completions``): what vLLM, Ollama and
+    OpenAI's instruct models serve."""
+
+    model: str = Field(min_length=1)
+    prompt: TextOrTokens
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo scores a prompt
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=128)
+    user: str | None = Field(None, max_length=256)
+
+    @property
+    def prompts(self) -> int:
+        """How many prompts the request holds: each gets its own completions."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return 1
+        return len(self.prompt)
+
+
 class EmbeddingsRequest(_Open):
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: TextOrTokens
     user: str | None = Field(None, max_length=256)
 
 
@@ -55,6 +102,5 @@ def validate(schema: type[M], payload: object) -> M:
         first = exc.errors(include_url=False)[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         where = f"'{param}'" if param else "the body"
-        raise InvalidRequestError(
-            f"Invalid value for {where}: {first['msg']}", param=param
-        ) from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise InvalidRequestError(f"Invalid value for {where}: {message}", param=param) from None

@@ -50,7 +50,7 @@ class StreamResult:
     done: bool = False
     usage: dict[str, Any] | None = None
     last: dict[str, Any] | None = None  # the latest parsed chunk
-    text: list[str] = field(default_factory=list)  # the choices' delta contents
+    text: list[str] = field(default_factory=list)  # the choices' delta contents (or texts)
     error: GatewayError | None = None
 
     def completion_text(self) -> str:
@@ -70,7 +70,11 @@ def inspect_event(data: bytes, result: StreamResult) -> bool:
         return True
     result.last = chunk
     for choice in chunk.get("choices") or ():
-        content = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict):
+            continue
+        # A chat chunk's delta, or a text completion's text (``/v1/completions``).
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else choice.get("text")
         if isinstance(content, str) and content:
             result.text.append(content)
     if chunk.get("usage"):

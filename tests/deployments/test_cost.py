@@ -153,6 +153,10 @@ def test_reservation_is_the_worst_case() -> None:
     assert meter().reservation("o1", 100, 1000) == Decimal("0.0615")
     default = CostMeter(CostSettings(default_max_tokens=10)).reservation("o1", 0, None)
     assert default == Decimal("0.0006")
+    # n=3 (or 3 prompts, or best_of=3): three answers of up to 1000 tokens each
+    assert meter().reservation("o1", 100, 1000, choices=3) == Decimal("0.1815")
+    several = CostMeter(CostSettings(default_max_tokens=10)).reservation("o1", 0, None, choices=2)
+    assert several == Decimal("0.0012")
 
 
 def test_the_model_that_answered_is_billed_at_its_own_price() -> None:

@@ -299,3 +299,21 @@ async def test_idle_windows_expire(redis_client: aioredis.Redis) -> None:
     for key in (state.log_key, state.costs_key):
         # The window, plus one slice (an entry's stamp moves up to a slice), plus 1 s.
         assert 90_000 < await redis_client.pttl(key) <= 92_000
+
+
+def test_the_reservation_holds_max_tokens_for_every_completion_asked_for() -> None:
+    """n (chat), best_of and several prompts (``/v1/completions``) each multiply the
+    completion tokens a request may produce; embeddings produce none."""
+    import redis.asyncio as aioredis
+
+    limiter = RateLimiter(aioredis.Redis(), limits(default_max_tokens=50))  # never connects
+    one = ctx(prompt=10, max_tokens=100)
+    assert limiter.reservation(one) == 110
+    one.choices = 4
+    assert limiter.reservation(one) == 410
+    unset = ctx(prompt=10, max_tokens=None)
+    unset.choices = 3
+    assert limiter.reservation(unset) == 160
+    embeddings = ctx(prompt=10, max_tokens=None, route="embeddings")
+    embeddings.choices = 3
+    assert limiter.reservation(embeddings) == 10

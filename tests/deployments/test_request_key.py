@@ -178,4 +178,35 @@ def test_the_memo_gives_the_key_request_key_gives() -> None:
     assert len(keys._memo) == 2  # bounded
     big = {"model": "m", "messages": [{"role": "user", "content": "x" * 10_000}]}
     assert keys.key(big, orjson.dumps(big), namespace="t/a") == request_key(big, namespace="t/a")
-    assert all(len(raw) < 10_000 for _, _, raw in keys._memo)  # big bodies are not kept
+    assert all(len(key[-1]) < 10_000 for key in keys._memo)  # big bodies are not kept
+
+
+def test_one_body_sent_to_two_routes_has_two_keys() -> None:
+    """A body with both ``messages`` and ``prompt`` asks chat one question and
+    ``/v1/completions`` another: their answers must never share an entry, even
+    when the memo has seen the same bytes on the other route."""
+    import orjson
+
+    from deployments.request_key import RequestKeys
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}
+    chat = request_key(body, namespace="t/a")
+    text = request_key(body, namespace="t/a", route="completions")
+    assert chat.digest != text.digest
+    assert chat.digest == request_key(body, namespace="t/a", route="chat").digest
+    assert text.final_user_text is None  # the semantic tier compares chat messages only
+    keys, raw = RequestKeys(), orjson.dumps(body)
+    assert keys.key(body, raw, namespace="t/a") == chat
+    assert keys.key(body, raw, namespace="t/a", route="completions") == text
+
+
+def test_chat_keys_do_not_change_with_routes() -> None:
+    """Chat entries stored before routes entered the key are still found: a chat
+    key is the digest of the envelope without a route."""
+    import hashlib
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    envelope = {"v": "v1", "ns": "t/a", "req": body}
+    expected = hashlib.sha256(canonical_json(envelope)).hexdigest()
+    assert request_key(body, namespace="t/a", route="chat").digest == expected
+    assert request_key(body, namespace="t/a", route="embeddings").digest != expected

@@ -132,6 +132,31 @@ def test_openai_sdk_chat_stream_and_models(
         sdk.models.retrieve("no-such-model")
 
 
+def test_openai_sdk_legacy_completions(sdk: openai.OpenAI, mock_behaviour: MockBehaviour) -> None:
+    """``/v1/completions`` through Ray and the SDK: answered by the upstream's own
+    completions route, streamed as ``text_completion`` chunks with the same text."""
+    completion = sdk.completions.create(model="mock-gpt", prompt="Once upon a time", max_tokens=12)
+    assert completion.object == "text_completion"
+    text = completion.choices[0].text
+    assert text and completion.usage is not None and completion.usage.completion_tokens > 0
+    assert mock_behaviour.stats.by_path["/v1/completions"] == 1
+    stream = sdk.completions.create(
+        model="mock-gpt",
+        prompt="Once upon a time",
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    for chunk in stream:
+        parts.extend(choice.text for choice in chunk.choices)
+        usage = chunk.usage or usage
+    assert "".join(parts) == text  # same prompt, same deterministic answer
+    assert usage is not None and usage.completion_tokens == completion.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError):  # an embeddings model writes no text
+        sdk.completions.create(model="mock-embed", prompt="x")
+
+
 def test_openai_sdk_exceptions(
     base_url: str, sdk: openai.OpenAI, mock_behaviour: MockBehaviour
 ) -> None:
