@@ -258,26 +258,34 @@ class Ledger:
             out += [LedgerRecord.from_json(raw) for raw in await self.redis.mget(chunk) if raw]
         return out
 
-    async def summary(self, group_by: GroupBy, since: date, until: date) -> list[SummaryRow]:
-        """Aggregates per group over the days ``since``..``until`` (inclusive), summed."""
+    async def summary(
+        self, group_by: GroupBy, since: date, until: date, *, only: str | None = None
+    ) -> list[SummaryRow]:
+        """Aggregates per group over the days ``since``..``until`` (inclusive), summed;
+        ``only``: that one group's (a key's own spend: one read a day, not every key's)."""
         dim = "all" if group_by == "day" else group_by
         lo, hi = int(since.strftime("%Y%m%d")), int(until.strftime("%Y%m%d"))
         days = [d.decode() for d in await self.redis.zrangebyscore(self._key("days"), lo, hi)]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for day in days:
-                pipe.smembers(self._key("idx", day, dim))
-            member_sets = await pipe.execute()
-        pairs = [
-            (day, m.decode())
-            for day, members in zip(days, member_sets, strict=True)
-            for m in members
-        ]
+        if only is not None:
+            pairs = [(day, only) for day in days]
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for day in days:
+                    pipe.smembers(self._key("idx", day, dim))
+                member_sets = await pipe.execute()
+            pairs = [
+                (day, m.decode())
+                for day, members in zip(days, member_sets, strict=True)
+                for m in members
+            ]
         async with self.redis.pipeline(transaction=False) as pipe:
             for day, member in pairs:
                 pipe.hgetall(self._key("agg", day, dim, member))
             hashes = await pipe.execute()
         totals: dict[str, dict[str, int]] = {}
         for (day, member), fields in zip(pairs, hashes, strict=True):
+            if not fields:
+                continue  # ``only`` spent nothing that day
             group = day if group_by == "day" else member
             acc = totals.setdefault(group, {})
             for name, value in fields.items():

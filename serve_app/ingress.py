@@ -38,6 +38,7 @@ from serve_app.errors import (
     PayloadTooLargeError,
     StoreUnavailableError,
 )
+from serve_app.key_info import key_info
 from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.replica_stats import ReplicaStats
 from serve_app.runtime_keys import RuntimeKeys
@@ -235,6 +236,10 @@ class Gateway:
         model = self._visible(request.path_params["model"], principal)
         return json_response(_model_object(model))
 
+    async def key_info(self, request: Request, request_id: str) -> Response:
+        """``GET /v1/key``: the calling key's own limits, budgets and spend."""
+        return json_response(await key_info(self, request))
+
     async def healthz(self, request: Request, request_id: str) -> Response:
         return json_response({"status": "ok"})
 
@@ -289,6 +294,7 @@ class Gateway:
             route("/v1/completions", self.completions, "POST"),
             route("/v1/embeddings", self.embeddings, "POST"),
             route("/v1/models", self.list_models, "GET"),
+            route("/v1/key", self.key_info, "GET"),
             route("/v1/models/{model:path}", self.retrieve_model, "GET"),
             route("/healthz", self.healthz, "GET"),
             route("/readyz", self.readyz, "GET"),

@@ -141,12 +141,15 @@ class RuntimeKeys:
     async def principal(self, digest: str) -> Principal | None:
         """Who holds the key with this digest; None when no such key exists, and
         ``AuthenticationError`` when it has expired."""
+        key = await self.live(digest)
+        return None if key is None else key.principal()
+
+    async def live(self, digest: str) -> RuntimeKey | None:
+        """The key with this digest (None: no such key), unless it has expired."""
         key = await self._key(digest)
-        if key is None:
-            return None
-        if key.expired(self._wall() * 1000):
+        if key is not None and key.expired(self._wall() * 1000):
             raise AuthenticationError("This API key has expired.", code="expired_api_key")
-        return key.principal()
+        return key
 
     async def _key(self, digest: str) -> RuntimeKey | None:
         now = self._clock()

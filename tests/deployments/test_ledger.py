@@ -82,6 +82,10 @@ async def test_every_grouping_adds_up_to_its_records(redis_client: aioredis.Redi
             assert row.prompt_tokens == sum(r.prompt_tokens for r in mine)
             assert row.cache_hits == sum(r.cache == "hit" for r in mine)
             assert row.estimated == sum(r.estimated for r in mine)
+            if group_by != "day":  # one group's own row, read without listing the others
+                only = await ledger.summary(group_by, since, until, only=row.group)  # type: ignore[arg-type]
+                assert only == [row], group_by
+    assert await ledger.summary("key", since, until, only="no-such-key") == []
 
 
 async def test_spend_adds_up_under_each_tag_a_request_carries(

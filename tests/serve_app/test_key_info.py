@@ -1,0 +1,148 @@
+"""``GET /v1/key`` in process (no Ray) against the mock upstream and a real store:
+a key sees its own limits, budgets and spend, and nobody else's."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from serve_app.ingress import Gateway
+from serve_app.settings import hash_key
+from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process
+
+pytestmark = pytest.mark.integration
+
+PRICE = {"input_per_mtok": "1000", "output_per_mtok": "2000"}  # dear, so cents show
+
+
+def _gateway(mock_server: MockServer, redis_url: str) -> Gateway:
+    suffix = uuid.uuid4().hex[:8]  # the store outlives the test: fresh names, fresh spend
+    mine, theirs, tenant = f"mine-{suffix}", f"theirs-{suffix}", f"t-{suffix}"
+    args = gateway_args(
+        mock_server.base_url,
+        redis_url,
+        api_keys=[
+            {"name": "local", "key_sha256": hash_key(LOCAL_KEY), "tenant": tenant, "admin": True},
+            {
+                "name": mine,
+                "key_sha256": hash_key(f"sk-{mine}"),
+                "tenant": tenant,
+                "user": "ann",
+                "models": ["mock-gpt"],
+            },
+            {"name": theirs, "key_sha256": hash_key(OTHER_KEY), "tenant": tenant},
+        ],
+        limits={
+            "per_key": {"overrides": {mine: [{"window": "1m", "requests": 100}]}},
+            "per_tenant": {"default": [{"window": "1h", "tokens": 1_000_000}]},
+        },
+        budgets={"keys": {mine: {"daily_usd": "5"}}, "default_tenant": {"monthly_usd": "100"}},
+        cost={"pricing": {"overrides": {"mock-gpt": PRICE}}, "ledger": {"flush_interval_ms": 50}},
+    )
+    gateway = Gateway(args)
+    gateway.test_names = (mine, theirs, tenant)  # type: ignore[attr-defined]
+    return gateway
+
+
+async def _info(client: httpx.AsyncClient, key: str) -> dict[str, Any]:
+    answer = await client.get("/v1/key", headers=auth(key))
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"]
+
+
+async def _spent_today(client: httpx.AsyncClient, key: str, requests: int) -> dict[str, Any]:
+    for _ in range(100):  # the ledger is written in batches, a moment after the answer
+        info = await _info(client, key)
+        if info["spend"]["today"]["requests"] >= requests:
+            return info
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the ledger never showed {requests} requests: {info}")
+
+
+async def test_a_key_sees_its_own_limits_budgets_and_spend(
+    mock_server: MockServer, redis_url: str
+) -> None:
+    gateway = _gateway(mock_server, redis_url)
+    mine, theirs, tenant = gateway.test_names  # type: ignore[attr-defined]
+    async with in_process(gateway, LOCAL_KEY) as client:
+        fresh = await _info(client, f"sk-{mine}")
+        assert fresh["name"] == mine and fresh["tenant"] == tenant and fresh["user"] == "ann"
+        assert fresh["source"] == "config" and fresh["expires_at"] is None
+        assert fresh["models"] == ["mock-gpt"] and fresh["admin"] is False
+        assert fresh["spend"]["today"] == {
+            "usd": "0",
+            "requests": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+        }
+        assert fresh["limits"] == [
+            {
+                "scope": "key",
+                "subject": mine,
+                "window": "1m",
+                "requests": 100,
+                "tokens": None,
+                "shadow": False,
+            },
+            {
+                "scope": "tenant",
+                "subject": tenant,
+                "window": "1h",
+                "requests": None,
+                "tokens": 1_000_000,
+                "shadow": False,
+            },
+        ]
+        assert {(b["scope"], b["period"], b["limit_usd"]) for b in fresh["budgets"]} == {
+            ("key", "daily", "5"),
+            ("tenant", "monthly", "100"),
+        }
+
+        # 20 tokens at most: the worst case of 4,096 (the default) would not fit $5.
+        body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+        body["max_tokens"] = 20
+        answers = [
+            await client.post("/v1/chat/completions", json=body, headers=auth(f"sk-{mine}"))
+            for _ in range(2)
+        ]
+        assert all(a.status_code == 200 for a in answers)
+        cost = sum(Decimal(a.headers["x-request-cost"]) for a in answers)
+        assert cost > 0
+
+        spent = await _spent_today(client, f"sk-{mine}", 2)
+        assert Decimal(spent["spend"]["today"]["usd"]) == cost
+        assert spent["spend"]["month"]["requests"] >= 2
+        (daily,) = [b for b in spent["budgets"] if b["scope"] == "key"]
+        assert Decimal(daily["spent_usd"]) == cost and Decimal(daily["held_usd"]) == 0
+        assert Decimal(daily["remaining_usd"]) == Decimal(5) - cost
+
+        # Another key of the same tenant sees its own spend, not this one's.
+        other = await _info(client, OTHER_KEY)
+        assert other["name"] == theirs and other["spend"]["today"]["requests"] == 0
+        assert other["limits"] == [fresh["limits"][1]]  # only the tenant's
+
+
+async def test_a_key_made_at_run_time_shows_when_it_expires(
+    mock_server: MockServer, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        name = f"temp-{uuid.uuid4().hex[:8]}"
+        made = await client.post(
+            "/admin/keys", json={"name": name, "tenant": "t", "expires_in_s": 3600}
+        )
+        assert made.status_code in (200, 201), made.text
+        info = await _info(client, made.json()["key"])
+        assert info["name"] == name and info["source"] == "runtime"
+        assert info["expires_at"] is not None and info["expires_at"].endswith("+00:00")
+
+
+async def test_no_key_no_answer(mock_server: MockServer, redis_url: str) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        for headers in ({"authorization": ""}, auth("sk-nobody")):
+            refused = await client.get("/v1/key", headers=headers)
+            assert refused.status_code == 401 and "error" in refused.json()
