@@ -170,11 +170,13 @@ class CostMeter:
         """The most the call may cost, whichever of ``served_models`` answers it (each is
         billed at its own price when it has one, see ``charge``): ``choices``
         completions of up to ``max_tokens`` each."""
-        prices = [self.book.lookup(model, provider=provider)]
-        for served in served_models:
-            found = self.book.find(served, provider=provider) if served != model else None
-            if found is not None:
-                prices.append(found)
+        prices = [
+            price
+            for name in dict.fromkeys((model, *served_models))
+            if (price := self.book.find(name, provider=provider)) is not None
+        ]
+        if not prices:  # priced nowhere: billed at zero with a warning, or refused
+            prices = [self.book.lookup(model, provider=provider)]
         output = max_tokens if max_tokens is not None else self.settings.default_max_tokens
         output *= max(1, choices)
         return max(worst_case_cost(p, prompt_tokens_estimate, output) for p in prices)

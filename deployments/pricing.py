@@ -30,6 +30,7 @@ TABLE_SOURCE = "genai-prices"
 UNPRICED = "unpriced"
 TABLE_VERSION = package_version("genai-prices")
 _RATE_KEYS = ("input_mtok", "output_mtok", "cache_read_mtok", "output_reasoning_mtok")
+MEMO_ENTRIES = 4096  # prices remembered per (model, provider, day)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,11 @@ class PriceBook:
     ) -> Price | None:
         """Like ``lookup``, but None for a model with no price (no warning, no error)."""
         cache_key = (model, provider, self._day(at))
+        if len(self._cache) + len(self._unpriced) >= MEMO_ENTRIES:
+            # Wildcard models let clients choose names: what is remembered stays bounded.
+            self._cache.clear()
+            self._unpriced.clear()
+            self._zeros.clear()
         price = self._cache.get(cache_key)
         if price is None and cache_key not in self._unpriced:
             price = self._known(model, provider, at)

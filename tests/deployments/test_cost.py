@@ -18,6 +18,7 @@ from deployments.cost import (
     to_pico,
 )
 from deployments.pricing import (
+    MEMO_ENTRIES,
     TABLE_SOURCE,
     PriceBook,
     PriceOverride,
@@ -188,6 +189,28 @@ def test_a_reservation_holds_the_priciest_model_that_may_answer() -> None:
     chain = m.reservation("gpt-4o-mini", 100, 1000, served_models=("gpt-4o-mini", "o1", "nope"))
     assert alone == Decimal("0.000615") and chain == m.reservation("o1", 100, 1000)
     assert m.reservation("o1", 100, 1000, served_models=("gpt-4o-mini",)) == chain
+
+
+def test_a_hold_for_an_unpriced_public_name_is_priced_by_the_model_it_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wildcard's match ("openai/o1") or an alias has no price of its own: the hold is the
+    upstream model's, with no "billing it at zero" warning, and "error" does not refuse it."""
+    m = meter()
+    held = m.reservation("openai/o1", 100, 1000, served_models=("o1",))
+    assert held == m.reservation("o1", 100, 1000) and "openai/o1" not in caplog.text
+    strict = CostMeter(CostSettings(pricing=PricingSettings(on_unknown_model="error")))
+    assert strict.reservation("openai/o1", 100, 1000, served_models=("o1",)) == held
+    with pytest.raises(UnknownModelPriceError):
+        strict.reservation("openai/nothing", 100, 1000, served_models=("nothing",))
+
+
+def test_the_price_book_remembers_a_bounded_number_of_names() -> None:
+    m = meter()
+    for i in range(MEMO_ENTRIES + 10):
+        assert m.book.find(f"made-up-{i}") is None
+    assert len(m.book._unpriced) + len(m.book._cache) <= MEMO_ENTRIES
+    assert m.book.find("o1") is not None
 
 
 def test_money_formats_and_picodollars() -> None:
