@@ -90,7 +90,8 @@ class CostTracker:
             ctx.max_tokens,
             choices=ctx.choices,
             provider=provider,
-            served_models=self._served.get(ctx.model, ()),
+            served_models=self._served.get(ctx.model)
+            or ((ctx.target_model,) if ctx.target_model else ()),
         )
         reservation = await self.guard.reserve(
             ctx.request_id,

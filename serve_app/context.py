@@ -54,6 +54,7 @@ class RequestContext:
     max_tokens: int | None = None
     # Completions the request asks for (n, best_of, one per prompt): each may run to max_tokens.
     choices: int = 1
+    target_model: str | None = None  # the upstream's name for the model (a wildcard's match)
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased request headers
     raw_body: bytes = b""  # the body as received (the request-key memo's key)
     response_headers: dict[str, str] = field(default_factory=dict)  # stages add theirs here

@@ -40,6 +40,7 @@ from serve_app.errors import (
 )
 from serve_app.key_info import key_info
 from serve_app.metrics import MetricSink, NullMetrics
+from serve_app.model_routes import ModelRoutes
 from serve_app.replica_stats import ReplicaStats
 from serve_app.runtime_keys import RuntimeKeys
 from serve_app.schemas import (
@@ -93,7 +94,7 @@ class Gateway:
         self.replica_stats = ReplicaStats()
         self.semantic = semantic
         self.keys = KeyRing(args.api_keys)
-        self.models: dict[str, ModelSettings] = {m.name: m for m in args.models}
+        self.routes = ModelRoutes(args.models)
         self.provider = provider or ProviderClient(args.upstreams)
         self.store = store
 
@@ -104,14 +105,16 @@ class Gateway:
         # Admin calls reach any replica: each knows every breaker, not only those it has called.
         resilience = self.args.resilience
         routed = {m for m, chain in resilience.fallbacks.items() if chain} | {*resilience.balance}
-        for m in (m for m in self.args.models if m.name not in routed):
+        for m in self.routes.exact.values():
+            if m.name in routed:
+                continue
             self.stages.resilience.breaker_name(Target(upstream=m.upstream, model=m.target_model))
         await self.stages.start()
         self.pipeline = ChatPipeline(self.args, self.stages, self.provider)
         self.runtime_keys = RuntimeKeys(
             self.stages.redis,
             reserved_names=[k.name for k in self.args.api_keys],
-            models=self.models,
+            models=[m.name for m in self.args.models],
         )
         self.runtime_keys.start()
         self.admin = Admin(self)
@@ -166,8 +169,8 @@ class Gateway:
     def _visible(self, name: str, principal: Principal) -> ModelSettings:
         """The model, if it exists and the key may use it; else OpenAI's 404, which does
         not tell a model that exists from one that does not."""
-        model = self.models.get(name)
-        if model is None or not principal.may_use(name):
+        model = self.routes.get(name)
+        if model is None or not (principal.may_use(name) or principal.may_use(model.entry)):
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model",
@@ -198,7 +201,9 @@ class Gateway:
         body, raw = await self._read_body(request)
         name, fields = read(body)
         model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
-        request.state.model = model.name
+        request.state.model = model.entry  # a label: a wildcard's matches are the client's
+        if model.upstream_model is not None:
+            fields["target_model"] = model.upstream_model
         ctx = RequestContext(
             request_id=request_id,
             principal=principal,
@@ -227,7 +232,7 @@ class Gateway:
 
     async def list_models(self, request: Request, request_id: str) -> Response:
         principal = await self.principal(request)
-        data = [_model_object(m) for m in self.models.values() if principal.may_use(m.name)]
+        data = [_model_object(m) for m in self.routes.listed() if principal.may_use(m.name)]
         return json_response({"object": "list", "data": data})
 
     async def retrieve_model(self, request: Request, request_id: str) -> Response:

@@ -85,7 +85,7 @@ async def key_info(gateway: Gateway, request: Request) -> dict[str, Any]:
     expires_at = None
     if found.expires_ms is not None:
         expires_at = datetime.fromtimestamp(found.expires_ms / 1000, UTC).isoformat()
-    models = [m for m in gateway.models if principal.may_use(m)]
+    models = [m.name for m in gateway.args.models if principal.may_use(m.name)]
     return {
         "data": {
             "name": principal.key_id,

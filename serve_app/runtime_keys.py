@@ -38,7 +38,7 @@ from serve_app.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
-from serve_app.settings import hash_key
+from serve_app.settings import hash_key, model_is_known
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class RuntimeKeys:
         """A new key and its secret, which is shown this once."""
         if spec.name in self._reserved:
             raise _exists(spec.name, "is configured in config.yaml")
-        unknown = sorted(set(spec.models or ()) - self._models)
+        unknown = sorted(m for m in spec.models or () if not model_is_known(m, self._models))
         if unknown:
             raise InvalidRequestError(f"No models {unknown} are configured.", param="models")
         secret = _new_secret()

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from deployments.budget import BudgetSettings
 from deployments.cache_policy import CachePolicySettings
@@ -47,17 +55,54 @@ class UpstreamSettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    """A public model name and where it is served."""
+    """A public model name and where it is served. A name ending in ``*`` serves
+    every name with that prefix (``serve_app/model_routes.py``)."""
 
     name: str = Field(min_length=1)
     upstream: str
-    upstream_model: str | None = None  # the name the upstream knows it by; default: `name`
+    # The name the upstream knows it by; default: ``name`` (a wildcard's: what ``*`` matched).
+    upstream_model: str | None = None
     kind: Literal["chat", "embeddings"] = "chat"
     owned_by: str = "llm-gateway"
+    _entry: str | None = PrivateAttr(None)  # the wildcard entry this name was resolved by
+
+    @model_validator(mode="after")
+    def _wildcard_at_the_end(self) -> ModelSettings:
+        if "*" in self.name[:-1]:
+            raise ValueError(f"model {self.name!r}: '*' may only end a name (as in 'openai/*')")
+        if self.name.endswith("*") and (self.upstream_model or "").count("*") > 1:
+            raise ValueError(f"model {self.name!r}: upstream_model may hold one '*' at most")
+        return self
 
     @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
+
+    @property
+    def entry(self) -> str:
+        """The configured entry that serves this model: its own name, or a wildcard's."""
+        return self._entry or self.name
+
+    def resolved(self, name: str, upstream_model: str) -> ModelSettings:
+        """This wildcard entry serving ``name`` as the upstream's ``upstream_model``."""
+        model = self.model_copy(update={"name": name, "upstream_model": upstream_model})
+        model._entry = self.name
+        return model
+
+
+def wildcard_match(entry: str, name: str) -> str | None:
+    """What the ``*`` of wildcard model ``entry`` matches in ``name`` (None: no match,
+    or only blanks: a bare prefix is no model)."""
+    if not entry.endswith("*"):
+        return None
+    prefix = entry[:-1]
+    suffix = name[len(prefix) :]
+    return suffix if name.startswith(prefix) and suffix.strip() else None
+
+
+def model_is_known(name: str, entries: Collection[str]) -> bool:
+    """Whether a model entry, or a wildcard one, serves ``name``."""
+    return name in entries or any(wildcard_match(entry, name) is not None for entry in entries)
 
 
 class ApiKeySettings(_Strict):
@@ -127,7 +172,7 @@ class GatewayArgs(_Strict):
             self._known_upstream(f"model {model.name!r}", model.upstream)
         models = {m.name for m in self.models}
         for key in self.api_keys:
-            unknown = sorted(set(key.models or ()) - models)
+            unknown = sorted(m for m in key.models or () if not model_is_known(m, models))
             if unknown:
                 raise ValueError(
                     f"api key {key.name!r} allows models {unknown}, "
@@ -143,6 +188,8 @@ class GatewayArgs(_Strict):
                 where = f"resilience.{section}.{name}"
                 if name not in models:
                     raise ValueError(f"{where}: no model {name!r} among models {sorted(models)}")
+                if name.endswith("*"):
+                    raise ValueError(f"{where}: a wildcard model has no {section} of its own")
                 for target in targets:
                     self._known_upstream(where, target.upstream)
         return self
@@ -152,7 +199,7 @@ class GatewayArgs(_Strict):
         the targets of its balance group, fallback chain and context fallbacks."""
         found: dict[str, tuple[str, ...]] = {}
         resilience = self.resilience
-        for m in self.models:
+        for m in (m for m in self.models if not m.name.endswith("*")):
             chains = (resilience.fallbacks, resilience.context_fallbacks)
             names = [m.target_model, *(t.model for c in chains for t in c.get(m.name, ()))]
             if (group := resilience.balance.get(m.name)) is not None:
