@@ -184,7 +184,7 @@ class Resilience:
         policy = self.settings.policy(target.upstream)
         name = target.upstream
         if policy.breaker_scope == "model":
-            name = f"{target.upstream}/{target.model}"
+            name = f"{target.upstream}/{target.breaker_model}"
         self._breakers.setdefault(name, policy.breaker)
         return name
 

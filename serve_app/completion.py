@@ -158,6 +158,8 @@ class ChatPipeline:
     def chain(self, model: ModelSettings) -> list[Target]:
         """The model's upstream, then its configured fallbacks."""
         primary = Target(upstream=model.upstream, model=model.target_model)
+        if model.entry != model.name:
+            primary = primary.sharing_breaker(model.entry)
         return self.stages.resilience.chain(model.name, primary=primary)
 
     async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:

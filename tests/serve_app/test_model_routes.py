@@ -124,7 +124,8 @@ async def test_a_wildcard_model_is_served_priced_and_allowed_by_its_entry(
         budgets={"tenants": {tenant: {"daily_usd": "0.05"}}},
     )
     sink = LabelSink()
-    async with in_process(Gateway(args, metrics=sink), LOCAL_KEY) as client:
+    gateway = Gateway(args, metrics=sink)
+    async with in_process(gateway, LOCAL_KEY) as client:
         body = {
             "model": "mock/tiny",
             "max_tokens": 20,
@@ -161,4 +162,7 @@ async def test_a_wildcard_model_is_served_priced_and_allowed_by_its_entry(
                 "/v1/chat/completions", json={**body, "model": model}, headers=auth(key)
             )
             assert got.status_code == status, (key, model, got.text)
+        # Its matches share the wildcard's breaker (one deployment, as LiteLLM cools one down).
+        breakers = set(gateway.stages.resilience._breakers)
+        assert "mock/mock/*" in breakers and not any("tiny" in b for b in breakers)
     assert sink.models == {"mock/*", ""}  # never the client's "mock/tiny" ("": refused first)
