@@ -332,6 +332,16 @@ class ProviderClient:
             raise _status_error(stream.status, stream.headers, payload)
         return stream
 
+    async def get(self, upstream: str, path: str, timeout_s: float) -> UpstreamResponse:
+        """A GET with the upstream's headers (``/models``, for a health check): off the
+        request path, so a client of its own rather than a pooled transport, which
+        speaks POST only. Any status is returned; a failure to connect raises."""
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            response = await client.get(
+                self._url(upstream, path), headers=self._base_headers[upstream]
+            )
+        return UpstreamResponse(response.status_code, dict(response.headers), response.content)
+
     def _request_headers(self, upstream: str, request_id: str | None) -> dict[str, str]:
         headers = self._base_headers[upstream]
         if request_id is None:

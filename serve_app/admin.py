@@ -25,6 +25,7 @@ from deployments.budget import BudgetSettings
 from deployments.ledger import GroupBy
 from deployments.limiter_settings import LimiterSettings
 from deployments.recommendations import summary_csv, summary_json
+from serve_app import upstream_health
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
 from serve_app.runtime_keys import KeySpec, RuntimeKey
 from serve_app.runtime_settings import KEY_PREFIX, RuntimeSetting
@@ -102,10 +103,16 @@ class Admin:
 
     async def list_keys(self, request: Request) -> Response:
         configured = [
-            {"name": k.name, "tenant": k.tenant, "user": k.user, "models": k.models,
-             "admin": k.admin, "source": "config"}
+            {
+                "name": k.name,
+                "tenant": k.tenant,
+                "user": k.user,
+                "models": k.models,
+                "admin": k.admin,
+                "source": "config",
+            }
             for k in self.gateway.args.api_keys
-        ]  # fmt: skip
+        ]
         created = [_key_view(k) for k in await self.gateway.runtime_keys.listed()]
         return _json({"object": "list", "data": configured + created})
 
@@ -157,6 +164,26 @@ class Admin:
     async def breakers(self, request: Request) -> Response:
         snapshots = await self.gateway.stages.resilience.breakers()
         return _json([{**s._asdict(), "state": s.state.name} for s in snapshots])
+
+    async def health(self, request: Request) -> Response:
+        """``GET /admin/health[?call=true][&timeout_s=10]``: ``serve_app/upstream_health.py``."""
+        query = request.query_params
+        call = query.get("call", "false").lower()
+        if call not in ("true", "false"):
+            raise InvalidRequestError("call must be true or false.", param="call")
+        try:
+            timeout_s = float(query.get("timeout_s", "10"))
+        except ValueError:
+            timeout_s = -1.0
+        if not 0 < timeout_s <= 60:
+            raise InvalidRequestError(
+                "timeout_s must be a number of seconds up to 60.", param="timeout_s"
+            )
+        gateway = self.gateway
+        report = await upstream_health.check(
+            gateway.args, gateway.provider, call=call == "true", timeout_s=timeout_s
+        )
+        return _json(report)
 
     async def balance(self, request: Request) -> Response:
         resilience = self.gateway.stages.resilience

@@ -315,6 +315,7 @@ class Gateway:
             ("/admin/breakers", admin.breakers, "GET"),
             ("/admin/breakers/{action}", admin.breaker_action, "POST"),
             ("/admin/balance", admin.balance, "GET"),
+            ("/admin/health", admin.health, "GET"),
             ("/admin/cache/stats", admin.cache_stats, "GET"),
             ("/admin/cache", admin.cache_delete, "DELETE"),
             ("/admin/cache/flush", admin.cache_flush, "POST"),
