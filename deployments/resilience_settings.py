@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.breaker import BreakerSettings
 from deployments.bulkhead import BulkheadSettings
@@ -18,18 +18,23 @@ class Target(BaseModel):
 
     upstream: str
     model: str  # the upstream's own model name
-    # The model name its breaker goes by, when not ``model``: a wildcard's matches share
-    # the wildcard's (one deployment, as LiteLLM cools one down), since clients choose them.
-    _breaker_model: str | None = PrivateAttr(None)
-
-    def sharing_breaker(self, model: str) -> Target:
-        shared = self.model_copy()
-        shared._breaker_model = model
-        return shared
 
     @property
     def breaker_model(self) -> str:
-        return self._breaker_model or self.model
+        """The model name its breaker goes by (``breaker_scope: model``)."""
+        return self.model
+
+
+class SharedBreakerTarget(Target):
+    """A target whose breaker goes by another name than its model: a wildcard's matches
+    share the wildcard's (one deployment, as LiteLLM cools one down), since clients
+    choose them. Not a config type: only the request path makes one."""
+
+    shared_breaker: str
+
+    @property
+    def breaker_model(self) -> str:
+        return self.shared_breaker
 
 
 class WeightedTarget(Target):

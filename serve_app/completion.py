@@ -32,10 +32,12 @@ from deployments.dedup import ChunkReader, Flight, Role, StreamFlight
 from deployments.provider import ProviderClient, UpstreamStream
 from deployments.request_key import RequestKey, RequestKeys
 from deployments.resilience import ResilienceResult, Target
+from deployments.resilience_settings import SharedBreakerTarget
 from deployments.sse_replay import ChunkAssembler, StreamAssembler, replay_sse
 from deployments.text_replay import TextStreamAssembler, replay_text_sse
 from serve_app.context import RequestContext
 from serve_app.errors import GatewayError, UpstreamError
+from serve_app.model_routes import ModelRoutes
 from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import Stages
 from serve_app.streaming import (
@@ -123,8 +125,15 @@ def _usage(body: bytes) -> dict[str, Any] | None:
 
 
 class ChatPipeline:
-    def __init__(self, args: GatewayArgs, stages: Stages, provider: ProviderClient) -> None:
+    def __init__(
+        self,
+        args: GatewayArgs,
+        stages: Stages,
+        provider: ProviderClient,
+        routes: ModelRoutes | None = None,
+    ) -> None:
         self.args = args
+        self.routes = routes or ModelRoutes(args.models)
         self.stages = stages
         self.provider = provider
         self.keys = RequestKeys()
@@ -157,9 +166,13 @@ class ChatPipeline:
 
     def chain(self, model: ModelSettings) -> list[Target]:
         """The model's upstream, then its configured fallbacks."""
-        primary = Target(upstream=model.upstream, model=model.target_model)
-        if model.entry != model.name:
-            primary = primary.sharing_breaker(model.entry)
+        entry = self.routes.entry(model.name)
+        if entry == model.name:
+            primary = Target(upstream=model.upstream, model=model.target_model)
+        else:
+            primary = SharedBreakerTarget(
+                upstream=model.upstream, model=model.target_model, shared_breaker=entry
+            )
         return self.stages.resilience.chain(model.name, primary=primary)
 
     async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:

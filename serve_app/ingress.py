@@ -110,7 +110,7 @@ class Gateway:
                 continue
             self.stages.resilience.breaker_name(Target(upstream=m.upstream, model=m.target_model))
         await self.stages.start()
-        self.pipeline = ChatPipeline(self.args, self.stages, self.provider)
+        self.pipeline = ChatPipeline(self.args, self.stages, self.provider, self.routes)
         self.runtime_keys = RuntimeKeys(
             self.stages.redis,
             reserved_names=[k.name for k in self.args.api_keys],
@@ -170,7 +170,9 @@ class Gateway:
         """The model, if it exists and the key may use it; else OpenAI's 404, which does
         not tell a model that exists from one that does not."""
         model = self.routes.get(name)
-        if model is None or not (principal.may_use(name) or principal.may_use(model.entry)):
+        if model is None or not (
+            principal.may_use(name) or principal.may_use(self.routes.entry(name))
+        ):
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model",
@@ -201,7 +203,8 @@ class Gateway:
         body, raw = await self._read_body(request)
         name, fields = read(body)
         model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
-        request.state.model = model.entry  # a label: a wildcard's matches are the client's
+        # A label: what a wildcard matched is the client's to choose, so its entry's name.
+        request.state.model = self.routes.entry(model.name)
         if model.upstream_model is not None:
             fields["target_model"] = model.upstream_model
         ctx = RequestContext(

@@ -32,26 +32,35 @@ class ModelRoutes:
             (m for m in models if is_pattern(m.name)), key=lambda m: len(m.name), reverse=True
         )
         self._remembered = remembered
-        self._resolved: dict[str, ModelSettings | None] = {}
+        # name -> (the model it resolves to, the wildcard entry's name), or None: no model
+        self._resolved: dict[str, tuple[ModelSettings, str] | None] = {}
 
     def get(self, name: str) -> ModelSettings | None:
         found = self.exact.get(name)
         if found is not None or not self.patterns:
             return found
-        if name in self._resolved:
-            return self._resolved[name]
-        found = self._match(name)
-        if len(self._resolved) >= self._remembered:
-            self._resolved.clear()  # names are the client's to choose: the memo stays bounded
-        self._resolved[name] = found
-        return found
+        if name not in self._resolved:
+            if len(self._resolved) >= self._remembered:
+                self._resolved.clear()  # names are the client's to choose: the memo stays bounded
+            self._resolved[name] = self._match(name)
+        resolved = self._resolved[name]
+        return None if resolved is None else resolved[0]
 
-    def _match(self, name: str) -> ModelSettings | None:
+    def entry(self, name: str) -> str:
+        """The configured entry that serves model ``name`` (got from ``get``): its own, or
+        the wildcard's that matched it."""
+        if not self.patterns or name in self.exact:
+            return name
+        resolved = self._resolved.get(name) or self._match(name)  # forgotten since ``get``
+        return name if resolved is None else resolved[1]
+
+    def _match(self, name: str) -> tuple[ModelSettings, str] | None:
         for entry in self.patterns:
             suffix = wildcard_match(entry.name, name)
             if suffix is not None:
                 target = (entry.upstream_model or WILDCARD).replace(WILDCARD, suffix, 1)
-                return entry.resolved(name, target)
+                model = entry.model_copy(update={"name": name, "upstream_model": target})
+                return model, entry.name
         return None
 
     def listed(self) -> list[ModelSettings]:

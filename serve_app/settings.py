@@ -16,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     HttpUrl,
-    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -64,7 +63,6 @@ class ModelSettings(_Strict):
     upstream_model: str | None = None
     kind: Literal["chat", "embeddings"] = "chat"
     owned_by: str = "llm-gateway"
-    _entry: str | None = PrivateAttr(None)  # the wildcard entry this name was resolved by
 
     @model_validator(mode="after")
     def _wildcard_at_the_end(self) -> ModelSettings:
@@ -77,17 +75,6 @@ class ModelSettings(_Strict):
     @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
-
-    @property
-    def entry(self) -> str:
-        """The configured entry that serves this model: its own name, or a wildcard's."""
-        return self._entry or self.name
-
-    def resolved(self, name: str, upstream_model: str) -> ModelSettings:
-        """This wildcard entry serving ``name`` as the upstream's ``upstream_model``."""
-        model = self.model_copy(update={"name": name, "upstream_model": upstream_model})
-        model._entry = self.name
-        return model
 
 
 def wildcard_match(entry: str, name: str) -> str | None:

@@ -41,7 +41,7 @@ def test_an_exact_entry_wins_then_the_longest_prefix() -> None:
     for name, (upstream, target, entry) in cases.items():
         model = routes.get(name)
         assert model is not None
-        assert (model.name, model.upstream, model.target_model, model.entry) == (
+        assert (model.name, model.upstream, model.target_model, routes.entry(name)) == (
             name,
             upstream,
             target,
@@ -66,6 +66,7 @@ def test_what_is_remembered_stays_bounded() -> None:
     for i in range(100):
         assert routes.get(f"m{i}") is not None
     assert len(routes._resolved) <= 8
+    assert routes.entry("m0") == "*"  # forgotten since, and still known
 
 
 @pytest.mark.parametrize(
