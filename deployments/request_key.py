@@ -74,6 +74,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 _SCOPE_PLACEHOLDER = "\x00final-user-text\x00"
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,8 @@ def canonical(value: Any) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             return repr(value)  # JSON has no NaN/inf; keep them distinct anyway
-        return int(value) if value.is_integer() else value
+        # Folded only where JSON writers keep an integer (orjson: 64 bits): 1e20 stays a float.
+        return int(value) if value.is_integer() and _INT_MIN <= value <= _INT_MAX else value
     if isinstance(value, Mapping):
         return {
             canonical(k): canonical(v)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from deployments.request_key import canonical_json, request_key
+from deployments.request_key import canonical, canonical_json, request_key
 
 BASE: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -210,3 +210,15 @@ def test_chat_keys_do_not_change_with_routes() -> None:
     expected = hashlib.sha256(canonical_json(envelope)).hexdigest()
     assert request_key(body, namespace="t/a", route="chat").digest == expected
     assert request_key(body, namespace="t/a", route="embeddings").digest != expected
+
+
+def test_a_whole_float_past_64_bits_stays_a_float() -> None:
+    """1e20 folded to an int could not be written as JSON (orjson stops at 64 bits): a
+    cacheable request carrying one failed with a 500."""
+    big = {**BASE, "seed": 1e20}
+    assert key(big) != key({**BASE, "seed": 1e19})
+    assert (
+        canonical(1e20) == 1e20
+        and canonical(2.0**63) == 2**63
+        and canonical(-(2.0**63)) == -(2**63)
+    )
