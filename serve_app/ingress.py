@@ -41,6 +41,7 @@ from serve_app.errors import (
 from serve_app.key_info import key_info
 from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.model_routes import ModelRoutes
+from serve_app.prompt_guard import PromptGuard
 from serve_app.replica_stats import ReplicaStats
 from serve_app.runtime_keys import RuntimeKeys
 from serve_app.schemas import (
@@ -95,6 +96,7 @@ class Gateway:
         self.semantic = semantic
         self.keys = KeyRing(args.api_keys)
         self.routes = ModelRoutes(args.models)
+        self.guard = PromptGuard(args.prompt_guard, self.metrics)
         self.provider = provider or ProviderClient(args.upstreams)
         self.store = store
 
@@ -203,6 +205,8 @@ class Gateway:
         body, raw = await self._read_body(request)
         name, fields = read(body)
         model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
+        if self.guard.enabled:
+            self.guard.check(route, body, principal.tenant)
         # A label: what a wildcard matched is the client's to choose, so its entry's name.
         request.state.model = self.routes.entry(model.name)
         if model.upstream_model is not None:

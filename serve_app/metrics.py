@@ -136,6 +136,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("from_breaker", "to_breaker"),
         None,
     ),
+    "gateway_prompt_guard_blocked_total": (
+        "counter",
+        "Requests the prompt guard refused, by the rule that refused them (deny or allow).",
+        ("rule",),
+        None,
+    ),
     "gateway_context_fallbacks_total": (
         "counter",
         "Requests too long for a target's context window, handed to the model's context fallbacks.",

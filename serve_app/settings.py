@@ -28,6 +28,7 @@ from deployments.exact_cache import ExactCacheSettings
 from deployments.limiter_settings import LimiterSettings
 from deployments.resilience_settings import ResilienceSettings, Target
 from deployments.semantic_cache import SemanticCacheSettings
+from serve_app.prompt_guard import PromptGuardSettings
 from serve_app.store_settings import StoreSettings
 
 
@@ -143,6 +144,7 @@ class GatewayArgs(_Strict):
     resilience: ResilienceSettings = ResilienceSettings()
     cost: CostArgs = CostArgs()
     budgets: BudgetSettings = BudgetSettings()
+    prompt_guard: PromptGuardSettings = PromptGuardSettings()
 
     @field_validator("models")
     @classmethod
