@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from serve_app.context import Principal
 from serve_app.errors import AuthenticationError
@@ -14,7 +14,12 @@ log = logging.getLogger(__name__)
 
 
 class KeyRing:
-    def __init__(self, keys: Iterable[ApiKeySettings]) -> None:
+    def __init__(
+        self,
+        keys: Iterable[ApiKeySettings],
+        tenant_models: Mapping[str, frozenset[str] | None] | None = None,
+    ) -> None:
+        tenant_models = tenant_models or {}
         self._by_digest: dict[str, Principal] = {}
         for key in keys:
             digest = key.digest()
@@ -27,6 +32,7 @@ class KeyRing:
                 user=key.user,
                 admin=key.admin,
                 models=None if key.models is None else frozenset(key.models),
+                tenant_models=tenant_models.get(key.tenant),
             )
 
     def authenticate(self, authorization: str | None) -> Principal:

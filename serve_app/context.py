@@ -36,9 +36,16 @@ class Principal:
     user: str | None = None  # the key's own user, if the key belongs to one person
     admin: bool = False
     models: frozenset[str] | None = None  # the public models it may use; None: all
+    tenant_models: frozenset[str] | None = None  # ... and its tenant may; None: all
 
-    def may_use(self, model: str) -> bool:
-        return self.models is None or model in self.models
+    def may_use(self, model: str, entry: str | None = None) -> bool:
+        """Whether both the key and its tenant allow ``model``, by its name or by the
+        wildcard ``entry`` that serves it."""
+        return _allows(self.models, model, entry) and _allows(self.tenant_models, model, entry)
+
+
+def _allows(allowed: frozenset[str] | None, model: str, entry: str | None) -> bool:
+    return allowed is None or model in allowed or (entry is not None and entry in allowed)
 
 
 @dataclass(slots=True)

@@ -94,7 +94,7 @@ class Gateway:
         self.metrics = metrics or NullMetrics()
         self.replica_stats = ReplicaStats()
         self.semantic = semantic
-        self.keys = KeyRing(args.api_keys)
+        self.keys = KeyRing(args.api_keys, args.tenant_models())
         self.routes = ModelRoutes(args.models)
         self.guard = PromptGuard(args.prompt_guard, self.metrics)
         self.provider = provider or ProviderClient(args.upstreams)
@@ -117,6 +117,7 @@ class Gateway:
             self.stages.redis,
             reserved_names=[k.name for k in self.args.api_keys],
             models=[m.name for m in self.args.models],
+            tenant_models=self.args.tenant_models(),
         )
         self.runtime_keys.start()
         self.admin = Admin(self)
@@ -172,9 +173,7 @@ class Gateway:
         """The model, if it exists and the key may use it; else OpenAI's 404, which does
         not tell a model that exists from one that does not."""
         model = self.routes.get(name)
-        if model is None or not (
-            principal.may_use(name) or principal.may_use(self.routes.entry(name))
-        ):
+        if model is None or not principal.may_use(name, self.routes.entry(name)):
             raise ModelNotFoundError(
                 f"The model '{name}' does not exist or you do not have access to it.",
                 param="model",

@@ -41,7 +41,7 @@ async def holder(gateway: Gateway, request: Request) -> Holder:
     key = await gateway.runtime_keys.live(found)
     if key is None:
         raise unknown_key()
-    return Holder(key.principal(), "runtime", key.expires_ms)
+    return Holder(gateway.runtime_keys.holder(key), "runtime", key.expires_ms)
 
 
 def _spend(rows: list[SummaryRow]) -> dict[str, Any]:

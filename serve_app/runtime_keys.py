@@ -21,7 +21,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -97,9 +97,15 @@ class RuntimeKey:
     def expired(self, now_ms: float) -> bool:
         return self.expires_ms is not None and now_ms >= self.expires_ms
 
-    def principal(self) -> Principal:
+    def principal(self, tenant_models: frozenset[str] | None = None) -> Principal:
         models = None if self.models is None else frozenset(self.models)
-        return Principal(key_id=self.name, tenant=self.tenant, user=self.user, models=models)
+        return Principal(
+            key_id=self.name,
+            tenant=self.tenant,
+            user=self.user,
+            models=models,
+            tenant_models=tenant_models,
+        )
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -116,6 +122,7 @@ class RuntimeKeys:
         *,
         reserved_names: Collection[str],
         models: Collection[str],
+        tenant_models: Mapping[str, frozenset[str] | None] | None = None,
         cache_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -124,6 +131,7 @@ class RuntimeKeys:
         self._redis = redis
         self._reserved = frozenset(reserved_names)
         self._models = frozenset(models)
+        self._tenant_models = dict(tenant_models or {})
         self._cache_s = cache_s
         self._clock = clock
         self._wall = wall  # expiries are wall-clock times, shared by every replica
@@ -142,7 +150,11 @@ class RuntimeKeys:
         """Who holds the key with this digest; None when no such key exists, and
         ``AuthenticationError`` when it has expired."""
         key = await self.live(digest)
-        return None if key is None else key.principal()
+        return None if key is None else self.holder(key)
+
+    def holder(self, key: RuntimeKey) -> Principal:
+        """The principal of a key made at run time, with its tenant's allowlist."""
+        return key.principal(self._tenant_models.get(key.tenant))
 
     async def live(self, digest: str) -> RuntimeKey | None:
         """The key with this digest (None: no such key), unless it has expired."""

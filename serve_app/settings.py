@@ -130,10 +130,17 @@ class CacheArgs(_Strict):
     exact: ExactCacheSettings = ExactCacheSettings()
 
 
+class TenantSettings(_Strict):
+    # The public models the tenant's keys may call and list (each key's own list narrows
+    # it further); none: every model. As LiteLLM's team models.
+    models: list[str] | None = None
+
+
 class GatewayArgs(_Strict):
     upstreams: dict[str, UpstreamSettings]
     models: list[ModelSettings] = Field(min_length=1)
     api_keys: list[ApiKeySettings] = Field(min_length=1)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     store: StoreSettings = StoreSettings()
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     request_timeout_s: float = Field(300.0, gt=0)  # a request's whole deadline, retries included
@@ -160,12 +167,13 @@ class GatewayArgs(_Strict):
         for model in self.models:
             self._known_upstream(f"model {model.name!r}", model.upstream)
         models = {m.name for m in self.models}
-        for key in self.api_keys:
-            unknown = sorted(m for m in key.models or () if not model_is_known(m, models))
+        holders = [(f"api key {k.name!r}", k.models) for k in self.api_keys]
+        holders += [(f"tenant {name!r}", t.models) for name, t in self.tenants.items()]
+        for holder, allowed in holders:
+            unknown = sorted(m for m in allowed or () if not model_is_known(m, models))
             if unknown:
                 raise ValueError(
-                    f"api key {key.name!r} allows models {unknown}, "
-                    f"which are not among models {sorted(models)}"
+                    f"{holder} allows models {unknown}, which are not among models {sorted(models)}"
                 )
         routes: dict[str, Mapping[str, Sequence[Target]]] = {
             "fallbacks": self.resilience.fallbacks,
@@ -182,6 +190,12 @@ class GatewayArgs(_Strict):
                 for target in targets:
                     self._known_upstream(where, target.upstream)
         return self
+
+    def tenant_models(self) -> dict[str, frozenset[str] | None]:
+        """Each tenant's model allowlist, where it has one."""
+        return {
+            name: frozenset(t.models) for name, t in self.tenants.items() if t.models is not None
+        }
 
     def served_models(self) -> dict[str, tuple[str, ...]]:
         """Each public model's upstream model names that may answer it: its primary,

@@ -441,3 +441,64 @@ def test_bad_spend_tags_are_a_400_naming_the_header(header: str) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         spend_tags(header)
     assert refused.value.param == "x-gateway-tags"
+
+
+@pytest.mark.integration
+async def test_a_tenant_allowlist_bounds_every_key_of_the_tenant(redis_url: str) -> None:
+    """LiteLLM's team models: a tenant's list applies to its keys, configured or made at
+    run time; a key's own list narrows it further, never widens it."""
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [
+                {"name": "cheap", "upstream": "u"},
+                {"name": "dear", "upstream": "u"},
+                {"name": "open/*", "upstream": "u"},
+            ],
+            "api_keys": [
+                {"name": "admin", "key_sha256": hash_key("sk-admin"), "admin": True},
+                {"name": "team", "key_sha256": hash_key("sk-team"), "tenant": "interns"},
+                {
+                    "name": "wide",
+                    "key_sha256": hash_key("sk-wide"),
+                    "tenant": "interns",
+                    "models": ["dear", "cheap"],
+                },
+            ],
+            "tenants": {"interns": {"models": ["cheap", "open/*"]}},
+            "store": {"url": redis_url},
+        }
+    )
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": CannedTransport()}))
+    async with in_process(gateway, "sk-admin") as client:
+        made = await client.post(
+            "/admin/keys", json={"name": f"rt-{time.time_ns()}", "tenant": "interns"}
+        )
+        assert made.status_code in (200, 201), made.text
+        ask = {"messages": [{"role": "user", "content": "x"}]}
+        for key in ("sk-team", "sk-wide", made.json()["key"]):
+            listed = await client.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+            assert [m["id"] for m in listed.json()["data"]] == ["cheap"], key
+            for model, status in (("cheap", 200), ("dear", 404), ("open/x", 200)):
+                if key == "sk-wide" and model == "open/x":
+                    status = 404  # its own list names no wildcard
+                got = await client.post(
+                    "/v1/chat/completions",
+                    json={**ask, "model": model},
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                assert got.status_code == status, (key, model, got.text)
+        admin = await client.get("/v1/models")  # another tenant: no list
+        assert [m["id"] for m in admin.json()["data"]] == ["cheap", "dear"]
+
+
+def test_a_tenant_allowlist_must_name_models() -> None:
+    with pytest.raises(ValueError, match="tenant 'x' allows models \\['nope'\\]"):
+        GatewayArgs.model_validate(
+            {
+                "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+                "models": [{"name": "m", "upstream": "u"}],
+                "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
+                "tenants": {"x": {"models": ["nope"]}},
+            }
+        )
