@@ -121,6 +121,10 @@ class BudgetStatus:
         return max(Decimal(0), self.limit - self.spent - self.held)
 
 
+# Whose budgets: tenant, key id, end user, and the key's own budget (None: the configured).
+Subject = tuple[str, str, str | None, BudgetLimit | None]
+
+
 def period_ids(now_s: float) -> tuple[str, str]:
     moment = datetime.fromtimestamp(now_s, UTC)
     return moment.strftime("d%Y%m%d"), moment.strftime("m%Y%m")
@@ -147,12 +151,19 @@ class BudgetGuard:
         self.closing = False  # set at shutdown: settles stop waiting for the store
 
     def applicable(
-        self, tenant: str, key_id: str, user: str | None, periods: tuple[str, str] | None = None
+        self,
+        tenant: str,
+        key_id: str,
+        user: str | None,
+        periods: tuple[str, str] | None = None,
+        key_budget: BudgetLimit | None = None,
     ) -> tuple[BudgetRef, ...]:
+        """``key_budget``: the key's own (made with it at run time), instead of the
+        configured one."""
         day, month = periods or period_ids(self.clock())
         s = self.settings
         subjects: list[tuple[Scope, str, BudgetLimit | None]] = [
-            ("key", key_id, s.keys.get(key_id, s.default_key)),
+            ("key", key_id, key_budget or s.keys.get(key_id, s.default_key)),
             ("tenant", tenant, s.tenants.get(tenant, s.default_tenant)),
         ]
         if user:
@@ -176,13 +187,20 @@ class BudgetGuard:
         return tuple(refs)
 
     async def reserve(
-        self, request_id: str, *, tenant: str, key_id: str, user: str | None, amount: Decimal
+        self,
+        request_id: str,
+        *,
+        tenant: str,
+        key_id: str,
+        user: str | None,
+        amount: Decimal,
+        key_budget: BudgetLimit | None = None,
     ) -> Reservation:
         """Hold ``amount`` on every applicable budget, or raise ``InsufficientQuotaError``."""
         amount_pico = to_pico(amount)
         periods = self._periods
         for _ in range(2):  # a second try only if the server's day differs from ours
-            refs = self.applicable(tenant, key_id, user, periods)
+            refs = self.applicable(tenant, key_id, user, periods, key_budget)
             if not refs:
                 return Reservation(request_id, amount_pico, ())
             reply = await self._run_reserve(request_id, amount_pico, refs, periods)
@@ -286,18 +304,26 @@ class BudgetGuard:
         """The call failed before costing anything: give the hold back."""
         await self.settle(reservation, Decimal(0))
 
-    async def status(self, tenant: str, key_id: str, user: str | None = None) -> list[BudgetStatus]:
+    async def status(
+        self,
+        tenant: str,
+        key_id: str,
+        user: str | None = None,
+        key_budget: BudgetLimit | None = None,
+    ) -> list[BudgetStatus]:
         """Spent, held and remaining for each budget that applies (metrics, burn-rate rule)."""
-        return await self._read(self.applicable(tenant, key_id, user, self._periods))
+        refs = self.applicable(tenant, key_id, user, self._periods, key_budget)
+        return await self._read(refs)
 
-    async def statuses(self, subjects: Iterable[tuple[str, str, str | None]]) -> list[BudgetStatus]:
-        """Each budget that applies to any of ``subjects`` (tenant, key id, user), once, in
-        the periods of this replica's clock (so a new day shows up without a request)."""
+    async def statuses(self, subjects: Iterable[Subject]) -> list[BudgetStatus]:
+        """Each budget that applies to any of ``subjects`` (tenant, key id, user, the key's
+        own budget), once, in the periods of this replica's clock (so a new day shows up
+        without a request)."""
         periods = period_ids(self.clock())
         refs = {
             ref.hash_key: ref
-            for tenant, key_id, user in subjects
-            for ref in self.applicable(tenant, key_id, user, periods)
+            for tenant, key_id, user, key_budget in subjects
+            for ref in self.applicable(tenant, key_id, user, periods, key_budget)
         }
         return await self._read(tuple(refs.values()))
 

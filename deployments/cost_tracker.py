@@ -18,7 +18,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import Field
 
-from deployments.budget import BudgetEvent, BudgetGuard, BudgetSettings, BudgetStatus, Reservation
+from deployments.budget import (
+    BudgetEvent,
+    BudgetGuard,
+    BudgetSettings,
+    BudgetStatus,
+    Reservation,
+    Subject,
+)
 from deployments.cost import Charge, CostMeter, CostSettings, ServedBy
 from deployments.ledger import GroupBy, Ledger, LedgerSettings, SummaryRow
 from deployments.ledger_record import record_for
@@ -62,7 +69,7 @@ class CostTracker:
         self.ledger = Ledger(redis, self.settings.ledger, clock)
         self.clock = clock
         self._settles = Background(log, "budget settle")
-        self._subjects: dict[tuple[str, str, str | None], None] = {}  # ordered: oldest first
+        self._subjects: dict[Subject, None] = {}  # ordered: oldest first
 
     def reconfigure_budgets(self, budgets: BudgetSettings) -> None:
         """New budgets from now on (run time: ``PUT /admin/budgets``); holds already
@@ -82,7 +89,8 @@ class CostTracker:
 
     async def admit(self, ctx: RequestContext, *, provider: str | None = None) -> Reservation:
         """Reserve the worst case; raises ``InsufficientQuotaError`` when a budget is spent."""
-        if not self._budgeted:  # no budget anywhere: nothing to price or hold
+        own = ctx.principal.budget
+        if not self._budgeted and own is None:  # no budget anywhere: nothing to price or hold
             return Reservation(ctx.request_id, 0, ())
         amount = self.meter.reservation(
             ctx.model,
@@ -99,6 +107,7 @@ class CostTracker:
             key_id=ctx.principal.key_id,
             user=ctx.user,
             amount=amount,
+            key_budget=own,
         )
         if reservation.budgets:
             self._report(ctx)
@@ -106,7 +115,7 @@ class CostTracker:
 
     def _report(self, ctx: RequestContext) -> None:
         user = ctx.user if ctx.user in self.guard.settings.users else None
-        subject = (ctx.principal.tenant, ctx.principal.key_id, user)
+        subject = (ctx.principal.tenant, ctx.principal.key_id, user, ctx.principal.budget)
         if subject in self._subjects:
             return
         if len(self._subjects) >= MAX_REPORTED_SUBJECTS:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
@@ -116,7 +116,7 @@ class RateLimiter:
         self.settings = settings
         self._active = settings.limits_anything
         self._plans: dict[tuple[Scope, str], tuple[Check, ...]] = {}
-        self._routes: dict[tuple[str, str | None, str, str], _Route] = {}
+        self._routes: dict[tuple[Any, ...], _Route] = {}  # key, user, tenant, model, own quotas
         self._local = clock or time.monotonic  # seconds, for lease deadlines
         self._loop: asyncio.AbstractEventLoop | None = None  # where leases live
         self._leased: set[_Route] = set()  # routes holding a lease
@@ -156,7 +156,7 @@ class RateLimiter:
         """As ``acquire``, but a rejection is returned, not raised (a store
         failure with failure_mode closed still raises ``StoreUnavailableError``)."""
         settings, tokens = self.settings, self.reservation(ctx)
-        if not self._active:  # no quota anywhere: nothing to decide, time or report
+        if not self._active and ctx.principal.quotas is None:  # no quota anywhere
             return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
         started = time.perf_counter()
         route = self._route(ctx, settings)
@@ -272,8 +272,8 @@ class RateLimiter:
         return rate_limit_headers(decision)
 
     def _route(self, ctx: RequestContext, settings: LimiterSettings) -> _Route:
-        tenant = ctx.principal.tenant
-        ident = (ctx.principal.key_id, ctx.user, tenant, ctx.model)
+        tenant, own = ctx.principal.tenant, ctx.principal.quotas
+        ident = (ctx.principal.key_id, ctx.user, tenant, ctx.model, own)
         route = self._routes.get(ident)
         if route is not None:
             return route
@@ -288,7 +288,12 @@ class RateLimiter:
         ]
         checks: list[Check] = []
         for scope, name, id_ in named:
-            if name is not None:
+            if name is None:
+                continue
+            if scope == "key" and own is not None:  # a run-time key's own: its route holds them
+                prefix, precision = settings.key_prefix, settings.precision
+                checks += [check_for(prefix, scope, name, id_, q, precision) for q in own]
+            else:
                 checks += self._plan(settings, scope, name, id_)
         shortest = min((check.resolution_us for check in checks), default=0)
         route = self._routes[ident] = _Route(tuple(checks), shortest)

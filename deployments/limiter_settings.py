@@ -104,7 +104,7 @@ class Quota(_Strict):
         return self
 
 
-def _unique_windows(quotas: tuple[Quota, ...]) -> tuple[Quota, ...]:
+def unique_windows(quotas: tuple[Quota, ...]) -> tuple[Quota, ...]:
     seen: set[tuple[float, bool]] = set()
     for quota in quotas:
         if (quota.window, quota.shadow) in seen:
@@ -121,7 +121,7 @@ class ScopeQuotas(_Strict):
     @field_validator("default")
     @classmethod
     def _check_default(cls, quotas: tuple[Quota, ...]) -> tuple[Quota, ...]:
-        return _unique_windows(quotas)
+        return unique_windows(quotas)
 
     @field_validator("overrides")
     @classmethod
@@ -130,7 +130,7 @@ class ScopeQuotas(_Strict):
     ) -> dict[str, tuple[Quota, ...]]:
         for name, quotas in overrides.items():
             try:
-                _unique_windows(quotas)
+                unique_windows(quotas)
             except ValueError as exc:
                 raise ValueError(f"override {name!r}: {exc}") from None
         return overrides

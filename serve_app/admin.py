@@ -57,7 +57,7 @@ def _parsed(model: type[M], body: bytes, what: str) -> M:
 def _key_view(key: RuntimeKey) -> dict[str, Any]:
     """A created key as the admin API shows it (never its secret or digest)."""
     expired = key.expired(time.time() * 1000)
-    return {**asdict(key), "expired": expired, "admin": False, "source": "runtime"}
+    return {**key.as_dict(), "expired": expired, "admin": False, "source": "runtime"}
 
 
 def _day(value: str | None, default: date, param: str) -> date:

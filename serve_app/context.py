@@ -7,7 +7,11 @@ import itertools
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deployments.budget import BudgetLimit
+    from deployments.limiter_settings import Quota
 
 # Request ids: a random per-process prefix and a counter. As unique as uuid4 across
 # replicas and restarts, without a urandom syscall per request (~2-6 us here).
@@ -37,6 +41,10 @@ class Principal:
     admin: bool = False
     models: frozenset[str] | None = None  # the public models it may use; None: all
     tenant_models: frozenset[str] | None = None  # ... and its tenant may; None: all
+    # A key made at run time with limits or a budget of its own (``POST /admin/keys``):
+    # they replace the configured per-key ones for it. None: the configured ones apply.
+    quotas: tuple[Quota, ...] | None = None
+    budget: BudgetLimit | None = None
 
     def may_use(self, model: str, entry: str | None = None) -> bool:
         """Whether both the key and its tenant allow ``model``, by its name or by the

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from deployments.cost import format_usd
 from deployments.ledger import SummaryRow
-from deployments.limiter_settings import format_window
+from deployments.limiter_settings import Quota, format_window
 from serve_app.auth import unknown_key
 from serve_app.context import Principal
 
@@ -59,6 +59,12 @@ def _limits(gateway: Gateway, principal: Principal) -> list[dict[str, Any]]:
     scopes = [("key", principal.key_id), ("tenant", principal.tenant)]
     if principal.user:
         scopes.insert(1, ("user", principal.user))
+
+    def quotas(scope: str, subject: str) -> tuple[Quota, ...]:
+        if scope == "key" and principal.quotas is not None:
+            return principal.quotas  # its own, made with it
+        return getattr(settings, f"per_{scope}").for_name(subject)  # type: ignore[no-any-return]
+
     return [
         {
             "scope": scope,
@@ -69,7 +75,7 @@ def _limits(gateway: Gateway, principal: Principal) -> list[dict[str, Any]]:
             "shadow": quota.shadow,
         }
         for scope, subject in scopes
-        for quota in getattr(settings, f"per_{scope}").for_name(subject)
+        for quota in quotas(scope, subject)
     ]
 
 
@@ -81,7 +87,9 @@ async def key_info(gateway: Gateway, request: Request) -> dict[str, Any]:
     month_start = date(today.year, today.month, 1)
     day_rows = await cost.ledger.summary("key", today, today, only=principal.key_id)
     month_rows = await cost.ledger.summary("key", month_start, today, only=principal.key_id)
-    budgets = await cost.guard.status(principal.tenant, principal.key_id, principal.user)
+    budgets = await cost.guard.status(
+        principal.tenant, principal.key_id, principal.user, principal.budget
+    )
     expires_at = None
     if found.expires_ms is not None:
         expires_at = datetime.fromtimestamp(found.expires_ms / 1000, UTC).isoformat()

@@ -23,11 +23,14 @@ import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.budget import BudgetLimit
+from deployments.limiter_settings import Quota, unique_windows
 from deployments.pubsub import Message, follow_channel
 from deployments.store_errors import STORE_ERRORS
 from deployments.tasks import cancel_and_wait
@@ -83,6 +86,15 @@ class KeySpec(BaseModel):
     user: str | None = Field(None, max_length=256)
     models: list[str] | None = None  # the models it may use; none: every model
     expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86_400)  # none: never
+    # Its own quotas and budget, in place of the configured per-key ones (LiteLLM's
+    # rpm_limit, tpm_limit and max_budget on /key/generate); none: the configured ones.
+    limits: tuple[Quota, ...] | None = None
+    budget: BudgetLimit | None = None
+
+    @field_validator("limits")
+    @classmethod
+    def _one_quota_a_window(cls, limits: tuple[Quota, ...] | None) -> tuple[Quota, ...] | None:
+        return None if limits is None else unique_windows(limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +105,8 @@ class RuntimeKey:
     models: list[str] | None
     created_ms: int
     expires_ms: int | None = None  # epoch ms; past it the key is refused until deleted
+    limits: tuple[Quota, ...] | None = None
+    budget: BudgetLimit | None = None
 
     def expired(self, now_ms: float) -> bool:
         return self.expires_ms is not None and now_ms >= self.expires_ms
@@ -105,14 +119,31 @@ class RuntimeKey:
             user=self.user,
             models=models,
             tenant_models=tenant_models,
+            quotas=self.limits,
+            budget=self.budget,
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        """The record as JSON values (what the store holds and the admin API shows)."""
+        record = asdict(self)
+        if self.limits is not None:
+            record["limits"] = [q.model_dump(mode="json") for q in self.limits]
+        if self.budget is not None:
+            record["budget"] = self.budget.model_dump(mode="json")
+        return record
+
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self.as_dict())
 
     @classmethod
     def from_json(cls, raw: bytes) -> RuntimeKey:
-        return cls(**orjson.loads(raw))
+        record = orjson.loads(raw)
+        limits, budget = record.pop("limits", None), record.pop("budget", None)
+        return cls(
+            **record,
+            limits=None if limits is None else tuple(Quota.model_validate(q) for q in limits),
+            budget=None if budget is None else BudgetLimit.model_validate(budget),
+        )
 
 
 class RuntimeKeys:
@@ -200,7 +231,16 @@ class RuntimeKeys:
         expires_ms = None
         if spec.expires_in_s is not None:
             expires_ms = created_ms + int(spec.expires_in_s * 1000)
-        key = RuntimeKey(spec.name, spec.tenant, spec.user, spec.models, created_ms, expires_ms)
+        key = RuntimeKey(
+            spec.name,
+            spec.tenant,
+            spec.user,
+            spec.models,
+            created_ms,
+            expires_ms,
+            spec.limits,
+            spec.budget,
+        )
         created = await self._create(
             keys=[BY_NAME, BY_DIGEST], args=[spec.name, digest, key.to_json()]
         )

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serve_app.ingress import Gateway
+from serve_app.mock_provider import MockBehaviour
 from serve_app.settings import hash_key
 from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process
 
@@ -146,3 +147,61 @@ async def test_no_key_no_answer(mock_server: MockServer, redis_url: str) -> None
         for headers in ({"authorization": ""}, auth("sk-nobody")):
             refused = await client.get("/v1/key", headers=headers)
             assert refused.status_code == 401 and "error" in refused.json()
+
+
+async def test_a_key_made_with_its_own_limits_and_budget_is_held_to_them(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    """LiteLLM's /key/generate with rpm_limit and max_budget: the key's own quota and
+    budget replace the configured per-key ones (here: none at all), on every replica
+    that looks it up, and the key sees them in /v1/key."""
+    args = gateway_args(
+        mock_server.base_url,
+        redis_url,
+        cost={"pricing": {"overrides": {"mock-gpt": PRICE}}, "ledger": {"flush_interval_ms": 50}},
+    )
+    name = f"own-{uuid.uuid4().hex[:8]}"
+    quota = {"name": f"{name}-q", "tenant": name, "limits": [{"window": "1m", "requests": 2}]}
+    # 20 tokens at $2,000/M: ~$0.046 held a call, ~$0.03 spent: one call fits $0.05.
+    budget = {"name": f"{name}-b", "tenant": name, "budget": {"daily_usd": "0.05"}}
+    body = {"model": "mock-gpt", "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}
+    async with in_process(Gateway(args), LOCAL_KEY) as admin:
+        made = {}
+        for spec in (quota, budget):
+            answer = await admin.post("/admin/keys", json=spec)
+            assert answer.status_code in (200, 201), answer.text
+            made[spec["name"]] = answer.json()
+        assert made[quota["name"]]["limits"][0]["requests"] == 2
+        assert made[budget["name"]]["budget"] == {"daily_usd": "0.05", "monthly_usd": None}
+
+        async with in_process(Gateway(args), LOCAL_KEY) as replica:  # another replica
+            limited = {"authorization": f"Bearer {made[quota['name']]['key']}"}
+            answers = [
+                await replica.post("/v1/chat/completions", json=body, headers=limited)
+                for _ in range(3)
+            ]
+            assert [a.status_code for a in answers] == [200, 200, 429], answers[-1].text
+            assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
+            assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+
+            budgeted = {"authorization": f"Bearer {made[budget['name']]['key']}"}
+            first = await replica.post("/v1/chat/completions", json=body, headers=budgeted)
+            second = await replica.post("/v1/chat/completions", json=body, headers=budgeted)
+            assert first.status_code == 200 and second.status_code == 429, second.text
+            assert second.json()["error"]["code"] == "insufficient_quota"
+
+            info = await _info(replica, made[quota["name"]]["key"])
+            assert info["limits"] == [
+                {"scope": "key", "subject": quota["name"], "window": "1m", "requests": 2,
+                 "tokens": None, "shadow": False}
+            ]  # fmt: skip
+            (shown,) = (await _info(replica, made[budget["name"]]["key"]))["budgets"]
+            assert shown["limit_usd"] == "0.05" and Decimal(shown["spent_usd"]) > 0
+
+        listed = await admin.get("/admin/keys")
+        (row,) = [k for k in listed.json()["data"] if k["name"] == quota["name"]]
+        assert row["limits"][0]["window"] == 60 and row["budget"] is None
+        refused = await admin.post(
+            "/admin/keys", json={**quota, "name": f"{name}-x", "limits": [{"window": "1m"}]}
+        )
+        assert refused.status_code == 400, refused.text  # a quota that limits nothing
