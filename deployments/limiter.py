@@ -422,6 +422,12 @@ class RateLimiter:
         plan = self._plans[(scope, ident)] = tuple(checks)
         return plan
 
+    async def check(self, checks: tuple[Check, ...], tokens: int) -> LimitDecision:
+        """Decide ``checks`` of the caller's own (not a key/user/tenant/model route's)
+        in the same atomic script run as every other decision; store errors raise.
+        The decision settles like any other (``settle_soon``)."""
+        return await self._decide(checks, tokens, self.settings.store_timeout_s)
+
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(round(self._clock() * 1_000_000))
 

@@ -20,6 +20,7 @@ and the bulkhead slot is held until ``ResilienceResult.release()``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -44,9 +45,11 @@ from deployments.breaker import (
 )
 from deployments.breaker_store import FailoverBreakerStore, RedisBreakerStore
 from deployments.bulkhead import Bulkhead
+from deployments.limiter_decision import LimitDecision
 from deployments.resilience_settings import ResilienceSettings, Target, UpstreamPolicy
 from deployments.retry import RetryPolicy, context_overflow, retry_after_s, should_fall_back
 from deployments.retry_budget import RetryBudget
+from deployments.target_limits import TargetLimitedError, TargetLimits
 from serve_app.errors import (
     GatewayError,
     NotFoundError,
@@ -85,6 +88,7 @@ class ResilienceMetrics:
     picks: Counter[tuple[str, str]] = field(default_factory=Counter)  # model, upstream/model
     context_fallbacks: Counter[str] = field(default_factory=Counter)  # breaker that overflowed
     bulkhead_rejected: Counter[str] = field(default_factory=Counter)  # upstream
+    target_limited: Counter[str] = field(default_factory=Counter)  # upstream/model at rpm/tpm
     states: dict[str, BreakerState] = field(default_factory=dict)  # last state seen
 
 
@@ -94,6 +98,8 @@ class ResilienceResult(Generic[T]):
     target: Target
     attempts: int  # upstream calls made, retries and fallbacks included
     release: Callable[[], None] = lambda: None  # streams: call when the stream ends
+    # The call's total tokens, once known (None: none reported), for the target's tpm.
+    settle: Callable[[int | None], None] = lambda tokens: None
 
     def headers(self) -> dict[str, str]:
         return {"x-upstream": self.target.upstream, "x-attempts": str(self.attempts)}
@@ -127,9 +133,11 @@ class Resilience:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        target_limits: TargetLimits | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.target_limits = target_limits or None  # None too when no target has limits
         self.metrics = ResilienceMetrics()
         self._clock = clock
         self._sleep = sleep
@@ -150,10 +158,15 @@ class Resilience:
             self.breaker_name(target)
 
     @classmethod
-    def with_redis(cls, settings: ResilienceSettings, client: aioredis.Redis) -> Resilience:
+    def with_redis(
+        cls,
+        settings: ResilienceSettings,
+        client: aioredis.Redis,
+        target_limits: TargetLimits | None = None,
+    ) -> Resilience:
         shared = RedisBreakerStore(client, prefix=settings.key_prefix)
         store = FailoverBreakerStore(shared, retry_primary_after_s=settings.store_retry_after_s)
-        return cls(settings, store)
+        return cls(settings, store, target_limits=target_limits)
 
     def chain(self, model: str, primary: Target | None = None) -> list[Target]:
         """The targets to try for one call of ``model``, in order: its balance group
@@ -212,17 +225,19 @@ class Resilience:
         *,
         stream: bool = False,
         overflow: Sequence[Target] = (),
+        tokens: int = 0,
     ) -> ResilienceResult[T]:
         """Serve from the first target that can; raise the most telling error if none can.
 
         ``overflow``: the targets with a larger context window. When a target answers
         that the request does not fit its model's, they take over the rest of the chain
-        (its other targets have the same window, or would have been listed there)."""
+        (its other targets have the same window, or would have been listed there).
+        ``tokens``: what the request may use, held on a target's tpm until ``settle``."""
         balancer, picked = self.balancer, chain[0] if chain else None
         if picked is None or not balancer.enter(picked):
-            return await self._call(chain, attempt, deadline_s, stream, overflow)
+            return await self._call(chain, attempt, deadline_s, stream, overflow, tokens)
         try:  # counted as in flight at its pick until the call, or its stream, ends
-            result = await self._call(chain, attempt, deadline_s, stream, overflow)
+            result = await self._call(chain, attempt, deadline_s, stream, overflow, tokens)
         except BaseException:
             balancer.leave(picked)
             raise
@@ -245,6 +260,7 @@ class Resilience:
         deadline_s: float,
         stream: bool,
         overflow: Sequence[Target],
+        tokens: int,
     ) -> ResilienceResult[T]:
         run = _Run(self._clock() + deadline_s, self._clock)
         errors: list[BaseException] = []
@@ -258,7 +274,7 @@ class Resilience:
                     self.metrics.fallbacks[(previous, name)] += 1
                 previous = name
                 try:
-                    return await self._serve(target, name, attempt, run, stream)
+                    return await self._serve(target, name, attempt, run, stream, tokens)
                 except _NextTarget as moved:
                     errors.append(moved.error)
                 except UpstreamError as refused:
@@ -283,6 +299,7 @@ class Resilience:
         attempt: Callable[[Target], Awaitable[T]],
         run: _Run,
         stream: bool,
+        tokens: int = 0,
     ) -> ResilienceResult[T]:
         policy = self.settings.policy(target.upstream)
         retry = RetryPolicy(policy.retry, self._rng)
@@ -296,12 +313,22 @@ class Resilience:
             if not permit.allowed:
                 self.metrics.refused[name] += 1
                 raise _NextTarget(open_error(name, permit))
+            share = None
+            if self.target_limits is not None:
+                share = await self._target_share(self.target_limits, target, tokens)
             calls += 1
             if calls == 1:
                 budget.deposit()  # a first call: what retries are a share of
-            result = await self._once(target, name, policy, permit, attempt, run, stream)
+            try:
+                result = await self._once(target, name, policy, permit, attempt, run, stream)
+            except BaseException:
+                self._settle_share(share, None)
+                raise
             if isinstance(result, ResilienceResult):
+                if share is not None:
+                    result.settle = functools.partial(self._settle_share, share)
                 return result
+            self._settle_share(share, None)  # the provider saw the call: its tokens go back
             error, state = result
             delay = None
             if state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
@@ -315,6 +342,21 @@ class Resilience:
                 raise error
             self.metrics.retries[target.upstream] += 1
             await self._sleep(delay)
+
+    async def _target_share(
+        self, limits: TargetLimits, target: Target, tokens: int
+    ) -> LimitDecision | None:
+        """The call's share of the target's rpm/tpm (``deployments/target_limits.py``);
+        a target at its limit is passed over like one whose breaker is open."""
+        try:
+            return await limits.admit(target, tokens)
+        except TargetLimitedError as busy:
+            self.metrics.target_limited[f"{target.upstream}/{target.model}"] += 1
+            raise _NextTarget(busy) from None
+
+    def _settle_share(self, share: LimitDecision | None, used: int | None) -> None:
+        if share is not None and self.target_limits is not None:
+            self.target_limits.settle(share, used)
 
     async def _acquire(self, name: str, cfg: BreakerSettings, lease_s: float) -> Decision:
         now = self._clock()
@@ -533,7 +575,7 @@ def _once_only(release: Callable[[], None]) -> Callable[[], None]:
 
 def _final_error(errors: list[BaseException]) -> BaseException:
     """The last upstream error; if no upstream was called, the soonest-retry refusal."""
-    called = [e for e in errors if not isinstance(e, ServiceUnavailableError)]
+    called = [e for e in errors if not isinstance(e, ServiceUnavailableError | TargetLimitedError)]
     if called:
         last = called[-1]
         if isinstance(last, TimeoutError):

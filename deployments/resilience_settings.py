@@ -39,6 +39,9 @@ class SharedBreakerTarget(Target):
 
 class WeightedTarget(Target):
     weight: float = Field(1.0, gt=0)  # a share of the calls, or of the capacity (least-busy)
+    # The provider's quota for this target, kept cluster-wide (deployments/target_limits.py).
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
 
 
 class BalanceGroup(BaseModel):

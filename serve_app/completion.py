@@ -369,8 +369,10 @@ class ChatPipeline:
             attempt,
             self.args.request_timeout_s,
             overflow=resilience.overflow(model.name),
+            tokens=self._tokens(ctx),
         )
         body, usage = result.value
+        result.settle(_total_tokens(usage))
         await self._remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
@@ -441,6 +443,10 @@ class ChatPipeline:
             relay.run(first, iterator), headers=headers, media_type="text/event-stream"
         )
 
+    def _tokens(self, ctx: RequestContext) -> int:
+        """What a call may use, for targets with a tpm (none: not worked out)."""
+        return self.stages.limiter.reservation(ctx) if self.stages.resilience.target_limits else 0
+
     async def _timed(self, metric: str, target: Target, call: Awaitable[T]) -> T:
         """Await an upstream call and record how long it took (whole answer, or first byte)."""
         started = time.perf_counter()
@@ -476,6 +482,7 @@ class ChatPipeline:
                 self.args.request_timeout_s,
                 stream=True,
                 overflow=resilience.overflow(model.name),
+                tokens=self._tokens(ctx),
             )
             holder["result"] = result
             try:
@@ -549,6 +556,8 @@ class _StreamRelay:
 
     def _bill(self, status: str) -> Any:
         self.note_upstream()
+        if (result := self.holder.get("result")) is not None:
+            result.settle(_total_tokens(self.result.usage))  # a target's tpm: once
         text = self.result.completion_text() if self.result.usage is None else ""
         return self.ticket.finish(
             self.result.usage,
@@ -686,6 +695,11 @@ ASSEMBLERS: dict[str, Callable[[], ChunkAssembler]] = {
     "chat": StreamAssembler,
     "completions": TextStreamAssembler,
 }
+
+
+def _total_tokens(usage: Any) -> int | None:
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
 
 
 def _payload(body: dict[str, Any], target: Target) -> bytes:

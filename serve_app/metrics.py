@@ -136,6 +136,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         ("from_breaker", "to_breaker"),
         None,
     ),
+    "gateway_target_limited_total": (
+        "counter",
+        "Calls that passed over a balanced target at its rpm/tpm.",
+        ("target",),
+        None,
+    ),
     "gateway_prompt_guard_blocked_total": (
         "counter",
         "Requests the prompt guard refused, by the rule that refused them (deny or allow).",

@@ -21,6 +21,7 @@ from deployments.exact_cache import ExactCache
 from deployments.limiter import RateLimiter
 from deployments.limiter_decision import LimitDecision
 from deployments.resilience import Resilience
+from deployments.target_limits import TargetLimits
 from deployments.tasks import cancel_and_wait
 from serve_app.metrics import DeltaExporter, MetricSink, NullMetrics
 from serve_app.settings import GatewayArgs
@@ -133,11 +134,14 @@ class Stages:
                 {"scope": str(event.scope), "period": str(event.period)},
             )
 
+        limiter = RateLimiter(redis, args.limits, observer=_LimiterMetrics(sink))
         return cls(
-            limiter=RateLimiter(redis, args.limits, observer=_LimiterMetrics(sink)),
+            limiter=limiter,
             exact=ExactCache(redis, args.cache.exact),
             dedup=RedisSingleFlight(redis, args.dedup),
-            resilience=Resilience.with_redis(args.resilience, redis),
+            resilience=Resilience.with_redis(
+                args.resilience, redis, TargetLimits(limiter, args.resilience.balance)
+            ),
             cost=CostTracker(
                 redis,
                 args.cost,
@@ -213,6 +217,7 @@ class Stages:
         deltas.export("gateway_balancer_picks_total", m.picks, ("model", "target"))
         deltas.export("gateway_context_fallbacks_total", m.context_fallbacks, ("breaker",))
         deltas.export("gateway_bulkhead_rejected_total", m.bulkhead_rejected, ("upstream",))
+        deltas.export("gateway_target_limited_total", m.target_limited, ("target",))
         for breaker, state in m.states.items():
             self.metrics.set("gateway_breaker_state", float(int(state)), {"breaker": breaker})
         deltas.export_total(
