@@ -204,10 +204,10 @@ class Gateway:
         body, raw = await self._read_body(request)
         name, fields = read(body)
         model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
-        if self.guard.enabled:
-            self.guard.check(route, body, principal.tenant)
         # A label: what a wildcard matched is the client's to choose, so its entry's name.
         request.state.model = self.routes.entry(model.name)
+        if self.guard.enabled:
+            self.guard.check(route, body, principal.tenant)
         if model.upstream_model is not None:
             fields["target_model"] = model.upstream_model
         ctx = RequestContext(
