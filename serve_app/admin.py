@@ -27,7 +27,7 @@ from deployments.limiter_settings import LimiterSettings
 from deployments.recommendations import summary_csv, summary_json
 from serve_app import upstream_health
 from serve_app.errors import InvalidRequestError, PermissionDeniedError
-from serve_app.runtime_keys import KeySpec, RuntimeKey
+from serve_app.runtime_keys import KeyChange, KeySpec, RuntimeKey
 from serve_app.runtime_settings import KEY_PREFIX, RuntimeSetting
 from serve_app.scaling_record import ScalingRecord
 
@@ -115,6 +115,11 @@ class Admin:
         ]
         created = [_key_view(k) for k in await self.gateway.runtime_keys.listed()]
         return _json({"object": "list", "data": configured + created})
+
+    async def update_key(self, request: Request) -> Response:
+        change = _parsed(KeyChange, await request.body(), "key change")
+        key = await self.gateway.runtime_keys.update(request.path_params["name"], change)
+        return _json(_key_view(key))
 
     async def rotate_key(self, request: Request) -> Response:
         secret, key = await self.gateway.runtime_keys.rotate(request.path_params["name"])

@@ -329,6 +329,7 @@ class Gateway:
             ("/admin/keys", admin.list_keys, "GET"),
             ("/admin/keys", admin.create_key, "POST"),
             ("/admin/keys/{name}", admin.revoke_key, "DELETE"),
+            ("/admin/keys/{name}", admin.update_key, "PATCH"),
             ("/admin/keys/{name}/rotate", admin.rotate_key, "POST"),
             ("/v1/cost/summary", admin.cost_summary, "GET"),
             ("/v1/cost/recommendations", admin.cost_recommendations, "GET"),

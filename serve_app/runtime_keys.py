@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import orjson
@@ -67,6 +67,14 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], record)
 return {old, record}
 """
+# The record of the key ``name`` replaced, if it still is the one the change was made to.
+_UPDATE = """
+local digest = redis.call('HGET', KEYS[1], ARGV[1])
+if not digest then return false end
+if redis.call('HGET', KEYS[2], digest) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], digest, ARGV[3])
+return digest
+"""
 _REVOKE = """
 local digest = redis.call('HGET', KEYS[1], ARGV[1])
 if not digest then return false end
@@ -76,13 +84,12 @@ return digest
 """
 
 
-class KeySpec(BaseModel):
-    """What ``POST /admin/keys`` takes."""
+class KeyChange(BaseModel):
+    """What ``PATCH /admin/keys/{name}`` takes: the fields given replace the key's
+    (``null``: every model, the configured limits or budget, no expiry)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    tenant: str = Field("default", min_length=1, max_length=64)
     user: str | None = Field(None, max_length=256)
     models: list[str] | None = None  # the models it may use; none: every model
     expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 86_400)  # none: never
@@ -95,6 +102,13 @@ class KeySpec(BaseModel):
     @classmethod
     def _one_quota_a_window(cls, limits: tuple[Quota, ...] | None) -> tuple[Quota, ...] | None:
         return None if limits is None else unique_windows(limits)
+
+
+class KeySpec(KeyChange):
+    """What ``POST /admin/keys`` takes."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    tenant: str = Field("default", min_length=1, max_length=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +186,7 @@ class RuntimeKeys:
         self._create = redis.register_script(_CREATE)
         self._revoke = redis.register_script(_REVOKE)
         self._rotate = redis.register_script(_ROTATE)
+        self._update = redis.register_script(_UPDATE)
         self._watcher: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # announcements are heard (set while subscribed)
 
@@ -222,9 +237,7 @@ class RuntimeKeys:
         """A new key and its secret, which is shown this once."""
         if spec.name in self._reserved:
             raise _exists(spec.name, "is configured in config.yaml")
-        unknown = sorted(m for m in spec.models or () if not model_is_known(m, self._models))
-        if unknown:
-            raise InvalidRequestError(f"No models {unknown} are configured.", param="models")
+        self._check_models(spec.models)
         secret = _new_secret()
         digest = hash_key(secret)
         created_ms = int(self._wall() * 1000)
@@ -267,6 +280,38 @@ class RuntimeKeys:
         old, record = replaced
         await self._announce(old)
         return secret, RuntimeKey.from_json(record)
+
+    async def update(self, name: str, change: KeyChange) -> RuntimeKey:
+        """The key ``name`` with the fields ``change`` sets replaced, its secret kept;
+        every replica applies it as the change is announced."""
+        self._refuse_configured(name)
+        self._check_models(change.models)
+        given = change.model_fields_set
+        fields: dict[str, Any] = {field: getattr(change, field) for field in given}
+        if "expires_in_s" in fields:
+            seconds = fields.pop("expires_in_s")
+            now_ms = self._wall() * 1000
+            fields["expires_ms"] = None if seconds is None else int(now_ms + seconds * 1000)
+        for _ in range(8):  # another admin's change in between: apply this one to it
+            digest = await self._redis.hget(BY_NAME, name)
+            current = None if digest is None else await self._redis.hget(BY_DIGEST, digest)
+            if current is None:
+                raise _missing(name)
+            updated = replace(RuntimeKey.from_json(current), **fields)
+            done = await self._update(
+                keys=[BY_NAME, BY_DIGEST], args=[name, current, updated.to_json()]
+            )
+            if done is None:
+                raise _missing(name)
+            if done != 0:
+                await self._announce(done)
+                return updated
+        raise StoreUnavailableError(f"The key '{name}' kept changing; try again.")
+
+    def _check_models(self, models: list[str] | None) -> None:
+        unknown = sorted(m for m in models or () if not model_is_known(m, self._models))
+        if unknown:
+            raise InvalidRequestError(f"No models {unknown} are configured.", param="models")
 
     async def listed(self) -> list[RuntimeKey]:
         records = await self._redis.hgetall(BY_DIGEST)

@@ -205,3 +205,55 @@ async def test_a_key_made_with_its_own_limits_and_budget_is_held_to_them(
             "/admin/keys", json={**quota, "name": f"{name}-x", "limits": [{"window": "1m"}]}
         )
         assert refused.status_code == 400, refused.text  # a quota that limits nothing
+
+
+async def test_a_key_made_at_run_time_is_changed_in_place(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    """LiteLLM's /key/update: PATCH replaces the fields it names, keeps the secret, and
+    every replica (here: one that has already used the key) applies it as announced."""
+    args = gateway_args(mock_server.base_url, redis_url)
+    name = f"patched-{uuid.uuid4().hex[:8]}"
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "x"}]}
+    async with in_process(Gateway(args), LOCAL_KEY) as admin:
+        made = await admin.post("/admin/keys", json={"name": name, "tenant": name})
+        assert made.status_code == 201, made.text
+        key = {"authorization": f"Bearer {made.json()['key']}"}
+        async with in_process(Gateway(args), LOCAL_KEY) as replica:
+            assert (await replica.post("/v1/chat/completions", json=body, headers=key)).is_success
+            change = {
+                "models": ["mock-embed"],
+                "limits": [{"window": "1h", "requests": 10}],
+                "budget": {"monthly_usd": "3"},
+                "expires_in_s": 3600,
+            }
+            patched = await admin.patch(f"/admin/keys/{name}", json=change)
+            assert patched.status_code == 200, patched.text
+            assert patched.json()["models"] == ["mock-embed"] and patched.json()["expires_ms"]
+            for _ in range(100):  # the announcement reaches the other replica
+                refused = await replica.post("/v1/chat/completions", json=body, headers=key)
+                if refused.status_code == 404:
+                    break
+                await asyncio.sleep(0.02)
+            assert refused.status_code == 404  # mock-gpt is no longer among its models
+            info = await _info(replica, made.json()["key"])
+            assert info["models"] == ["mock-embed"] and info["expires_at"] is not None
+            assert [(q["window"], q["requests"]) for q in info["limits"]] == [("1h", 10)]
+            assert [(b["period"], b["limit_usd"]) for b in info["budgets"]] == [("monthly", "3")]
+
+            cleared = await admin.patch(
+                f"/admin/keys/{name}", json={"models": None, "budget": None, "expires_in_s": None}
+            )
+            assert cleared.status_code == 200, cleared.text
+            row = cleared.json()
+            assert row["models"] is None and row["budget"] is None and row["expires_ms"] is None
+            assert row["limits"][0]["requests"] == 10  # not named: kept
+
+        for path, change, status in (
+            (f"/admin/keys/{name}", {"models": ["nope"]}, 400),
+            (f"/admin/keys/{name}", {"tenant": "other"}, 400),  # not a field a change sets
+            ("/admin/keys/no-such-key", {"user": "u"}, 404),
+            ("/admin/keys/local", {"user": "u"}, 400),  # configured in config.yaml
+        ):
+            answer = await admin.patch(path, json=change)
+            assert answer.status_code == status, (path, change, answer.text)
