@@ -62,6 +62,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--window", type=parse_duration, help="analysis window (default: ~1/24 of the run)"
     )
     run.add_argument("--timeout", type=parse_duration, default=60.0, help="per-request timeout")
+    run.add_argument(
+        "--warmup",
+        type=parse_duration,
+        default=0.0,
+        help="leave requests started in the first seconds out of the summary and SLO verdict",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         window_s=args.window,
         timeout_s=args.timeout,
+        warmup_s=args.warmup,
     )
     outcome = asyncio.run(generate_load(opts))
     report = build_report(opts, outcome)

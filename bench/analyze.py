@@ -73,7 +73,9 @@ def build_report(opts: RunOptions, outcome: RawOutcome) -> dict[str, Any]:
     raw = records.load(opts.out_dir)
     scenario = opts.scenario
     duration = _duration(raw, outcome.shape.duration)
-    summary = summarize(raw.requests, duration)
+    warmup = min(opts.warmup_s, duration / 2)  # at most half the run goes unjudged
+    measured = [r for r in raw.requests if r.t >= warmup]
+    summary = summarize(measured, duration - warmup)
     width = opts.window_s or auto_window(duration)
     series = windows(raw.requests, raw.users, duration, width)
     verdict = evaluate(summary, opts.slo)
@@ -90,6 +92,7 @@ def build_report(opts: RunOptions, outcome: RawOutcome) -> dict[str, Any]:
         label, code = "error", EXIT_ERROR
     return _header(opts, outcome, raw.start) | {
         "duration_s": round(duration, 3),
+        "warmup_s": round(warmup, 3),
         "summary": asdict(summary),
         "windows": [asdict(w) for w in series],
         "window_s": width,

@@ -65,8 +65,9 @@ def render_text(report: dict[str, Any]) -> str:
         f"bench {report['scenario']} against {report['host']}: "
         f"{v['outcome'].upper()} (exit {v['exit_code']})",
         f"  {report['description']}",
-        f"  {s['requests']} requests in {report['duration_s']:.1f} s = {s['rps']:.1f} req/s; "
-        f"{s['errors']} errors ({_pct(s['error_rate'])})",
+        f"  {s['requests']} requests in {s['duration_s']:.1f} s = {s['rps']:.1f} req/s; "
+        f"{s['errors']} errors ({_pct(s['error_rate'])})"
+        + (f"; the first {report['warmup_s']:g} s left out" if report.get("warmup_s") else ""),
         f"  latency p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  p99 {_ms(lat['p99'])}  "
         f"max {_ms(lat['max'])}",
         f"  streams {s['streams']}: ttft p50 {_ms(ttft['p50'])}  p95 {_ms(ttft['p95'])}; "

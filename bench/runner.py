@@ -49,6 +49,9 @@ class RunOptions:
     seed: int = 0
     window_s: float | None = None  # None: stats.auto_window(duration)
     timeout_s: float = 60.0
+    # Requests started in the run's first seconds: charted, but left out of the summary
+    # and the SLO verdict (pools, replicas and caches warming up after a fresh start).
+    warmup_s: float = 0.0
 
 
 @dataclass(slots=True)

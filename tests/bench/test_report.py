@@ -66,6 +66,22 @@ def test_breached_slo_exits_1_and_no_requests_exits_2(tmp_path: Path) -> None:
     assert exit_code(_report(empty)) == 2
 
 
+def test_a_warmup_is_charted_but_not_judged(tmp_path: Path) -> None:
+    """Slow requests in the first seconds after a fresh start (pools, replicas, caches
+    warming up) breach the SLO unless ``--warmup`` leaves them out of the verdict."""
+    lines = [rec(T0 + i * 0.05, 900.0 if i < 40 else 20.0).to_json() for i in range(200)]
+    (tmp_path / REQUESTS_FILE).write_text("\n".join(lines) + "\n")
+    (tmp_path / USERS_FILE).write_text(json.dumps({"t": T0 + 10, "users": 0}) + "\n")
+    slo = SLO(latency_p95_ms=100)
+    assert _report(tmp_path, slo=slo)["verdict"]["outcome"] == "fail"
+    opts = RunOptions(SCENARIOS["smoke"], "http://gw", tmp_path, slo, "test.yaml", warmup_s=2.5)
+    report = build_report(opts, RawOutcome(Constant(4, 10), 0, {}, {}, {}))
+    assert report["verdict"]["outcome"] == "pass" and report["warmup_s"] == 2.5
+    assert report["summary"]["requests"] == 150 and report["summary"]["rps"] == 20.0
+    assert sum(w["requests"] for w in report["windows"]) == 200  # all of it charted
+    assert "; the first 2.5 s left out" in render_text(report)
+
+
 def test_criteria_scenarios_gate_on_criteria(tmp_path: Path) -> None:
     report = _report(_run_dir(tmp_path), scenario="scale", slo=SLO(latency_p99_ms=1))
     assert report["verdict"]["slo_passed"] is False
