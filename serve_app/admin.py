@@ -26,7 +26,9 @@ from deployments.ledger import GroupBy
 from deployments.limiter_settings import LimiterSettings
 from deployments.recommendations import summary_csv, summary_json
 from serve_app import upstream_health
-from serve_app.errors import InvalidRequestError, PermissionDeniedError
+from serve_app.audit import CHANGES, AuditLog
+from serve_app.context import Principal
+from serve_app.errors import GatewayError, InvalidRequestError, PermissionDeniedError
 from serve_app.runtime_keys import KeyChange, KeySpec, RuntimeKey
 from serve_app.runtime_settings import KEY_PREFIX, RuntimeSetting
 from serve_app.scaling_record import ScalingRecord
@@ -79,20 +81,51 @@ class Admin:
         self.budgets = RuntimeSetting(
             stages.redis, "budgets", args.budgets, stages.cost.reconfigure_budgets
         )
+        self.audit = AuditLog(stages.redis)
 
-    async def _require_admin(self, request: Request) -> None:
+    async def _require_admin(self, request: Request) -> Principal:
         principal = await self.gateway.principal(request)
         if not principal.admin:
             raise PermissionDeniedError("This endpoint needs an admin key.")
+        return principal
 
     def guarded(
         self, handler: Callable[[Request], Awaitable[Response]]
     ) -> Callable[[Request, str], Awaitable[Response]]:
+        """Admin only; a call that changes something goes into the audit log."""
+
         async def run(request: Request, request_id: str) -> Response:
-            await self._require_admin(request)
-            return await handler(request)
+            principal = await self._require_admin(request)
+            if request.method not in CHANGES:
+                return await handler(request)
+            body = await request.body()  # kept by Starlette: the handler reads it again
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status_code
+                return response
+            except GatewayError as exc:
+                status = exc.status_code
+                raise
+            finally:
+                await self.audit.record(
+                    key=principal.key_id,
+                    method=request.method,
+                    path=request.url.path,
+                    status=status,
+                    request_id=request_id,
+                    body=body,
+                )
 
         return run
+
+    async def audit_log(self, request: Request) -> Response:
+        """``GET /admin/audit?limit=100``: the latest admin changes, newest first."""
+        limit = request.query_params.get("limit", "100")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise InvalidRequestError("limit must be a whole number from 1 to 1000.", param="limit")
+        entries = await self.audit.latest(int(limit))
+        return _json({"object": "list", "data": [asdict(e) for e in entries]})
 
     # -- keys ------------------------------------------------------------
 

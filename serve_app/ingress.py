@@ -322,6 +322,7 @@ class Gateway:
             ("/admin/breakers/{action}", admin.breaker_action, "POST"),
             ("/admin/balance", admin.balance, "GET"),
             ("/admin/health", admin.health, "GET"),
+            ("/admin/audit", admin.audit_log, "GET"),
             ("/admin/cache/stats", admin.cache_stats, "GET"),
             ("/admin/cache", admin.cache_delete, "DELETE"),
             ("/admin/cache/flush", admin.cache_flush, "POST"),
