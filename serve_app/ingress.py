@@ -41,6 +41,7 @@ from serve_app.errors import (
 from serve_app.key_info import key_info
 from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.model_routes import ModelRoutes
+from serve_app.prompt_decorator import PromptDecorator
 from serve_app.prompt_guard import PromptGuard
 from serve_app.replica_stats import ReplicaStats
 from serve_app.runtime_keys import RuntimeKeys
@@ -97,6 +98,7 @@ class Gateway:
         self.keys = KeyRing(args.api_keys, args.tenant_models())
         self.routes = ModelRoutes(args.models)
         self.guard = PromptGuard(args.prompt_guard, self.metrics)
+        self.decorator = PromptDecorator(args.prompt_decorator)
         self.provider = provider or ProviderClient(args.upstreams)
         self.store = store
 
@@ -208,6 +210,10 @@ class Gateway:
         request.state.model = self.routes.entry(model.name)
         if self.guard.enabled:
             self.guard.check(route, body, principal.tenant)
+        if self.decorator.enabled and route == "chat":
+            if self.decorator.decorate(body, principal.tenant):
+                fields["prompt_tokens_estimate"] = estimate_prompt_tokens(body["messages"])
+                raw = b""  # the bytes no longer say what is asked: no request-key memo
         if model.upstream_model is not None:
             fields["target_model"] = model.upstream_model
         ctx = RequestContext(

@@ -20,10 +20,11 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from serve_app.errors import InvalidRequestError
 from serve_app.metrics import MetricSink
+from serve_app.per_tenant import PerTenant
 
 
 class GuardRules(BaseModel):
@@ -50,18 +51,7 @@ class GuardRules(BaseModel):
         return tuple(compiled)
 
 
-class PromptGuardSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    default: GuardRules | None = None
-    tenants: dict[str, GuardRules | None] = Field(default_factory=dict)
-
-    def rules_for(self, tenant: str) -> GuardRules | None:
-        return self.tenants[tenant] if tenant in self.tenants else self.default
-
-    @property
-    def enabled(self) -> bool:
-        return self.default is not None or any(r is not None for r in self.tenants.values())
+PromptGuardSettings = PerTenant[GuardRules]
 
 
 class PromptBlockedError(InvalidRequestError):
@@ -107,7 +97,7 @@ class PromptGuard:
 
     def check(self, route: str, body: Mapping[str, Any], tenant: str) -> None:
         """Raise ``PromptBlockedError`` when the tenant's rules refuse the request."""
-        rules = self.settings.rules_for(tenant)
+        rules = self.settings.for_tenant(tenant)
         if rules is None or route == "embeddings":
             return
         for text in checked_texts(route, body, rules.check):

@@ -28,6 +28,7 @@ from deployments.exact_cache import ExactCacheSettings
 from deployments.limiter_settings import LimiterSettings
 from deployments.resilience_settings import ResilienceSettings, Target
 from deployments.semantic_cache import SemanticCacheSettings
+from serve_app.prompt_decorator import PromptDecoratorSettings
 from serve_app.prompt_guard import PromptGuardSettings
 from serve_app.store_settings import StoreSettings
 
@@ -152,6 +153,7 @@ class GatewayArgs(_Strict):
     cost: CostArgs = CostArgs()
     budgets: BudgetSettings = BudgetSettings()
     prompt_guard: PromptGuardSettings = PromptGuardSettings()
+    prompt_decorator: PromptDecoratorSettings = PromptDecoratorSettings()
 
     @field_validator("models")
     @classmethod

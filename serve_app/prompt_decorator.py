@@ -1,0 +1,56 @@
+"""Messages the gateway adds to every chat request, as Kong's AI Prompt Decorator
+does: a company's system prompt put first, a reminder put last, for everyone or
+per tenant (a tenant's own replace the default; ``null``: none for that tenant).
+
+They are added after the prompt guard (which checks what the client wrote, not
+what the operator adds) and before anything else, so the cache key, the token
+estimate, quotas, budgets and the upstream all see the request as decorated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.per_tenant import PerTenant
+
+
+class DecoratorMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class Decoration(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prepend: tuple[DecoratorMessage, ...] = ()
+    append: tuple[DecoratorMessage, ...] = ()
+
+
+PromptDecoratorSettings = PerTenant[Decoration]
+
+
+class PromptDecorator:
+    def __init__(self, settings: PromptDecoratorSettings) -> None:
+        self.settings = settings
+        self.enabled = settings.enabled
+        self._dumped: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+
+    def decorate(self, body: dict[str, Any], tenant: str) -> list[dict[str, Any]]:
+        """Add the tenant's messages to a chat ``body`` in place; the messages added."""
+        decoration = self.settings.for_tenant(tenant)
+        if decoration is None:
+            return []
+        found = self._dumped.get(id(decoration))
+        if found is None:
+            found = self._dumped[id(decoration)] = (
+                [m.model_dump() for m in decoration.prepend],
+                [m.model_dump() for m in decoration.append],
+            )
+        first, last = ([dict(m) for m in part] for part in found)  # each body its own
+        if first or last:
+            body["messages"] = [*first, *body["messages"], *last]
+        return [*first, *last]
