@@ -24,6 +24,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from deployments.concurrency import ConcurrencySettings
+
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([a-z]+)")
 MAX_WINDOW_S = 366 * 86400.0
@@ -165,6 +167,8 @@ class LimiterSettings(_Strict):
     per_user: ScopeQuotas = ScopeQuotas()
     per_tenant: ScopeQuotas = ScopeQuotas()
     per_model: ScopeQuotas = ScopeQuotas()
+    # Requests in flight at once per key and tenant (deployments/concurrency.py).
+    max_parallel: ConcurrencySettings = ConcurrencySettings()
 
     @property
     def limits_anything(self) -> bool:

@@ -45,6 +45,7 @@ class Principal:
     # they replace the configured per-key ones for it. None: the configured ones apply.
     quotas: tuple[Quota, ...] | None = None
     budget: BudgetLimit | None = None
+    max_parallel: int | None = None  # ... and its own cap on requests in flight at once
 
     def may_use(self, model: str, entry: str | None = None) -> bool:
         """Whether both the key and its tenant allow ``model``, by its name or by the

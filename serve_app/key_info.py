@@ -117,5 +117,7 @@ async def key_info(gateway: Gateway, request: Request) -> dict[str, Any]:
                 for b in budgets
             ],
             "limits": _limits(gateway, principal),
+            "max_parallel_requests": principal.max_parallel
+            or gateway.stages.limiter.settings.max_parallel.per_key.for_name(principal.key_id),
         }
     }

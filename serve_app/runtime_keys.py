@@ -97,6 +97,7 @@ class KeyChange(BaseModel):
     # rpm_limit, tpm_limit and max_budget on /key/generate); none: the configured ones.
     limits: tuple[Quota, ...] | None = None
     budget: BudgetLimit | None = None
+    max_parallel_requests: int | None = Field(None, ge=1)  # in flight at once, all replicas
 
     @field_validator("limits")
     @classmethod
@@ -121,6 +122,7 @@ class RuntimeKey:
     expires_ms: int | None = None  # epoch ms; past it the key is refused until deleted
     limits: tuple[Quota, ...] | None = None
     budget: BudgetLimit | None = None
+    max_parallel_requests: int | None = None
 
     def expired(self, now_ms: float) -> bool:
         return self.expires_ms is not None and now_ms >= self.expires_ms
@@ -135,6 +137,7 @@ class RuntimeKey:
             tenant_models=tenant_models,
             quotas=self.limits,
             budget=self.budget,
+            max_parallel=self.max_parallel_requests,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -253,6 +256,7 @@ class RuntimeKeys:
             expires_ms,
             spec.limits,
             spec.budget,
+            spec.max_parallel_requests,
         )
         created = await self._create(
             keys=[BY_NAME, BY_DIGEST], args=[spec.name, digest, key.to_json()]

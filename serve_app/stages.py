@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from deployments.budget import BudgetEvent
+from deployments.concurrency import ConcurrencyLimiter
 from deployments.cost_tracker import CostTracker
 from deployments.dedup_redis import RedisSingleFlight
 from deployments.exact_cache import ExactCache
@@ -103,6 +104,7 @@ class Stages:
     cost: CostTracker
     metrics: MetricSink
     redis: aioredis.Redis
+    concurrency: ConcurrencyLimiter
     semantic: SemanticCacheClient | None = None
     _deltas: DeltaExporter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -151,6 +153,7 @@ class Stages:
             ),
             metrics=sink,
             redis=redis,
+            concurrency=ConcurrencyLimiter(redis),
             semantic=semantic,
             _deltas=DeltaExporter(sink),
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.budget import Reservation
+from deployments.concurrency import Slot
 from deployments.cost import Charge, ServedBy
 from deployments.limiter_decision import LimitDecision
 from deployments.tasks import Background
@@ -43,6 +44,7 @@ class Ticket:
     stages: Stages
     decision: LimitDecision
     reservation: Reservation
+    slot: Slot | None = None  # its place among the requests in flight, if limited
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     settled: bool = False
     handed_over: bool = False  # settled by work that outlives the request (``hand_over``)
@@ -51,13 +53,19 @@ class Ticket:
     async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
         decision = await stages.limiter.acquire(ctx)  # raises 429 with its headers
         ctx.response_headers.update(stages.limiter.headers(decision))
+        slot = None
         try:
+            parallel = stages.limiter.settings.max_parallel
+            if ctx.principal.max_parallel is not None or parallel.limits_anything:
+                slot = await stages.concurrency.acquire(ctx, parallel)
             reservation = await stages.cost.admit(ctx)
         except GatewayError as exc:
             stages.limiter.settle_soon(decision, None)
+            if slot is not None:
+                in_background(stages.concurrency.release(slot))
             exc.headers = {**ctx.response_headers, **exc.headers}
             raise
-        return cls(ctx, stages, decision, reservation)
+        return cls(ctx, stages, decision, reservation, slot)
 
     def finish(
         self,
@@ -125,6 +133,8 @@ class Ticket:
 
     def _settle_limits(self, tokens: int | None) -> None:
         self.stages.limiter.settle_soon(self.decision, tokens)
+        if self.slot is not None:
+            in_background(self.stages.concurrency.release(self.slot))
 
     def _record(self, charge: Charge) -> None:
         sink, model = self.stages.metrics, self.ctx.model
