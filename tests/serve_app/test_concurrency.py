@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from deployments.concurrency import ConcurrencyLimiter, ConcurrencySettings
+from deployments.concurrency import PREFIX, ConcurrencyLimiter, ConcurrencySettings
 from serve_app.context import Principal, RequestContext
 from serve_app.errors import RateLimitError
 from serve_app.ingress import Gateway
@@ -20,6 +20,19 @@ from serve_app.settings import hash_key
 from tests.support import LOCAL_KEY, MockServer, auth, gateway_args, in_process
 
 pytestmark = pytest.mark.integration
+
+
+async def _given_back(redis_url: str, key: str) -> None:
+    """Wait until every slot of ``key`` came back (released in the background)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for _ in range(250):
+            if await client.zcard(key) == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{key} still holds slots")
+    finally:
+        await client.aclose()
 
 
 def _ask(content: str, **extra: Any) -> dict[str, Any]:
@@ -56,7 +69,7 @@ async def test_a_key_gets_its_cap_across_replicas_and_its_slots_back(
         assert refused.json()["error"]["code"] == "too_many_concurrent_requests"
         assert refused.headers["retry-after"] == "1"
         assert mock_behaviour.stats.calls == 2
-        await asyncio.sleep(0.2)  # the slots go back in the background
+        await _given_back(redis_url, f"{PREFIX}:key:{name}")
         again = await asyncio.gather(
             *(c.post("/v1/chat/completions", json=_ask("again"), headers=key) for c in (one, two))
         )

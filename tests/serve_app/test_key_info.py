@@ -230,7 +230,7 @@ async def test_a_key_made_at_run_time_is_changed_in_place(
             patched = await admin.patch(f"/admin/keys/{name}", json=change)
             assert patched.status_code == 200, patched.text
             assert patched.json()["models"] == ["mock-embed"] and patched.json()["expires_ms"]
-            for _ in range(100):  # the announcement reaches the other replica
+            for _ in range(250):  # the announcement reaches the other replica
                 refused = await replica.post("/v1/chat/completions", json=body, headers=key)
                 if refused.status_code == 404:
                     break
