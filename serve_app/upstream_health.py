@@ -3,7 +3,8 @@ is there, checked now rather than learnt from the next failed request (LiteLLM's
 ``/health``, Kong's active health checks).
 
 Every upstream is asked for ``GET /models`` (free): reachable, key accepted, and
-which configured models it lists. With ``?call=true`` each configured model also
+which configured models it lists, and which of the models that balance groups,
+fallbacks and context fallbacks name (``targets``). With ``?call=true`` each configured model also
 gets the smallest real call (a one-token chat or completion, a one-word
 embedding): it costs a few tokens, and it is the only proof for an upstream that
 lists no models. Checks bypass limits, budgets, caches and breakers, and are not
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from deployments.provider import ProviderClient
+from deployments.resilience_settings import Target
 from serve_app.errors import GatewayError
 from serve_app.settings import GatewayArgs, ModelSettings
 
@@ -107,13 +110,53 @@ async def check(
                 "model": model.name,
                 "upstream": model.upstream,
                 "upstream_model": model.target_model,
-                # None: the upstream lists no models (or could not be asked)
-                "listed": None if ids is None else model.target_model in ids,
+                "listed": _is_listed(ids, model.target_model),
                 "call": calls_by_model.get(model.name),
             }
         )
+    target_reports = [
+        {
+            "model": name,
+            "section": section,
+            "upstream": target.upstream,
+            "upstream_model": target.model,
+            "listed": _is_listed(listed[target.upstream], target.model),
+        }
+        for section, name, target in _routed_targets(args)
+    ]
     upstream_reports = [report for report, _ in listings]
-    healthy = all(r["ok"] for r in upstream_reports) and all(
-        r["listed"] is not False and (r["call"] is None or r["call"]["ok"]) for r in model_reports
+    healthy = (
+        all(r["ok"] for r in upstream_reports)
+        and all(r["listed"] is not False for r in target_reports)
+        and all(
+            r["listed"] is not False and (r["call"] is None or r["call"]["ok"])
+            for r in model_reports
+        )
     )
-    return {"healthy": healthy, "upstreams": upstream_reports, "models": model_reports}
+    return {
+        "healthy": healthy,
+        "upstreams": upstream_reports,
+        "models": model_reports,
+        "targets": target_reports,
+    }
+
+
+def _is_listed(ids: set[str] | None, model: str) -> bool | None:
+    """None: the upstream lists no models (or could not be asked)."""
+    return None if ids is None else model in ids
+
+
+def _routed_targets(args: GatewayArgs) -> list[tuple[str, str, Target]]:
+    """Every target a balance group, fallback chain or context fallback names."""
+    resilience = args.resilience
+    chains: list[tuple[str, Mapping[str, Sequence[Target]]]] = [
+        ("balance", {m: g.targets for m, g in resilience.balance.items()}),
+        ("fallbacks", resilience.fallbacks),
+        ("context_fallbacks", resilience.context_fallbacks),
+    ]
+    return [
+        (section, name, target)
+        for section, by_model in chains
+        for name, targets in sorted(by_model.items())
+        for target in targets
+    ]
