@@ -73,3 +73,19 @@ async def test_targets_without_limits_cost_no_store_call(redis_client: aioredis.
     res = _resilience(redis_client, {"upstream": "a", "model": "m"})
     assert res.target_limits is None  # none of its targets has limits: nothing to ask
     assert (await res.call([Target(upstream="a", model="m")], _called, 30)).value == "a"
+
+
+async def test_every_call_to_the_upstream_model_counts_as_another_models_fallback_too(
+    redis_client: aioredis.Redis,
+) -> None:
+    res = _resilience(redis_client, {"upstream": "a", "model": "m", "rpm": 1})
+
+    async def primary_down(target: Target) -> str:
+        if target.upstream == "down":
+            raise ConnectionError("refused")
+        return target.upstream
+
+    as_fallback = [Target(upstream="down", model="x"), Target(upstream="a", model="m")]
+    assert (await res.call(as_fallback, primary_down, 30)).value == "a"
+    with pytest.raises(TargetLimitedError):
+        await res.call([Target(upstream="a", model="m")], _called, 30)
