@@ -6,9 +6,9 @@ Each limited key and tenant has a sorted set in Redis of the request ids in
 flight, scored by when their slot lapses. One script run drops lapsed slots,
 checks every applicable limit and, only if all have room, takes a slot in each;
 the request gives them back when it settles (answered, failed, or its stream
-ended). A slot lapses on its own ``lease_s`` after it was taken, so a replica
-that dies does not hold its slots for ever; make it longer than a request can
-last (``request_timeout_s``). A store failure admits the request, as the rate
+ended). A slot lapses on its own ``lease_s`` after it was taken (by default the
+request deadline plus a minute), so a replica that dies does not hold its slots
+for ever. A store failure admits the request, as the rate
 limiter's ``failure_mode: open`` does.
 """
 
@@ -64,7 +64,7 @@ class ConcurrencySettings(BaseModel):
 
     per_key: ParallelLimits = ParallelLimits()
     per_tenant: ParallelLimits = ParallelLimits()
-    lease_s: float = Field(600.0, gt=0)
+    lease_s: float | None = Field(None, gt=0)  # none: the request deadline plus a minute
 
     @property
     def limits_anything(self) -> bool:
@@ -80,8 +80,11 @@ class Slot:
 
 
 class ConcurrencyLimiter:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, default_lease_s: float = 660.0) -> None:
+        """``default_lease_s``: how long a slot lasts when the settings say not (the
+        request deadline plus a minute: no request holds a slot past its own end)."""
         self._redis = redis
+        self._default_lease_s = default_lease_s
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
 
@@ -102,7 +105,8 @@ class ConcurrencyLimiter:
             return None
         keys = tuple(f"{PREFIX}:{scope}:{name}" for scope, name, _ in subjects)
         now_ms = int(time.time() * 1000)
-        args = [now_ms, now_ms + int(settings.lease_s * 1000), ctx.request_id]
+        lease_s = settings.lease_s or self._default_lease_s
+        args = [now_ms, now_ms + int(lease_s * 1000), ctx.request_id]
         try:
             full = int(await self._acquire(keys=keys, args=[*args, *(s[2] for s in subjects)]))
         except STORE_ERRORS:

@@ -193,6 +193,16 @@ class GatewayArgs(_Strict):
                     self._known_upstream(where, target.upstream)
         return self
 
+    @model_validator(mode="after")
+    def _slots_outlast_requests(self) -> GatewayArgs:
+        lease_s = self.limits.max_parallel.lease_s
+        if lease_s is not None and lease_s < self.request_timeout_s:
+            raise ValueError(
+                f"limits.max_parallel.lease_s ({lease_s:g}) is shorter than request_timeout_s"
+                f" ({self.request_timeout_s:g}): a slot would lapse while its request runs"
+            )
+        return self
+
     def tenant_models(self) -> dict[str, frozenset[str] | None]:
         """Each tenant's model allowlist, where it has one."""
         return {

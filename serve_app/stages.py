@@ -153,7 +153,7 @@ class Stages:
             ),
             metrics=sink,
             redis=redis,
-            concurrency=ConcurrencyLimiter(redis),
+            concurrency=ConcurrencyLimiter(redis, args.request_timeout_s + 60),
             semantic=semantic,
             _deltas=DeltaExporter(sink),
         )

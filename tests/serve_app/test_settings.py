@@ -137,3 +137,18 @@ def test_served_models_list_every_upstream_model_that_may_answer() -> None:
         }
     )
     assert args.served_models() == {"m": ("m-1", "m-3", "m-4", "m-2"), "plain": ("plain",)}
+
+
+def test_a_slot_must_outlast_the_request_holding_it() -> None:
+    from serve_app.settings import GatewayArgs, hash_key
+
+    config = {
+        "upstreams": {"u": {"base_url": "http://u.invalid/v1"}},
+        "models": [{"name": "m", "upstream": "u"}],
+        "api_keys": [{"name": "k", "key_sha256": hash_key("sk-k")}],
+        "request_timeout_s": 900,
+    }
+    assert GatewayArgs.model_validate(config)  # by default a slot outlasts the deadline
+    short = {**config, "limits": {"max_parallel": {"lease_s": 600}}}
+    with pytest.raises(ValueError, match="lease_s \\(600\\) is shorter than request_timeout_s"):
+        GatewayArgs.model_validate(short)
