@@ -315,7 +315,11 @@ class Resilience:
                 raise _NextTarget(open_error(name, permit))
             share = None
             if self.target_limits is not None:
-                share = await self._target_share(self.target_limits, target, tokens)
+                try:
+                    share = await self._target_share(self.target_limits, target, tokens)
+                except BaseException:  # passed over (or cancelled) holding the permit
+                    self._give_back(name, policy.breaker, permit)
+                    raise
             calls += 1
             if calls == 1:
                 budget.deposit()  # a first call: what retries are a share of
@@ -357,6 +361,12 @@ class Resilience:
     def _settle_share(self, share: LimitDecision | None, used: int | None) -> None:
         if share is not None and self.target_limits is not None:
             self.target_limits.settle(share, used)
+
+    def _give_back(self, name: str, cfg: BreakerSettings, permit: Decision) -> None:
+        """A half-open probe's permit not used for a call goes back, so the breaker
+        does not wait out its lease for an answer that never comes."""
+        if permit.permit_id:
+            self._record_later(name, cfg, permit, None, Outcome.IGNORED)
 
     async def _acquire(self, name: str, cfg: BreakerSettings, lease_s: float) -> Decision:
         now = self._clock()
@@ -404,8 +414,7 @@ class Resilience:
                 await self.store.record(name, policy.breaker, permit, Outcome.IGNORED)
             return full, permit.state
         except asyncio.CancelledError:
-            if permit.permit_id:
-                self._record_later(name, policy.breaker, permit, None, Outcome.IGNORED)
+            self._give_back(name, policy.breaker, permit)
             raise
         run.attempts += 1
         run.last_target = target
@@ -419,8 +428,7 @@ class Resilience:
         except asyncio.CancelledError:
             bulkhead.release()
             balancer.abandoned(target)
-            if permit.permit_id:  # give a probe's permit back; the client went away
-                self._record_later(name, policy.breaker, permit, None, Outcome.IGNORED)
+            self._give_back(name, policy.breaker, permit)  # the client went away
             raise
         except Exception as exc:
             bulkhead.release()

@@ -4,6 +4,7 @@ the soonest retry, and a call gives back the tokens it did not use."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -89,3 +90,30 @@ async def test_every_call_to_the_upstream_model_counts_as_another_models_fallbac
     assert (await res.call(as_fallback, primary_down, 30)).value == "a"
     with pytest.raises(TargetLimitedError):
         await res.call([Target(upstream="a", model="m")], _called, 30)
+
+
+async def test_a_probe_passed_over_at_its_rpm_gives_its_permit_back(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The breaker is asked first: a half-open probe's permit taken for a target at its
+    limit would otherwise wait out its lease with no call to judge it by."""
+    settings = ResilienceSettings.model_validate(
+        {
+            "default": {"breaker": {"permitted_calls_in_half_open": 1}},
+            "balance": {"gpt": {"targets": [{"upstream": "a", "model": "m", "rpm": 1}]}},
+        }
+    )
+    prefix = f"{{test-targets-{uuid.uuid4().hex[:8]}}}"
+    limiter = RateLimiter(redis_client, LimiterSettings(key_prefix=prefix))
+    res = Resilience(
+        settings, MemoryBreakerStore(), target_limits=TargetLimits(limiter, settings.balance)
+    )
+    target = Target(upstream="a", model="m")
+    assert (await res.call([target], _called, 30)).value == "a"  # the minute's one call
+    cfg = settings.default.breaker
+    await res.store.open_for("a/m", cfg, 0.05)
+    await asyncio.sleep(0.1)  # now half-open: one probe at a time
+    with pytest.raises(TargetLimitedError):
+        await res.call([target], _called, 30)
+    await res.drain()
+    assert (await res.store.acquire("a/m", cfg, 30)).allowed  # the probe permit came back
