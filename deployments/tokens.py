@@ -58,3 +58,9 @@ def estimate_input_tokens(value: str | list[str] | list[int] | list[list[int]]) 
         else:
             total += 1
     return total
+
+
+def reported_total(usage: Any) -> int | None:
+    """The ``total_tokens`` an upstream's usage reports (None: it reports none)."""
+    total = usage.get("total_tokens") if isinstance(usage, Mapping) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None

@@ -35,6 +35,7 @@ from deployments.resilience import ResilienceResult, Target
 from deployments.resilience_settings import SharedBreakerTarget
 from deployments.sse_replay import ChunkAssembler, StreamAssembler, replay_sse
 from deployments.text_replay import TextStreamAssembler, replay_text_sse
+from deployments.tokens import reported_total
 from serve_app.context import RequestContext
 from serve_app.errors import GatewayError, UpstreamError
 from serve_app.model_routes import ModelRoutes
@@ -372,7 +373,7 @@ class ChatPipeline:
             tokens=self._tokens(ctx),
         )
         body, usage = result.value
-        result.settle(_total_tokens(usage))
+        result.settle(reported_total(usage))
         await self._remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
@@ -557,7 +558,7 @@ class _StreamRelay:
     def _bill(self, status: str) -> Any:
         self.note_upstream()
         if (result := self.holder.get("result")) is not None:
-            result.settle(_total_tokens(self.result.usage))  # a target's tpm: once
+            result.settle(reported_total(self.result.usage))  # a target's tpm: once
         text = self.result.completion_text() if self.result.usage is None else ""
         return self.ticket.finish(
             self.result.usage,
@@ -695,11 +696,6 @@ ASSEMBLERS: dict[str, Callable[[], ChunkAssembler]] = {
     "chat": StreamAssembler,
     "completions": TextStreamAssembler,
 }
-
-
-def _total_tokens(usage: Any) -> int | None:
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return total if isinstance(total, int) and not isinstance(total, bool) else None
 
 
 def _payload(body: dict[str, Any], target: Target) -> bytes:

@@ -3,12 +3,13 @@
 A team gets a key without a redeploy: ``POST /admin/keys`` answers its secret
 once, and Redis keeps only its sha256 digest (as ``config.yaml`` does), so a
 copy of the store leaks no key. Such a key is never an admin key, and is
-limited, budgeted and billed under its name like a configured one (the
-``default`` limits and budgets apply to it).
+limited, budgeted and billed under its name like a configured one: by the
+``limits``, ``budget`` and ``max_parallel_requests`` it was made (or later
+changed) with, else by the configured per-key ones.
 
 Each replica remembers what it looked up, found or not, for ``cache_s``: a key
-costs one Redis read per replica every ``cache_s``, however busy. Creating or
-revoking a key is announced on a pub/sub channel and every replica forgets its
+costs one Redis read per replica every ``cache_s``, however busy. Creating,
+changing, rotating or revoking a key is announced on a pub/sub channel and every replica forgets its
 copy as the announcement arrives; one whose subscription was down forgets all
 it remembers as it subscribes again, and is never more than ``cache_s`` late.
 While the store is down a key a replica has seen keeps working from its copy;
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 # One hash tag: both hashes live in one slot of a Redis Cluster, as the scripts need.
 BY_NAME = "gw:{keys}:by_name"  # name -> digest
 BY_DIGEST = "gw:{keys}:by_digest"  # digest -> the key's record (JSON)
-CHANGED = "gw:{keys}:changed"  # announces a digest created or revoked
+CHANGED = "gw:{keys}:changed"  # announces a digest created, changed, rotated or revoked
 SECRET_PREFIX = "sk-gw-"
 MAX_REMEMBERED = 10_000  # lookups a replica keeps (unknown keys included)
 

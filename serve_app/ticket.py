@@ -18,7 +18,7 @@ from deployments.concurrency import Slot
 from deployments.cost import Charge, ServedBy
 from deployments.limiter_decision import LimitDecision
 from deployments.tasks import Background
-from deployments.tokens import estimate_text_tokens
+from deployments.tokens import estimate_text_tokens, reported_total
 from serve_app.context import RequestContext
 from serve_app.errors import GatewayError
 from serve_app.stages import Stages
@@ -83,12 +83,9 @@ class Ticket:
             return None
         self.settled = True
         stages, ctx = self.stages, self.ctx
-        tokens = 0
-        if served_by == "upstream":
-            if usage and isinstance(usage.get("total_tokens"), int):
-                tokens = usage["total_tokens"]
-            else:
-                tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
+        tokens: int | None = 0
+        if served_by == "upstream" and (tokens := reported_total(usage)) is None:
+            tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
         self._settle_limits(tokens)
         charge = stages.cost.finish(
             ctx,
