@@ -32,6 +32,18 @@ def is_complete_completion(completion: Any) -> bool:
     return all(isinstance(c, Mapping) and c.get("finish_reason") for c in choices)
 
 
+def chunk_base(
+    completion: Mapping[str, Any], fields: tuple[str, ...], kind: str, include_usage: bool
+) -> dict[str, Any]:
+    """What every replayed chunk repeats: the answer's root ``fields``, its ``object``
+    kind and, when usage was asked for, ``usage: null`` until the usage chunk."""
+    base = {k: completion[k] for k in fields if k in completion}
+    base["object"] = kind
+    if include_usage:
+        base["usage"] = None
+    return base
+
+
 def split_text(text: str, piece_chars: int = 24) -> list[str]:
     """Word-aligned pieces of about ``piece_chars`` that join back to ``text``."""
     pieces, current = [], ""
@@ -45,7 +57,7 @@ def split_text(text: str, piece_chars: int = 24) -> list[str]:
     return pieces
 
 
-def _sse(payload: Mapping[str, Any]) -> bytes:
+def sse_event(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -75,10 +87,7 @@ def completion_chunks(
     completion: Mapping[str, Any], *, include_usage: bool = False, piece_chars: int = 24
 ) -> Iterator[dict[str, Any]]:
     """The ``chat.completion.chunk`` objects a provider would have streamed."""
-    base = {k: completion[k] for k in _ROOT_FIELDS if k in completion}
-    base["object"] = "chat.completion.chunk"
-    if include_usage:
-        base["usage"] = None
+    base = chunk_base(completion, _ROOT_FIELDS, "chat.completion.chunk", include_usage)
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any) -> dict:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -98,7 +107,7 @@ def completion_chunks(
 def replay_sse(body: bytes, *, include_usage: bool = False) -> Iterator[bytes]:
     """A stored ``chat.completion`` body as SSE events ending in ``[DONE]``."""
     for chunk in completion_chunks(orjson.loads(body), include_usage=include_usage):
-        yield _sse(chunk)
+        yield sse_event(chunk)
     yield DONE
 
 

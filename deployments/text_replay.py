@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from deployments.sse_replay import DONE, ChunkAssembler, split_text
+from deployments.sse_replay import DONE, ChunkAssembler, chunk_base, split_text, sse_event
 
 _ROOT_FIELDS = ("id", "created", "model", "system_fingerprint")
 # A choice's legacy logprobs: parallel lists, one entry per token.
@@ -40,10 +40,7 @@ def text_chunks(
     completion: Mapping[str, Any], *, include_usage: bool = False, piece_chars: int = 24
 ) -> Iterator[dict[str, Any]]:
     """The chunks a provider would have streamed for ``completion``."""
-    base = {k: completion[k] for k in _ROOT_FIELDS if k in completion}
-    base["object"] = "text_completion"
-    if include_usage:
-        base["usage"] = None
+    base = chunk_base(completion, _ROOT_FIELDS, "text_completion", include_usage)
 
     def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> dict[str, Any]:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -65,7 +62,7 @@ def text_chunks(
 def replay_text_sse(body: bytes, *, include_usage: bool = False) -> Iterator[bytes]:
     """A stored ``text_completion`` body as SSE events ending in ``[DONE]``."""
     for chunk in text_chunks(orjson.loads(body), include_usage=include_usage):
-        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+        yield sse_event(chunk)
     yield DONE
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from deployments.sse_replay import sse_event
 from serve_app.errors import GatewayError
 
 DONE = b"data: [DONE]\n\n"
@@ -83,8 +84,7 @@ def inspect_event(data: bytes, result: StreamResult) -> bool:
     return True
 
 
-def encode_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+encode_event = sse_event  # one event of a stream to the client
 
 
 def error_event(error: GatewayError) -> bytes:
