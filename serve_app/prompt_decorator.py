@@ -37,20 +37,15 @@ class PromptDecorator:
     def __init__(self, settings: PromptDecoratorSettings) -> None:
         self.settings = settings
         self.enabled = settings.enabled
-        self._dumped: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
 
     def decorate(self, body: dict[str, Any], tenant: str) -> list[dict[str, Any]]:
         """Add the tenant's messages to a chat ``body`` in place; the messages added."""
         decoration = self.settings.for_tenant(tenant)
         if decoration is None:
             return []
-        found = self._dumped.get(id(decoration))
-        if found is None:
-            found = self._dumped[id(decoration)] = (
-                [m.model_dump() for m in decoration.prepend],
-                [m.model_dump() for m in decoration.append],
-            )
-        first, last = ([dict(m) for m in part] for part in found)  # each body its own
+        # Dumped for each request: each body gets messages of its own.
+        first = [m.model_dump() for m in decoration.prepend]
+        last = [m.model_dump() for m in decoration.append]
         if first or last:
             body["messages"] = [*first, *body["messages"], *last]
         return [*first, *last]
