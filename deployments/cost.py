@@ -55,13 +55,20 @@ class TokenUsage:
 
     @classmethod
     def from_openai(cls, usage: Mapping[str, Any] | None) -> TokenUsage | None:
-        if not usage or usage.get("prompt_tokens") is None:
+        """Chat's and text completions' ``usage``, or the Responses API's, which names
+        the same counts ``input_tokens`` and ``output_tokens``."""
+        if not usage:
             return None
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt, completion = "prompt_tokens", "completion_tokens"
+        if usage.get(prompt) is None:
+            if usage.get("input_tokens") is None:
+                return None
+            prompt, completion = "input_tokens", "output_tokens"
+        prompt_details = usage.get(f"{prompt}_details") or {}
+        completion_details = usage.get(f"{completion}_details") or {}
         return cls(
-            prompt_tokens=int(usage["prompt_tokens"]),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
+            prompt_tokens=int(usage[prompt]),
+            completion_tokens=int(usage.get(completion) or 0),
             cached_tokens=int(prompt_details.get("cached_tokens") or 0),
             reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
         )

@@ -60,6 +60,24 @@ def estimate_input_tokens(value: str | list[str] | list[int] | list[list[int]]) 
     return total
 
 
+def estimate_response_input_tokens(value: Any, instructions: Any = None) -> int:
+    """A Responses API ``input`` (a string, or a list of items: messages, tool calls and
+    their outputs) and its ``instructions``, in tokens. What a ``previous_response_id``
+    brings along is unknown here: the call settles to the reported usage."""
+    total = TOKENS_PER_REPLY + estimate_text_tokens(instructions or "")
+    if isinstance(value, str):
+        return total + TOKENS_PER_MESSAGE + estimate_text_tokens(value)
+    for item in value if isinstance(value, list) else ():
+        total += TOKENS_PER_MESSAGE
+        if not isinstance(item, Mapping):
+            total += estimate_text_tokens(str(item))
+        elif "content" in item:
+            total += estimate_text_tokens(_content_text(item["content"]))
+        else:  # a tool call, its output, a reasoning item: count its JSON
+            total += estimate_text_tokens(str(item))
+    return total
+
+
 def reported_total(usage: Any) -> int | None:
     """The ``total_tokens`` an upstream's usage reports (None: it reports none)."""
     total = usage.get("total_tokens") if isinstance(usage, Mapping) else None

@@ -19,7 +19,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig
+from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig, max_tokens
+from serve_app.mock_provider.responses import PREFIX as RESPONSE_PREFIX
+from serve_app.mock_provider.responses import MockResponses
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -56,7 +58,7 @@ def error(status: int, message: str, retry_after: float | None = None) -> MockAn
 def _over_window(body: dict[str, Any], window: int) -> MockAnswer | None:
     """OpenAI's answer to a request that does not fit the model's context window."""
     prompt = MockBehaviour.prompt_tokens(body)
-    wanted = prompt + int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+    wanted = prompt + max_tokens(body)
     if wanted <= window:
         return None
     message = (
@@ -119,10 +121,13 @@ class MockProvider:
 
     def __init__(self, behaviour: MockBehaviour | None = None) -> None:
         self.behaviour = behaviour or MockBehaviour()
+        self.responses = MockResponses(lambda: self.behaviour)
         chat, text, embeddings = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+        responses = "/v1/responses"
         self.routes: dict[str, tuple[str, Callable[[bytes], MockAnswer | Admitted]]] = {
             chat: ("POST", lambda raw: self._call(chat, raw, self._chat)),
             text: ("POST", lambda raw: self._call(text, raw, self._text)),
+            responses: ("POST", lambda raw: self._call(responses, raw, self._response)),
             embeddings: ("POST", lambda raw: self._call(embeddings, raw, self._embeddings)),
             "/v1/models": ("GET", self._models),
             "/_mock/stats": ("GET", self._stats),
@@ -132,6 +137,8 @@ class MockProvider:
 
     def admit(self, method: str, path: str, raw: bytes) -> MockAnswer | Admitted:
         route = self.routes.get(path)
+        if route is None and path.startswith(RESPONSE_PREFIX):
+            return _json(*reversed(self.responses.by_id(method, path)))
         if route is None:
             return error(404, f"mock: no route {path}")
         allowed, handler = route
@@ -201,6 +208,19 @@ class MockProvider:
             return self._streamed(body, model, words, usage, _text_piece(base), None)
         choice = {"index": 0, "text": " ".join(words), "logprobs": None, "finish_reason": "stop"}
         return _json({**base, "choices": [choice], "usage": usage})
+
+    def _response(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+        """A Responses API call (``serve_app/mock_provider/responses.py``)."""
+        if (too_long := self._over_context(body, model)) is not None:
+            return too_long
+        words = self.behaviour.answer_words(body)
+        status, response = self.responses.create(body, model, words)
+        if status != 200 or not body.get("stream"):
+            return _json(response, status)
+        cut_after = self.behaviour.faults_for(model).cut_stream_after
+        return MockAnswer(
+            200, content_type=SSE, stream=self.responses.events(response, words, cut_after)
+        )
 
     def _streamed(
         self,

@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from serve_app.mock_provider.answers import MockAnswer, MockProvider, error
 from serve_app.mock_provider.behaviour import MockBehaviour
+from serve_app.mock_provider.responses import PREFIX as RESPONSE_PREFIX
 
 
 def _response(answer: MockAnswer) -> Response:
@@ -25,6 +26,16 @@ def _response(answer: MockAnswer) -> Response:
 
 def _endpoint(provider: MockProvider, path: str) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        return _response(await provider.answer(request.method, path, await request.body()))
+
+    return endpoint
+
+
+def _by_path(provider: MockProvider) -> Callable[[Request], Awaitable[Response]]:
+    """A route with its own part in the path (``/v1/responses/{id}``)."""
+
+    async def endpoint(request: Request) -> Response:
+        path = RESPONSE_PREFIX + request.path_params["rest"]
         return _response(await provider.answer(request.method, path, await request.body()))
 
     return endpoint
@@ -43,4 +54,7 @@ def create_app(behaviour: MockBehaviour | None = None) -> Starlette:
         Route(path, _endpoint(provider, path), methods=[method])
         for path, (method, _) in provider.routes.items()
     ]
+    routes.append(
+        Route(RESPONSE_PREFIX + "{rest:path}", _by_path(provider), methods=["GET", "DELETE"])
+    )
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

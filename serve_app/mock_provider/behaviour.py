@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
+from deployments.tokens import (
+    estimate_input_tokens,
+    estimate_prompt_tokens,
+    estimate_response_input_tokens,
+)
 
 _WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
@@ -82,15 +86,32 @@ def body_hash(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def max_tokens(body: dict[str, Any]) -> int:
+    """The answer's bound in tokens a request sets (0: none), whichever route's name it uses."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+# The most stored responses the mock keeps (the oldest go first), as an upstream's retention.
+STORED_RESPONSES = 10_000
+
+
 class MockBehaviour:
     def __init__(self, config: MockConfig | None = None) -> None:
         self.config = config or MockConfig()
         self.stats = MockStats()
+        # Responses created with ``store`` (the default), by id: what ``previous_response_id``
+        # and ``GET /v1/responses/{id}`` read. Each with the input items it was given.
+        self.responses: OrderedDict[str, tuple[dict[str, Any], list[Any]]] = OrderedDict()
         self._random = random.Random(self.config.seed)
         self.last_body = b""  # the last call's body as received (tests read what was sent)
 
     def reset(self) -> None:
         self.stats = MockStats()
+        self.responses.clear()
         self.config = MockConfig(models=self.config.models, seed=self.config.seed)
         self._random = random.Random(self.config.seed)
 
@@ -127,17 +148,19 @@ class MockBehaviour:
         return (latency.fixed_ms + jitter) / 1000 + self.faults_for(model).hang_s
 
     def answer_words(self, body: dict[str, Any]) -> list[str]:
-        """A deterministic answer: seeded by the request's messages (a chat) or prompt
-        (a text completion), bounded by max_tokens."""
-        seed = body["messages"] if "messages" in body else body.get("prompt")
+        """A deterministic answer: seeded by the request's messages (a chat), prompt
+        (a text completion) or input (a response), bounded by max_tokens."""
+        seed = body["messages"] if "messages" in body else body.get("prompt", body.get("input"))
         digest = hashlib.sha256(repr(seed).encode()).digest()
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        limit = max_tokens(body) or 16
         count = max(1, min(int(limit), 8 + digest[0] % 9))
         return [_WORDS[b % len(_WORDS)] for b in digest[:count]]  # count <= 16 < 32 bytes
 
     @staticmethod
     def prompt_tokens(body: dict[str, Any]) -> int:
-        """A chat's messages, or a text completion's prompt, in tokens."""
+        """A chat's messages, a text completion's prompt or a response's input, in tokens."""
+        if "input" in body and "messages" not in body:
+            return estimate_response_input_tokens(body["input"], body.get("instructions"))
         if "messages" in body or not isinstance(body.get("prompt"), str | list):
             return estimate_prompt_tokens(body.get("messages") or [])
         return estimate_input_tokens(body["prompt"])

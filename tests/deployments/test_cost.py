@@ -11,6 +11,7 @@ import pytest
 from deployments.cost import (
     CostMeter,
     CostSettings,
+    TokenUsage,
     chunk_usage,
     format_usd,
     from_pico,
@@ -220,3 +221,15 @@ def test_money_formats_and_picodollars() -> None:
     assert format_usd(Decimal("1E+2")) == "100"
     assert to_pico(Decimal("0.0005253")) == 525_300_000
     assert from_pico(525_300_000) == Decimal("0.0005253")
+
+
+def test_responses_usage_names_the_same_counts_input_and_output() -> None:
+    usage = {
+        "input_tokens": 120,
+        "input_tokens_details": {"cached_tokens": 100},
+        "output_tokens": 30,
+        "output_tokens_details": {"reasoning_tokens": 10},
+        "total_tokens": 150,
+    }
+    assert TokenUsage.from_openai(usage) == TokenUsage(120, 30, 100, 10)
+    assert TokenUsage.from_openai({"output_tokens": 3}) is None

@@ -271,3 +271,79 @@ async def test_a_failing_answer_is_a_500_and_the_connection_goes_on(
         assert failed.json()["error"]["code"] == "mock_500"
         monkeypatch.undo()
         assert (await client.post(CHAT, json=BODY)).status_code == 200
+
+
+RESPONSES = "/v1/responses"
+
+
+def _response_events(text: str) -> list[tuple[str, dict[str, object]]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        kind, data = block.split("\n")
+        assert kind.startswith("event: ") and data.startswith("data: ")
+        events.append((kind[7:], orjson.loads(data[6:])))
+    return events
+
+
+async def test_responses_are_stored_continued_listed_and_deleted(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, _ = mock
+    body = {"model": "mock-gpt", "input": "hello mock", "max_output_tokens": 4}
+    first = (await client.post(RESPONSES, json=body)).json()
+    assert first["object"] == "response" and first["status"] == "completed"
+    assert len(first["output"][0]["content"][0]["text"].split()) == 4
+    usage = first["usage"]
+    assert usage["output_tokens"] == 4
+    assert usage["total_tokens"] == usage["input_tokens"] + 4
+
+    # A continuation carries the conversation's tokens, as an upstream bills them.
+    follow = {**body, "input": "and then?", "previous_response_id": first["id"]}
+    second = (await client.post(RESPONSES, json=follow)).json()
+    assert second["usage"]["input_tokens"] > usage["total_tokens"]
+    assert second["previous_response_id"] == first["id"]
+
+    got = await client.get(f"{RESPONSES}/{first['id']}")
+    assert got.status_code == 200 and got.json() == first
+    items = (await client.get(f"{RESPONSES}/{first['id']}/input_items")).json()
+    assert [i["content"] for i in items["data"]] == ["hello mock"]
+
+    deleted = await client.delete(f"{RESPONSES}/{first['id']}")
+    assert deleted.json() == {"id": first["id"], "object": "response.deleted", "deleted": True}
+    assert (await client.get(f"{RESPONSES}/{first['id']}")).status_code == 404
+    gone = await client.post(RESPONSES, json=follow)
+    assert gone.status_code == 400
+    assert gone.json()["error"]["code"] == "previous_response_not_found"
+
+    unstored = (await client.post(RESPONSES, json={**body, "store": False})).json()
+    assert (await client.get(f"{RESPONSES}/{unstored['id']}")).status_code == 404
+
+
+async def test_a_streamed_response_is_typed_events_ending_completed(
+    mock: tuple[httpx.AsyncClient, MockBehaviour],
+) -> None:
+    client, _ = mock
+    body = {"model": "mock-gpt", "input": "stream me", "stream": True}
+    streamed = await client.post(RESPONSES, json=body)
+    events = _response_events(streamed.text)
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "data: [DONE]" not in streamed.text
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    assert all(kind == e["type"] for kind, e in events)
+    final = events[-1][1]["response"]
+    deltas = "".join(e["delta"] for kind, e in events if kind == "response.output_text.delta")
+    assert deltas == final["output"][0]["content"][0]["text"]
+    assert (await client.get(f"{RESPONSES}/{final['id']}")).json() == final
+
+
+async def test_a_cut_response_stream_stops_before_completed(
+    lean_port: tuple[int, MockBehaviour],
+) -> None:
+    port, behaviour = lean_port
+    behaviour.config.faults["*"] = Faults(cut_stream_after=2)
+    body = {"model": "mock-gpt", "input": "stream me", "stream": True}
+    data = await _exchange(port, _post(orjson.dumps(body), path=RESPONSES))
+    assert data.count(b"event: response.output_text.delta") == 2
+    assert b"response.completed" not in data
+    assert not data.endswith(b"0\r\n\r\n")
