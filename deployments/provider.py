@@ -332,14 +332,21 @@ class ProviderClient:
             raise _status_error(stream.status, stream.headers, payload)
         return stream
 
-    async def get(self, upstream: str, path: str, timeout_s: float) -> UpstreamResponse:
-        """A GET with the upstream's headers (``/models``, for a health check): off the
-        request path, so a client of its own rather than a pooled transport, which
-        speaks POST only. Any status is returned; a failure to connect raises."""
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
-            response = await client.get(
-                self._url(upstream, path), headers=self._base_headers[upstream]
-            )
+    async def send(
+        self, method: str, upstream: str, path: str, timeout_s: float
+    ) -> UpstreamResponse:
+        """A call with no body and the upstream's headers (a health check's ``GET
+        /models``, a stored response's ``GET`` or ``DELETE``): off the hot path, so a
+        client of its own rather than a pooled transport, which speaks POST only. Any
+        status is returned; a failure to connect or a timeout raises as ``post`` does."""
+        url = self._url(upstream, path)
+        try:
+            async with httpx.AsyncClient(timeout=timeout_s) as client:
+                response = await client.request(method, url, headers=self._base_headers[upstream])
+        except httpx.TimeoutException:
+            raise UpstreamTimeoutError(f"upstream {upstream} timed out") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnreachableError(f"upstream {upstream} unreachable: {exc}") from None
         return UpstreamResponse(response.status_code, dict(response.headers), response.content)
 
     def _request_headers(self, upstream: str, request_id: str | None) -> dict[str, str]:

@@ -352,7 +352,7 @@ class ChatPipeline:
             return pack(meta, body)
 
         async def attempt(target: Target) -> tuple[bytes, Any]:
-            response = await self._timed(
+            response = await self.timed(
                 "gateway_upstream_duration_seconds",
                 target,
                 self.provider.post(
@@ -370,7 +370,7 @@ class ChatPipeline:
             attempt,
             self.args.request_timeout_s,
             overflow=resilience.overflow(model.name),
-            tokens=self._tokens(ctx),
+            tokens=self.target_tokens(ctx),
         )
         body, usage = result.value
         result.settle(reported_total(usage))
@@ -444,11 +444,11 @@ class ChatPipeline:
             relay.run(first, iterator), headers=headers, media_type="text/event-stream"
         )
 
-    def _tokens(self, ctx: RequestContext) -> int:
+    def target_tokens(self, ctx: RequestContext) -> int:
         """What a call may use, for targets with a tpm (none: not worked out)."""
         return self.stages.limiter.reservation(ctx) if self.stages.resilience.target_limits else 0
 
-    async def _timed(self, metric: str, target: Target, call: Awaitable[T]) -> T:
+    async def timed(self, metric: str, target: Target, call: Awaitable[T]) -> T:
         """Await an upstream call and record how long it took (whole answer, or first byte)."""
         started = time.perf_counter()
         value = await call
@@ -464,7 +464,7 @@ class ChatPipeline:
         holder: dict[str, ResilienceResult[UpstreamStream]],
     ) -> Callable[[], AsyncIterator[bytes]]:
         async def attempt(target: Target) -> UpstreamStream:
-            return await self._timed(
+            return await self.timed(
                 "gateway_upstream_ttft_seconds",
                 target,
                 self.provider.open_stream(
@@ -483,7 +483,7 @@ class ChatPipeline:
                 self.args.request_timeout_s,
                 stream=True,
                 overflow=resilience.overflow(model.name),
-                tokens=self._tokens(ctx),
+                tokens=self.target_tokens(ctx),
             )
             holder["result"] = result
             try:

@@ -61,7 +61,7 @@ def _allows(allowed: frozenset[str] | None, model: str, entry: str | None) -> bo
 class RequestContext:
     request_id: str
     principal: Principal
-    route: str  # "chat" | "completions" | "embeddings"
+    route: str  # "chat" | "completions" | "embeddings" | "responses"
     model: str  # the public model name the client asked for
     body: dict[str, Any]  # the validated request body as a plain dict (upstream-bound)
     stream: bool = False

@@ -24,7 +24,12 @@ from starlette.types import Receive, Scope, Send
 
 from deployments.provider import ProviderClient
 from deployments.resilience import Target
-from deployments.tokens import estimate_input_tokens, estimate_prompt_tokens
+from deployments.response_index import ResponseIndex
+from deployments.tokens import (
+    estimate_input_tokens,
+    estimate_prompt_tokens,
+    estimate_response_input_tokens,
+)
 from serve_app import store as store_module
 from serve_app.admin import Admin
 from serve_app.auth import KeyRing, unknown_key
@@ -44,11 +49,13 @@ from serve_app.model_routes import ModelRoutes
 from serve_app.prompt_decorator import PromptDecorator
 from serve_app.prompt_guard import PromptGuard
 from serve_app.replica_stats import ReplicaStats
+from serve_app.responses import ResponsesPipeline
 from serve_app.runtime_keys import RuntimeKeys
 from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingsRequest,
+    ResponsesRequest,
     validate,
 )
 from serve_app.settings import GatewayArgs, ModelSettings
@@ -61,6 +68,7 @@ log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 Handler = Callable[[Request, str], Awaitable[Response]]
 CHAT_PATH = "/v1/chat/completions"
+RESPONSE_PATH = "/v1/responses/{response_id}"
 
 
 def json_response(
@@ -115,6 +123,8 @@ class Gateway:
             self.stages.resilience.breaker_name(Target(upstream=m.upstream, model=m.target_model))
         await self.stages.start()
         self.pipeline = ChatPipeline(self.args, self.stages, self.provider, self.routes)
+        index = ResponseIndex(self.stages.redis, self.args.responses.retention_s)
+        self.responses = ResponsesPipeline(self.pipeline, index, self.provider)
         self.runtime_keys = RuntimeKeys(
             self.stages.redis,
             reserved_names=[k.name for k in self.args.api_keys],
@@ -227,6 +237,8 @@ class Gateway:
             tags=spend_tags(request.headers.get(TAGS_HEADER)),
             **fields,
         )
+        if route == "responses":
+            return await self.responses.run(ctx, model)
         return await self.pipeline.run(ctx, model)
 
     async def chat(self, request: Request, request_id: str) -> Response:
@@ -237,6 +249,24 @@ class Gateway:
         through the same stages as chat (the semantic tier, which compares chat
         messages, aside)."""
         return await self._serve(request, request_id, "completions", _read_completion)
+
+    async def create_response(self, request: Request, request_id: str) -> Response:
+        """``/v1/responses``: OpenAI's Responses API, for ``kind: chat`` models, through
+        limits, budgets, breakers, fallbacks and billing; never cached or coalesced
+        (``serve_app/responses.py``)."""
+        return await self._serve(request, request_id, "responses", _read_response)
+
+    def stored_response(self, method: str, suffix: str = "") -> Handler:
+        """A stored response's own route, for the tenant that made it."""
+
+        async def handler(request: Request, request_id: str) -> Response:
+            principal = await self.principal(request)
+            response_id = request.path_params["response_id"]
+            return await self.responses.stored(
+                method, response_id, suffix, request.url.query, principal
+            )
+
+        return handler
 
     async def embeddings(self, request: Request, request_id: str) -> Response:
         # deterministic: cached and coalesced with no opt-in
@@ -310,6 +340,13 @@ class Gateway:
             Route(CHAT_PATH, chat, methods=["POST"]),
             route("/v1/completions", self.completions, "POST"),
             route("/v1/embeddings", self.embeddings, "POST"),
+            route("/v1/responses", self.create_response, "POST"),
+            route(RESPONSE_PATH, self.stored_response("GET"), "GET"),
+            route(RESPONSE_PATH, self.stored_response("DELETE"), "DELETE"),
+            route(
+                f"{RESPONSE_PATH}/input_items", self.stored_response("GET", "/input_items"), "GET"
+            ),
+            route(f"{RESPONSE_PATH}/cancel", self.stored_response("POST", "/cancel"), "POST"),
             route("/v1/models", self.list_models, "GET"),
             route("/v1/key", self.key_info, "GET"),
             route("/v1/models/{model:path}", self.retrieve_model, "GET"),
@@ -415,6 +452,22 @@ def _read_completion(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "prompt_tokens_estimate": estimate_input_tokens(parsed.prompt),
         "max_tokens": parsed.max_tokens,
         "choices": max(parsed.n or 1, parsed.best_of or 1) * parsed.prompts,
+    }
+
+
+def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parsed = validate(ResponsesRequest, body)
+    if parsed.background:
+        raise InvalidRequestError(
+            "The gateway does not serve background responses: they end after the request"
+            " that makes them, and it could not bill or limit them.",
+            param="background",
+        )
+    return parsed.model, {
+        "stream": parsed.stream,
+        "end_user": parsed.user,
+        "prompt_tokens_estimate": estimate_response_input_tokens(parsed.input, parsed.instructions),
+        "max_tokens": parsed.max_output_tokens,
     }
 
 

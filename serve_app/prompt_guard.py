@@ -6,7 +6,9 @@ A checked text matching a ``deny`` pattern is refused; with ``allow`` patterns,
 a checked text must match one of them. Which texts are checked: the last user
 message (``last_user``, the default: earlier turns were checked when they were
 sent), every user message (``user``), or every message of any role (``all``);
-for ``/v1/completions`` every prompt string (token ids are not text). The
+for ``/v1/completions`` every prompt string (token ids are not text); for
+``/v1/responses`` its input's messages the same way (an input string is a user
+message; ``all`` adds the ``instructions``). The
 refusal is a 400 ``prompt_blocked`` that does not say which pattern matched.
 
 Rules are global (``default``) or a tenant's own, which replace the default
@@ -79,14 +81,32 @@ def _chat_texts(messages: list[Any], check: str) -> Iterator[str]:
             yield from _text(message.get("content"))
 
 
+def _response_texts(body: Mapping[str, Any], check: str) -> Iterator[str]:
+    """A response's input: a string is the user's message; a list holds messages
+    (``role`` and ``content``) and items of other kinds (tool outputs), which are not
+    checked. ``all`` checks the ``instructions`` too."""
+    value = body.get("input")
+    if check == "all" and isinstance(body.get("instructions"), str):
+        yield body["instructions"]
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        yield from _chat_texts([i for i in value if "role" in i], check)
+
+
 def checked_texts(route: str, body: Mapping[str, Any], check: str) -> Iterator[str]:
     """The texts of a (validated) request that ``check`` looks at."""
     if route == "chat":
         yield from _chat_texts(body["messages"], check)
+    elif route == "responses":
+        yield from _response_texts(body, check)
     elif route == "completions":
         prompt = body["prompt"]
         prompts = [prompt] if isinstance(prompt, str) else prompt
         yield from (p for p in prompts if isinstance(p, str))
+
+
+_PARAMS = {"chat": "messages", "responses": "input"}
 
 
 class PromptGuard:
@@ -110,5 +130,5 @@ class PromptGuard:
         self._metrics.inc("gateway_prompt_guard_blocked_total", 1, {"rule": rule})
         raise PromptBlockedError(
             "The request was refused by the gateway's prompt guard.",
-            param="messages" if route == "chat" else "prompt",
+            param=_PARAMS.get(route, "prompt"),
         )

@@ -94,6 +94,31 @@ class EmbeddingsRequest(_Open):
     user: str | None = Field(None, max_length=256)
 
 
+def _response_input(value: Any) -> Any:
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    ):
+        return value
+    raise ValueError("expected a string or an array of input items (objects)")
+
+
+class ResponsesRequest(_Open):
+    """A Responses API request (``/v1/responses``). ``input`` may be left out when
+    ``previous_response_id`` or a stored ``prompt`` says what to answer."""
+
+    model: str = Field(min_length=1)
+    input: Annotated[str | list[dict[str, Any]], PlainValidator(_response_input)] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_\-]{1,128}$")
+    stream: StrictBool = False
+    store: StrictBool | None = None
+    background: StrictBool | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    user: str | None = Field(None, max_length=256)
+
+
 def validate(schema: type[M], payload: object) -> M:
     """Validate, turning the first pydantic error into a 400 naming the field."""
     try:

@@ -137,6 +137,12 @@ class TenantSettings(_Strict):
     models: list[str] | None = None
 
 
+class ResponsesSettings(_Strict):
+    # How long the gateway remembers which tenant made each stored response and which
+    # upstream holds it: at least the upstreams' own retention (OpenAI's: 30 days).
+    retention_s: int = Field(31 * 86_400, ge=60)
+
+
 class GatewayArgs(_Strict):
     upstreams: dict[str, UpstreamSettings]
     models: list[ModelSettings] = Field(min_length=1)
@@ -154,6 +160,7 @@ class GatewayArgs(_Strict):
     budgets: BudgetSettings = BudgetSettings()
     prompt_guard: PromptGuardSettings = PromptGuardSettings()
     prompt_decorator: PromptDecoratorSettings = PromptDecoratorSettings()
+    responses: ResponsesSettings = ResponsesSettings()
 
     @field_validator("models")
     @classmethod

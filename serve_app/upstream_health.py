@@ -59,7 +59,7 @@ async def _list_models(
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s):
-            answer = await provider.get(upstream, "/models", timeout_s)
+            answer = await provider.send("GET", upstream, "/models", timeout_s)
     except Exception as exc:  # unreachable, refused, timed out: that is the finding
         report = {"upstream": upstream, "ok": False, "status": None, "error": _failure(exc)}
         return {**report, "latency_ms": _elapsed_ms(started)}, None

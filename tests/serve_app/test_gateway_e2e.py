@@ -16,6 +16,7 @@ from serve_app.embedded_store import EmbeddedStore
 from serve_app.mock_provider import Faults, MockBehaviour
 from tests.support import (
     LOCAL_KEY,
+    OTHER_KEY,
     MockServer,
     auth,
     chat_body,
@@ -155,6 +156,30 @@ def test_openai_sdk_legacy_completions(sdk: openai.OpenAI, mock_behaviour: MockB
     assert usage is not None and usage.completion_tokens == completion.usage.completion_tokens
     with pytest.raises(openai.BadRequestError):  # an embeddings model writes no text
         sdk.completions.create(model="mock-embed", prompt="x")
+
+
+def test_openai_sdk_responses(sdk: openai.OpenAI, mock_behaviour: MockBehaviour) -> None:
+    """``/v1/responses`` through Ray and the SDK: made, continued, streamed as typed
+    events, read back and deleted; another tenant's key cannot see it."""
+    first = sdk.responses.create(model="mock-gpt", input="Name a city.", max_output_tokens=8)
+    assert first.status == "completed" and first.output_text
+    assert first.usage is not None and first.usage.output_tokens == 8
+    second = sdk.responses.create(model="mock-gpt", input="Another?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    with sdk.responses.stream(
+        model="mock-gpt", input="Name a city.", max_output_tokens=8
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == first.output_text  # deterministic answer
+    assert sdk.responses.retrieve(first.id).id == first.id
+    other = openai.OpenAI(base_url=str(sdk.base_url), api_key=OTHER_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(first.id)
+    sdk.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(first.id)
+    assert mock_behaviour.stats.by_path["/v1/responses"] == 3
 
 
 def test_openai_sdk_exceptions(

@@ -1,0 +1,362 @@
+"""The Responses API (``POST /v1/responses``, ``/v1/responses/{id}``), after admission:
+
+    limits and budget -> breaker/provider (retries, fallbacks) -> cost
+
+A response is a stored object upstream (``store`` defaults to true) with an id a
+later request continues (``previous_response_id``). Serving one from a cache, or
+one upstream call to several clients, would hand each the same id and the same
+conversation: so this route has no cache tier and no single flight
+(``x-cache: BYPASS``). What it adds to a passthrough:
+
+- each stored response's id is recorded with the tenant that made it and the
+  upstream that holds it (``deployments/response_index.py``): only that tenant can
+  continue, read or delete it, and a continuation goes to that upstream only;
+- limits, budgets, breakers, retries, fallbacks and billing as on chat; a streamed
+  response is relayed event by event and billed from its ``response.completed``
+  (whose usage then carries the gateway's cost, as chat's usage chunk does).
+
+``background: true`` is refused: such a response is billed when it ends, after the
+request that made it, and the gateway would have nothing to bill it from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from deployments.provider import ProviderClient, UpstreamStream
+from deployments.resilience import ResilienceResult, Target
+from deployments.response_index import RESPONSE_ID, ResponseIndex, ResponseOwner
+from deployments.tokens import reported_total
+from serve_app.completion import ChatPipeline, require_json
+from serve_app.context import Principal, RequestContext
+from serve_app.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreUnavailableError,
+    UpstreamError,
+)
+from serve_app.settings import ModelSettings
+from serve_app.streaming import EventSplitter, event_data
+from serve_app.ticket import Ticket, in_background
+
+log = logging.getLogger(__name__)
+
+PATH = "/responses"
+JSON = "application/json"
+# The events that end a streamed response; each carries the whole response, usage too.
+TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+BYPASS = {"x-cache": "BYPASS"}
+T = TypeVar("T")
+Targets = tuple[list[Target], list[Target]]  # a chain, and where an overlong request goes
+
+
+def _previous_not_found(response_id: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Previous response with id '{response_id}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
+class ResponsesPipeline:
+    def __init__(self, chat: ChatPipeline, index: ResponseIndex, provider: ProviderClient) -> None:
+        self.chat = chat
+        self.stages = chat.stages
+        self.index = index
+        self.provider = provider
+
+    async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
+        targets = await self._targets(ctx, model)  # before any quota is spent
+        ticket = await Ticket.admit(ctx, self.stages)
+        with ticket.failing():
+            if ctx.stream:
+                return await self._stream(ctx, targets, ticket)
+            return await self._complete(ctx, targets, ticket)
+
+    async def _targets(self, ctx: RequestContext, model: ModelSettings) -> Targets:
+        """The model's chain and context overflow; for a continuation only the targets
+        on the upstream that holds the response it continues (no other knows its id)."""
+        chain = self.chat.chain(model)
+        overflow = self.stages.resilience.overflow(model.name)
+        previous = ctx.body.get("previous_response_id")
+        if previous is None:
+            return chain, overflow
+        owner = await self.index.find(previous)
+        if owner is None or owner.tenant != ctx.principal.tenant:
+            raise _previous_not_found(previous)
+        pinned = [t for t in chain if t.upstream == owner.upstream]
+        if not pinned:
+            raise InvalidRequestError(
+                f"Previous response '{previous}' is held by an upstream that does not serve"
+                f" model '{model.name}' (it was made with '{owner.model}').",
+                param="previous_response_id",
+            )
+        return pinned, [t for t in overflow if t.upstream == owner.upstream]
+
+    async def remember(self, ctx: RequestContext, target: Target, response: Any) -> None:
+        """Record a response the upstream stored, so its tenant can come back to it."""
+        if ctx.body.get("store") is False or not isinstance(response, dict):
+            return
+        response_id = response.get("id")
+        if not isinstance(response_id, str) or not RESPONSE_ID.fullmatch(response_id):
+            return
+        owner = ResponseOwner(
+            tenant=ctx.principal.tenant,
+            upstream=target.upstream,
+            model=ctx.model,
+            key_id=ctx.principal.key_id,
+        )
+        try:
+            await self.index.remember(response_id, owner)
+        except StoreUnavailableError:
+            # The answer stands (and is billed); only going back to it through the
+            # gateway is lost, which the client learns when it tries.
+            log.warning("response %s could not be recorded: the store is unreachable", response_id)
+
+    # -- non-streamed ----------------------------------------------------
+
+    async def _call(
+        self, ctx: RequestContext, targets: Targets, attempt: Callable[[Target], Awaitable[T]]
+    ) -> ResilienceResult[T]:
+        chain, overflow = targets
+        return await self.stages.resilience.call(
+            chain,
+            attempt,
+            self.chat.args.request_timeout_s,
+            stream=ctx.stream,
+            overflow=overflow,
+            tokens=self.chat.target_tokens(ctx),
+        )
+
+    async def _complete(self, ctx: RequestContext, targets: Targets, ticket: Ticket) -> Response:
+        async def attempt(target: Target) -> tuple[bytes, dict[str, Any]]:
+            response = await self.chat.timed(
+                "gateway_upstream_duration_seconds",
+                target,
+                self.provider.post(
+                    target.upstream, PATH, _payload(ctx.body, target), ctx.request_id
+                ),
+            )
+            return response.body, require_json(response.body)
+
+        result = await self._call(ctx, targets, attempt)
+        body, parsed = result.value
+        usage = parsed.get("usage")
+        result.settle(reported_total(usage))
+        await self.remember(ctx, result.target, parsed)
+        charge = ticket.finish(
+            usage if isinstance(usage, dict) else None,
+            served_by="upstream",
+            cache="bypass",
+            upstream=result.target.upstream,
+            upstream_model=result.target.model,
+            attempts=result.attempts,
+        )
+        headers = {**ctx.response_headers, **result.headers(), **BYPASS}
+        if charge is not None:
+            headers["x-request-cost"] = charge.header_value()
+        return Response(body, 200, headers, media_type=JSON)
+
+    # -- streamed --------------------------------------------------------
+
+    async def _stream(self, ctx: RequestContext, targets: Targets, ticket: Ticket) -> Response:
+        async def attempt(target: Target) -> UpstreamStream:
+            return await self.chat.timed(
+                "gateway_upstream_ttft_seconds",
+                target,
+                self.provider.open_stream(
+                    target.upstream, PATH, _payload(ctx.body, target), ctx.request_id
+                ),
+            )
+
+        result = await self._call(ctx, targets, attempt)
+        relay = _ResponseRelay(self, ctx, ticket, result)
+        try:
+            first = await relay.first()  # errors before the first byte stay HTTP errors
+        except BaseException:
+            in_background(relay.close())
+            raise
+        headers = {
+            **ctx.response_headers,
+            **result.headers(),
+            **BYPASS,
+            "cache-control": "no-cache",
+        }
+        return StreamingResponse(relay.run(first), headers=headers, media_type="text/event-stream")
+
+    # -- stored responses ------------------------------------------------
+
+    async def owned(self, response_id: str, principal: Principal) -> ResponseOwner:
+        """The owner of a response the caller's tenant made; else OpenAI's 404, which
+        does not tell another tenant's response from one that does not exist."""
+        owner = await self.index.find(response_id)
+        if owner is None or owner.tenant != principal.tenant:
+            raise NotFoundError(
+                f"No response found with id '{response_id}'.", code="response_not_found"
+            )
+        return owner
+
+    async def stored(
+        self, method: str, response_id: str, suffix: str, query: str, principal: Principal
+    ) -> Response:
+        """``GET``/``DELETE /v1/responses/{id}``, ``GET .../input_items`` and ``POST
+        .../cancel``, sent to the upstream that holds the response."""
+        owner = await self.owned(response_id, principal)
+        path = f"{PATH}/{quote(response_id)}{suffix}" + (f"?{query}" if query else "")
+        timeout_s = self.chat.args.request_timeout_s
+        if method == "POST":
+            answer = await self.provider.post(owner.upstream, path, b"{}")
+        else:
+            answer = await self.provider.send(method, owner.upstream, path, timeout_s)
+            if answer.status >= 400:
+                raise UpstreamError(
+                    f"upstream answered {answer.status}",
+                    status_code=answer.status,
+                    upstream_body=answer.body,
+                )
+        if method == "DELETE":
+            await self.index.forget(response_id)
+        return Response(answer.body, 200, media_type=JSON)
+
+
+class _ResponseRelay:
+    """Passes a streamed response to the client event by event (``event:`` lines and
+    all), records its id from ``response.created`` and bills from its terminal event.
+    A stream that ends without one gets an ``error`` event, as OpenAI sends one; a
+    client that leaves is billed what the upstream had produced (as an error)."""
+
+    def __init__(
+        self,
+        pipeline: ResponsesPipeline,
+        ctx: RequestContext,
+        ticket: Ticket,
+        result: ResilienceResult[UpstreamStream],
+    ) -> None:
+        self.pipeline, self.ctx, self.ticket, self.result = pipeline, ctx, ticket, result
+        self.chunks = aiter(result.value.chunks())
+        self.splitter = EventSplitter()
+        self.text: list[str] = []
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+        self.failed = False
+        self.sequence = -1
+        self.closed = False
+
+    async def first(self) -> bytes:
+        try:
+            return await anext(self.chunks)
+        except StopAsyncIteration:
+            raise UpstreamError("The upstream stream ended before any data.") from None
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.result.value.aclose()
+        finally:
+            self.result.release()
+
+    async def run(self, first: bytes) -> AsyncIterator[bytes]:
+        left = False
+        try:
+            raw: bytes | None = first
+            while raw is not None:
+                for event in self.splitter.feed(raw):
+                    yield await self._event(event)
+                raw = await anext(self.chunks, None)
+            if not self.done:
+                raise UpstreamError(
+                    "The upstream stream ended before the response was complete.",
+                    code="upstream_stream_cut",
+                )
+        except GatewayError as exc:
+            self.failed = True
+            yield self._error(exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            left = True
+            raise
+        finally:
+            in_background(self.close())
+            self._bill("error" if left or self.failed or not self.done else "ok")
+
+    async def _event(self, event: bytes) -> bytes:
+        """What the client gets for one upstream event: the event, with the gateway's
+        cost in a terminal one's usage."""
+        data = event_data(event)
+        try:
+            payload = orjson.loads(data) if data is not None else None
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict):
+            return event + b"\n\n"
+        kind = payload.get("type")
+        if isinstance(payload.get("sequence_number"), int):
+            self.sequence = payload["sequence_number"]
+        if kind == "response.output_text.delta" and isinstance(payload.get("delta"), str):
+            self.text.append(payload["delta"])
+        elif kind == "response.created":
+            await self.pipeline.remember(self.ctx, self.result.target, payload.get("response"))
+        elif kind == "error":
+            self.done = self.failed = True
+        elif kind in TERMINAL:
+            self.done = True
+            self.failed = kind == "response.failed"
+            response = payload.get("response")
+            usage = response.get("usage") if isinstance(response, dict) else None
+            if isinstance(usage, dict):
+                self.usage = usage
+                charge = self._bill("error" if self.failed else "ok")
+                if charge is not None:
+                    assert isinstance(response, dict)
+                    response["usage"] = {**usage, **charge.usage_fields()}
+                    return _sse(kind, payload)
+        return event + b"\n\n"
+
+    def _error(self, error: GatewayError) -> bytes:
+        self.sequence += 1
+        detail = error.to_dict()["error"]
+        payload = {
+            "type": "error",
+            "code": detail["code"],
+            "message": detail["message"],
+            "param": detail["param"],
+            "sequence_number": self.sequence,
+        }
+        return _sse("error", payload)
+
+    def _bill(self, status: str) -> Any:
+        if self.ticket.settled:
+            return None
+        self.result.settle(reported_total(self.usage))
+        target = self.result.target
+        return self.ticket.finish(
+            self.usage,
+            served_by="upstream",
+            cache="bypass",
+            upstream=target.upstream,
+            upstream_model=target.model,
+            attempts=self.result.attempts,
+            status=status,
+            completion_text="".join(self.text) if self.usage is None else "",
+        )
+
+
+def _sse(kind: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _payload(body: dict[str, Any], target: Target) -> bytes:
+    """The request as the target upstream gets it: its own model name."""
+    return orjson.dumps({**body, "model": target.model})
+
+
+__all__ = ["ResponsesPipeline"]

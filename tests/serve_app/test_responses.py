@@ -1,0 +1,236 @@
+"""``/v1/responses`` in process (no Ray) against the mock upstream and a real store:
+answers and streams billed from the Responses API's usage, stored responses that
+only their tenant can continue, read or delete, continuations pinned to the
+upstream that holds them, and what is refused."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from serve_app.ingress import Gateway
+from serve_app.mock_provider import Faults, MockBehaviour
+from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process
+
+pytestmark = pytest.mark.integration
+ROUTE = "/v1/responses"
+
+
+def _input() -> str:
+    return f"Tell me about {uuid.uuid4().hex}"
+
+
+def _events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        kind, data = block.split("\n")
+        assert kind.startswith("event: ") and data.startswith("data: "), block
+        events.append((kind[7:], orjson.loads(data[6:])))
+    return events
+
+
+def _gateway(mock_server: MockServer, redis_url: str, **overrides: Any) -> Gateway:
+    # Two upstream names for the one mock: a response made through one is held there.
+    args = gateway_args(mock_server.base_url, redis_url, **overrides)
+    upstreams = {**args.upstreams, "mock-b": args.upstreams["mock"]}
+    models = [
+        *(m.model_dump() for m in args.models),
+        {"name": "b-gpt", "upstream": "mock-b"},
+        {"name": "fallback-gpt", "upstream": "dead"},
+    ]
+    resilience = args.resilience.model_dump()
+    resilience["fallbacks"] = {
+        "fallback-gpt": [
+            {"upstream": "dead", "model": "fallback-gpt"},
+            {"upstream": "mock", "model": "mock-gpt"},
+        ]
+    }
+    config = {
+        **args.model_dump(),
+        "upstreams": {k: v.model_dump() for k, v in upstreams.items()},
+        "models": models,
+        "resilience": resilience,
+    }
+    return Gateway(type(args).model_validate(config))
+
+
+async def test_a_response_is_answered_billed_and_streamed_as_typed_events(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        body = {"model": "mock-gpt", "input": _input(), "max_output_tokens": 6}
+        answer = await client.post(ROUTE, json=body)
+        assert answer.status_code == 200, answer.text
+        response = answer.json()
+        assert response["object"] == "response" and response["status"] == "completed"
+        assert response["usage"]["output_tokens"] == 6
+        assert answer.headers["x-cache"] == "BYPASS"
+        assert answer.headers["x-upstream"] == "mock"
+        assert float(answer.headers["x-request-cost"]) >= 0
+        assert mock_behaviour.stats.by_path == {"/v1/responses": 1}
+
+        streamed = await client.post(ROUTE, json={**body, "stream": True})
+        assert streamed.status_code == 200
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        events = _events(streamed)
+        assert events[0][0] == "response.created" and events[-1][0] == "response.completed"
+        final = events[-1][1]["response"]
+        text = "".join(e["delta"] for kind, e in events if kind == "response.output_text.delta")
+        assert text == final["output"][0]["content"][0]["text"]
+        # The gateway's cost in the terminal event's usage, as in chat's usage chunk.
+        assert "cost" in final["usage"] and final["usage"]["output_tokens"] == 6
+
+        summary = await client.get("/v1/cost/summary", params={"group_by": "model"})
+        assert summary.status_code == 200, summary.text
+
+
+async def test_the_limiter_counts_a_responses_tokens(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    # A tpm quota the first answer's reported usage uses up.
+    limits = {"per_key": {"default": [{"window": "1m", "tokens": 40}]}}
+    gateway = _gateway(mock_server, redis_url, limits=limits)
+    async with in_process(gateway, LOCAL_KEY) as client:
+        body = {"model": "mock-gpt", "input": "x" * 80, "max_output_tokens": 8}
+        first = await client.post(ROUTE, json=body)
+        assert first.status_code == 200, first.text
+        used = first.json()["usage"]["total_tokens"]
+        assert used > 20
+        second = await client.post(ROUTE, json=body)
+        assert second.status_code == 429, second.text
+
+
+async def test_only_the_tenant_that_made_a_response_continues_reads_or_deletes_it(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        first = (await client.post(ROUTE, json={"model": "mock-gpt", "input": _input()})).json()
+        follow = {"model": "mock-gpt", "input": "and then?", "previous_response_id": first["id"]}
+        second = await client.post(ROUTE, json=follow)
+        assert second.status_code == 200, second.text
+        assert second.json()["previous_response_id"] == first["id"]
+
+        got = await client.get(f"{ROUTE}/{first['id']}")
+        assert got.status_code == 200 and got.json()["id"] == first["id"]
+        items = await client.get(f"{ROUTE}/{first['id']}/input_items")
+        assert items.status_code == 200 and items.json()["object"] == "list"
+
+        # Another tenant, with the id: as if it did not exist, and no upstream call.
+        calls = mock_behaviour.stats.calls
+        other = auth(OTHER_KEY)
+        stolen = await client.post(ROUTE, json=follow, headers=other)
+        assert stolen.status_code == 400
+        assert stolen.json()["error"]["code"] == "previous_response_not_found"
+        assert (await client.get(f"{ROUTE}/{first['id']}", headers=other)).status_code == 404
+        assert (await client.delete(f"{ROUTE}/{first['id']}", headers=other)).status_code == 404
+        assert mock_behaviour.stats.calls == calls
+        assert first["id"] in mock_behaviour.responses
+
+        deleted = await client.delete(f"{ROUTE}/{first['id']}")
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert first["id"] not in mock_behaviour.responses
+        assert (await client.get(f"{ROUTE}/{first['id']}")).status_code == 404
+
+        # An id the gateway never made (created upstream directly, or made up).
+        made_up = await client.post(ROUTE, json={**follow, "previous_response_id": "resp_x"})
+        assert made_up.status_code == 400
+        assert made_up.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_a_continuation_goes_only_to_the_upstream_that_holds_the_response(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        # The primary upstream is dead: the fallback makes and holds the response.
+        made = await client.post(ROUTE, json={"model": "fallback-gpt", "input": _input()})
+        assert made.status_code == 200, made.text
+        assert made.headers["x-upstream"] == "mock" and made.headers["x-attempts"] == "2"
+
+        follow = {
+            "model": "fallback-gpt",
+            "input": "more",
+            "previous_response_id": made.json()["id"],
+        }
+        again = await client.post(ROUTE, json=follow)
+        assert again.status_code == 200, again.text
+        assert again.headers["x-upstream"] == "mock" and again.headers["x-attempts"] == "1"
+
+        # A model served by another upstream cannot continue it.
+        elsewhere = await client.post(ROUTE, json={**follow, "model": "b-gpt"})
+        assert elsewhere.status_code == 400
+        assert "held by an upstream" in elsewhere.json()["error"]["message"]
+
+
+async def test_an_unstored_response_is_not_recorded(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        body = {"model": "mock-gpt", "input": _input(), "store": False}
+        made = (await client.post(ROUTE, json=body)).json()
+        assert (await client.get(f"{ROUTE}/{made['id']}")).status_code == 404
+
+
+async def test_a_cut_stream_ends_with_an_error_event_and_is_billed_as_an_error(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    mock_behaviour.config.faults["*"] = Faults(cut_stream_after=2)
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        body = {"model": "mock-gpt", "input": _input(), "stream": True}
+        cut = await client.post(ROUTE, json=body)
+        assert cut.status_code == 200
+        events = _events(cut)
+        kind, last = events[-1]
+        assert kind == "error" and last["type"] == "error"
+        assert last["sequence_number"] == events[-2][1]["sequence_number"] + 1
+        assert not any(k == "response.completed" for k, _ in events)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "mock-gpt", "input": "x", "background": True}, "background"),
+        ({"model": "mock-gpt", "input": 3}, "input"),
+        ({"model": "mock-gpt", "input": ["not an item"]}, "input"),
+        ({"model": "mock-gpt", "input": "x", "stream": "yes"}, "stream"),
+        ({"model": "mock-gpt", "input": "x", "previous_response_id": "../admin"}, None),
+        ({"model": "mock-embed", "input": "x"}, "model"),
+    ],
+)
+async def test_bad_requests_get_a_400_and_no_upstream_call(
+    mock_server: MockServer,
+    mock_behaviour: MockBehaviour,
+    redis_url: str,
+    body: dict[str, Any],
+    param: str | None,
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        refused = await client.post(ROUTE, json=body)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        if param is not None:
+            assert error["param"] == param
+        assert mock_behaviour.stats.calls == 0
+        assert (
+            await client.post(ROUTE, json={"model": "mock-gpt", "input": "ok"})
+        ).status_code == 200
+
+
+async def test_the_prompt_guard_checks_a_responses_input(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    guard = {"default": {"deny": ["(?i)secret plans"]}}
+    gateway = _gateway(mock_server, redis_url, prompt_guard=guard)
+    async with in_process(gateway, LOCAL_KEY) as client:
+        as_text = await client.post(ROUTE, json={"model": "mock-gpt", "input": "the SECRET plans"})
+        items = [{"role": "user", "content": [{"type": "input_text", "text": "secret plans"}]}]
+        as_items = await client.post(ROUTE, json={"model": "mock-gpt", "input": items})
+        for refused in (as_text, as_items):
+            assert refused.status_code == 400
+            assert refused.json()["error"]["code"] == "prompt_blocked"
+            assert refused.json()["error"]["param"] == "input"
+        assert mock_behaviour.stats.calls == 0
