@@ -21,6 +21,7 @@ from pydantic import Field
 from deployments.budget import (
     BudgetEvent,
     BudgetGuard,
+    BudgetLimit,
     BudgetSettings,
     BudgetStatus,
     Reservation,
@@ -184,11 +185,19 @@ class CostTracker:
     async def summary(self, group_by: GroupBy, since: date, until: date) -> list[SummaryRow]:
         return await self.ledger.summary(group_by, since, until)
 
-    async def recommendations(self, since_ms: int, until_ms: int) -> list[Recommendation]:
+    async def recommendations(
+        self,
+        since_ms: int,
+        until_ms: int,
+        key_budgets: Mapping[str, BudgetLimit] | None = None,
+    ) -> list[Recommendation]:
+        """``key_budgets``: the budgets keys made at run time carry, by key id, which
+        replace the configured per-key ones for them."""
         records = await self.ledger.records(since_ms, until_ms)
+        own = key_budgets or {}
         statuses: dict[tuple[str, str, str], BudgetStatus] = {}
         for tenant, key_id, user in {(r.tenant, r.key_id, r.user) for r in records}:
-            for s in await self.guard.status(tenant, key_id, user):
+            for s in await self.guard.status(tenant, key_id, user, own.get(key_id)):
                 statuses[(s.scope, s.subject, s.period)] = s
         now = datetime.fromtimestamp(self.clock(), UTC)
         return recommendations(

@@ -304,7 +304,12 @@ class Admin:
         if not days.isdigit():
             raise InvalidRequestError("days must be a whole number.", param="days")
         now_ms = int(time.time() * 1000)
+        own = {
+            k.name: k.budget
+            for k in await self.gateway.runtime_keys.listed()
+            if k.budget is not None
+        }
         found = await self.gateway.stages.cost.recommendations(
-            now_ms - int(days) * 86_400_000, now_ms
+            now_ms - int(days) * 86_400_000, now_ms, own
         )
         return _json({"recommendations": [asdict(r) for r in found]})

@@ -257,3 +257,29 @@ async def test_a_key_made_at_run_time_is_changed_in_place(
         ):
             answer = await admin.patch(path, json=change)
             assert answer.status_code == status, (path, change, answer.text)
+
+
+async def test_a_run_time_keys_own_budget_is_in_the_runway_recommendations(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    args = gateway_args(
+        mock_server.base_url,
+        redis_url,
+        cost={"pricing": {"overrides": {"mock-gpt": PRICE}}, "ledger": {"flush_interval_ms": 50}},
+    )
+    name = f"runway-{uuid.uuid4().hex[:8]}"
+    # 7 prompt tokens at $1,000/M and 8 answer tokens (the mock writes max_tokens words,
+    # up to 8) at $2,000/M: $0.023, held and spent. One call spends the whole budget, so
+    # at any time of day it runs out before the day ends.
+    spec = {"name": name, "tenant": name, "budget": {"daily_usd": "0.023"}}
+    body = {"model": "mock-gpt", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    async with in_process(Gateway(args), LOCAL_KEY) as admin:
+        made = (await admin.post("/admin/keys", json=spec)).json()
+        key = made["key"]
+        answer = await admin.post("/v1/chat/completions", json=body, headers=auth(key))
+        assert answer.status_code == 200, answer.text
+        assert Decimal(answer.headers["x-request-cost"]) == Decimal("0.023")
+        await _spent_today(admin, key, 1)
+        found = (await admin.get("/v1/cost/recommendations")).json()["recommendations"]
+        runway = [r for r in found if r["rule"] == "budget_runway"]
+        assert [r["subject"] for r in runway if name in r["subject"]] == [f"key:{name}:daily"]
