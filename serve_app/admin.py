@@ -14,10 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -32,6 +31,7 @@ from serve_app.errors import GatewayError, InvalidRequestError, PermissionDenied
 from serve_app.runtime_keys import KeyChange, KeySpec, RuntimeKey
 from serve_app.runtime_settings import KEY_PREFIX, RuntimeSetting
 from serve_app.scaling_record import ScalingRecord
+from serve_app.schemas import validate_json
 
 if TYPE_CHECKING:
     from serve_app.ingress import Gateway
@@ -39,21 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LIMITS_KEY_PREFIX = KEY_PREFIX + "limits:"
 BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
-M = TypeVar("M", bound=BaseModel)
 
 
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload, default=str), status, media_type="application/json")
-
-
-def _parsed(model: type[M], body: bytes, what: str) -> M:
-    """``body`` as ``model``; else a 400 naming the first field at fault."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequestError(f"Invalid {what}: {first['msg']}", param=param) from None
 
 
 def _key_view(key: RuntimeKey) -> dict[str, Any]:
@@ -130,7 +119,7 @@ class Admin:
     # -- keys ------------------------------------------------------------
 
     async def create_key(self, request: Request) -> Response:
-        spec = _parsed(KeySpec, await request.body(), "key")
+        spec = validate_json(KeySpec, await request.body(), "key")
         secret, key = await self.gateway.runtime_keys.create(spec)
         return _json({**_key_view(key), "key": secret}, 201)
 
@@ -150,7 +139,7 @@ class Admin:
         return _json({"object": "list", "data": configured + created})
 
     async def update_key(self, request: Request) -> Response:
-        change = _parsed(KeyChange, await request.body(), "key change")
+        change = validate_json(KeyChange, await request.body(), "key change")
         key = await self.gateway.runtime_keys.update(request.path_params["name"], change)
         return _json(_key_view(key))
 
@@ -169,7 +158,7 @@ class Admin:
         return _json(self.gateway.stages.limiter.settings.model_dump(mode="json"))
 
     async def put_limits(self, request: Request) -> Response:
-        settings = _parsed(LimiterSettings, await request.body(), "limits")
+        settings = validate_json(LimiterSettings, await request.body(), "limits")
         await self.limits.put(settings)
         return _json(settings.model_dump(mode="json"))
 
@@ -177,7 +166,7 @@ class Admin:
         return _json(self.gateway.stages.cost.guard.settings.model_dump(mode="json"))
 
     async def put_budgets(self, request: Request) -> Response:
-        settings = _parsed(BudgetSettings, await request.body(), "budgets")
+        settings = validate_json(BudgetSettings, await request.body(), "budgets")
         await self.budgets.put(settings)
         return _json(settings.model_dump(mode="json"))
 

@@ -124,8 +124,23 @@ def validate(schema: type[M], payload: object) -> M:
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        where = f"'{param}'" if param else "the body"
-        message = first["msg"].removeprefix("Value error, ")
-        raise InvalidRequestError(f"Invalid value for {where}: {message}", param=param) from None
+        raise _refusal(exc) from None
+
+
+def validate_json(schema: type[M], raw: bytes, what: str) -> M:
+    """Parse and validate a JSON body (an admin change: ``what`` it is); a 400
+    naming the first field at fault, or saying the JSON is malformed."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _refusal(exc, what) from None
+
+
+def _refusal(exc: ValidationError, what: str | None = None) -> InvalidRequestError:
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if what is not None:
+        return InvalidRequestError(f"Invalid {what}: {message}", param=param)
+    where = f"'{param}'" if param else "the body"
+    return InvalidRequestError(f"Invalid value for {where}: {message}", param=param)
