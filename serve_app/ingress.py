@@ -48,6 +48,7 @@ from serve_app.metrics import MetricSink, NullMetrics
 from serve_app.model_routes import ModelRoutes
 from serve_app.prompt_decorator import PromptDecorator
 from serve_app.prompt_guard import PromptGuard
+from serve_app.prompt_templates import PromptTemplates
 from serve_app.replica_stats import ReplicaStats
 from serve_app.responses import ResponsesPipeline
 from serve_app.runtime_keys import RuntimeKeys
@@ -107,6 +108,7 @@ class Gateway:
         self.routes = ModelRoutes(args.models)
         self.guard = PromptGuard(args.prompt_guard, self.metrics)
         self.decorator = PromptDecorator(args.prompt_decorator)
+        self.templates = PromptTemplates(args.prompt_templates)
         self.provider = provider or ProviderClient(args.upstreams)
         self.store = store
 
@@ -214,6 +216,8 @@ class Gateway:
         name and what the stages need to know of it (``RequestContext`` fields)."""
         principal = await self.principal(request)
         body, raw = await self._read_body(request)
+        if self.templates.enabled and self.templates.expand(route, body, principal.tenant):
+            raw = b""  # the bytes no longer say what is asked: no request-key memo
         name, fields = read(body)
         model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
         # A label: what a wildcard matched is the client's to choose, so its entry's name.

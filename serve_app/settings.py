@@ -30,6 +30,7 @@ from deployments.resilience_settings import ResilienceSettings, Target
 from deployments.semantic_cache import SemanticCacheSettings
 from serve_app.prompt_decorator import PromptDecoratorSettings
 from serve_app.prompt_guard import PromptGuardSettings
+from serve_app.prompt_templates import PromptTemplateSettings
 from serve_app.store_settings import StoreSettings
 
 
@@ -160,6 +161,7 @@ class GatewayArgs(_Strict):
     budgets: BudgetSettings = BudgetSettings()
     prompt_guard: PromptGuardSettings = PromptGuardSettings()
     prompt_decorator: PromptDecoratorSettings = PromptDecoratorSettings()
+    prompt_templates: PromptTemplateSettings = PromptTemplateSettings()
     responses: ResponsesSettings = ResponsesSettings()
 
     @field_validator("models")
