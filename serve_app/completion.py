@@ -13,7 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+)
 from typing import Any, TypeVar
 
 import orjson
@@ -43,6 +50,7 @@ from serve_app.settings import GatewayArgs, ModelSettings
 from serve_app.stages import Stages
 from serve_app.streaming import (
     EventSplitter,
+    RelayResponse,
     StreamResult,
     encode_event,
     error_event,
@@ -440,9 +448,7 @@ class ChatPipeline:
             relay.role = Role.LEADER  # it took a dead leader's place, or waited it out
         status = CacheStatus(relay.meta["cache"])
         headers = {**self._headers(ctx, plan, status, relay.meta, relay.role), **sse}
-        return StreamingResponse(
-            relay.run(first, iterator), headers=headers, media_type="text/event-stream"
-        )
+        return RelayResponse(relay.run(first, iterator), lambda: relay.started, headers)
 
     def target_tokens(self, ctx: RequestContext) -> int:
         """What a call may use, for targets with a tpm (none: not worked out)."""
@@ -534,6 +540,7 @@ class _StreamRelay:
         self.splitter = EventSplitter()
         self.received = False
         self.left = False  # the client went away before the end
+        self.started = False  # ``run`` began (``RelayResponse``)
         self.draining = False  # ... and the rest is read unseen, to bill (``_drain``)
 
     @property
@@ -608,7 +615,8 @@ class _StreamRelay:
         if self._keep and (body := self.assembler.body()) is not None:
             await self.pipeline._remember(self.plan, body)
 
-    async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+        self.started = True
         try:
             raw: bytes | None = first
             while raw is not None:

@@ -224,9 +224,14 @@ class Gateway:
         request.state.model = self.routes.entry(model.name)
         if self.guard.enabled:
             self.guard.check(route, body, principal.tenant)
-        if self.decorator.enabled and route == "chat":
-            if self.decorator.decorate(body, principal.tenant):
-                fields["prompt_tokens_estimate"] = estimate_prompt_tokens(body["messages"])
+        if self.decorator.enabled and route in ("chat", "responses"):
+            chat = route == "chat"
+            if self.decorator.decorate(body, principal.tenant, "messages" if chat else "input"):
+                fields["prompt_tokens_estimate"] = (
+                    estimate_prompt_tokens(body["messages"])
+                    if chat
+                    else estimate_response_input_tokens(body["input"], body.get("instructions"))
+                )
                 raw = b""  # the bytes no longer say what is asked: no request-key memo
         if model.upstream_model is not None:
             fields["target_model"] = model.upstream_model
@@ -350,7 +355,6 @@ class Gateway:
             route(
                 f"{RESPONSE_PATH}/input_items", self.stored_response("GET", "/input_items"), "GET"
             ),
-            route(f"{RESPONSE_PATH}/cancel", self.stored_response("POST", "/cancel"), "POST"),
             route("/v1/models", self.list_models, "GET"),
             route("/v1/key", self.key_info, "GET"),
             route("/v1/models/{model:path}", self.retrieve_model, "GET"),
@@ -466,6 +470,22 @@ def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             "The gateway does not serve background responses: they end after the request"
             " that makes them, and it could not bill or limit them.",
             param="background",
+        )
+    # Both name what the upstream keeps for every tenant of the gateway's one key, and
+    # the gateway cannot tell whose it is (its own ids, previous_response_id, it can).
+    if body.get("conversation") is not None:
+        raise InvalidRequestError(
+            "The gateway does not pass on 'conversation': continue a response with"
+            " 'previous_response_id' instead.",
+            param="conversation",
+        )
+    if isinstance(parsed.input, list) and any(
+        item.get("type") == "item_reference" for item in parsed.input
+    ):
+        raise InvalidRequestError(
+            "The gateway does not pass on input items of type 'item_reference': send the"
+            " item itself, or continue with 'previous_response_id'.",
+            param="input",
         )
     return parsed.model, {
         "stream": parsed.stream,

@@ -1,6 +1,7 @@
-"""Messages the gateway adds to every chat request, as Kong's AI Prompt Decorator
-does: a company's system prompt put first, a reminder put last, for everyone or
-per tenant (a tenant's own replace the default; ``null``: none for that tenant).
+"""Messages the gateway adds to every chat request (and to a Responses API request's
+``input``), as Kong's AI Prompt Decorator does: a company's system prompt put
+first, a reminder put last, for everyone or per tenant (a tenant's own replace the
+default; ``null``: none for that tenant).
 
 They are added after the prompt guard (which checks what the client wrote, not
 what the operator adds) and before anything else, so the cache key, the token
@@ -38,8 +39,11 @@ class PromptDecorator:
         self.settings = settings
         self.enabled = settings.enabled
 
-    def decorate(self, body: dict[str, Any], tenant: str) -> list[dict[str, Any]]:
-        """Add the tenant's messages to a chat ``body`` in place; the messages added."""
+    def decorate(
+        self, body: dict[str, Any], tenant: str, field: str = "messages"
+    ) -> list[dict[str, Any]]:
+        """Add the tenant's messages to a chat ``body`` (or a response's ``input``: a
+        string there is the user's message) in place; the messages added."""
         decoration = self.settings.for_tenant(tenant)
         if decoration is None:
             return []
@@ -47,5 +51,8 @@ class PromptDecorator:
         first = [m.model_dump() for m in decoration.prepend]
         last = [m.model_dump() for m in decoration.append]
         if first or last:
-            body["messages"] = [*first, *body["messages"], *last]
+            given = body.get(field)
+            if isinstance(given, str):
+                given = [{"role": "user", "content": given}]
+            body[field] = [*first, *(given or ()), *last]
         return [*first, *last]

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode
 
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from deployments.provider import ProviderClient, UpstreamStream
 from deployments.resilience import ResilienceResult, Target
@@ -44,7 +44,7 @@ from serve_app.errors import (
     UpstreamError,
 )
 from serve_app.settings import ModelSettings
-from serve_app.streaming import EventSplitter, event_data
+from serve_app.streaming import EventSplitter, RelayResponse, event_data
 from serve_app.ticket import Ticket, in_background
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class ResponsesPipeline:
         self.provider = provider
 
     async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
+        ctx.body.pop("cache", None)  # the gateway's cache controls: nothing to control here
         targets = await self._targets(ctx, model)  # before any quota is spent
         ticket = await Ticket.admit(ctx, self.stages)
         with ticket.failing():
@@ -103,7 +104,10 @@ class ResponsesPipeline:
 
     async def remember(self, ctx: RequestContext, target: Target, response: Any) -> None:
         """Record a response the upstream stored, so its tenant can come back to it."""
-        if ctx.body.get("store") is False or not isinstance(response, dict):
+        if not isinstance(response, dict):
+            return
+        # What the upstream says it did: some (vLLM) store nothing by default.
+        if response.get("store", ctx.body.get("store") is not False) is not True:
             return
         response_id = response.get("id")
         if not isinstance(response_id, str) or not RESPONSE_ID.fullmatch(response_id):
@@ -190,41 +194,60 @@ class ResponsesPipeline:
             **BYPASS,
             "cache-control": "no-cache",
         }
-        return StreamingResponse(relay.run(first), headers=headers, media_type="text/event-stream")
+        return RelayResponse(relay.run(first), lambda: relay.started, headers)
 
     # -- stored responses ------------------------------------------------
 
     async def owned(self, response_id: str, principal: Principal) -> ResponseOwner:
-        """The owner of a response the caller's tenant made; else OpenAI's 404, which
-        does not tell another tenant's response from one that does not exist."""
+        """The owner of a response the caller's tenant made, on an upstream the gateway
+        still has; else OpenAI's 404, which does not tell another tenant's response
+        from one that does not exist."""
         owner = await self.index.find(response_id)
         if owner is None or owner.tenant != principal.tenant:
             raise NotFoundError(
                 f"No response found with id '{response_id}'.", code="response_not_found"
+            )
+        if owner.upstream not in self.chat.args.upstreams:
+            raise NotFoundError(
+                f"The response '{response_id}' is held by an upstream this gateway no longer has.",
+                code="response_not_found",
             )
         return owner
 
     async def stored(
         self, method: str, response_id: str, suffix: str, query: str, principal: Principal
     ) -> Response:
-        """``GET``/``DELETE /v1/responses/{id}``, ``GET .../input_items`` and ``POST
-        .../cancel``, sent to the upstream that holds the response."""
+        """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../input_items``, sent to the
+        upstream that holds the response."""
         owner = await self.owned(response_id, principal)
-        path = f"{PATH}/{quote(response_id)}{suffix}" + (f"?{query}" if query else "")
+        path = f"{PATH}/{quote(response_id)}{suffix}" + passed_query(query)
         timeout_s = self.chat.args.request_timeout_s
-        if method == "POST":
-            answer = await self.provider.post(owner.upstream, path, b"{}")
-        else:
-            answer = await self.provider.send(method, owner.upstream, path, timeout_s)
-            if answer.status >= 400:
-                raise UpstreamError(
-                    f"upstream answered {answer.status}",
-                    status_code=answer.status,
-                    upstream_body=answer.body,
+        answer = await self.provider.send(method, owner.upstream, path, timeout_s)
+        gone = method == "DELETE" and (answer.status < 400 or answer.status == 404)
+        if gone:  # deleted, or the upstream no longer had it: either way, not there
+            try:
+                await self.index.forget(response_id)
+            except StoreUnavailableError:
+                log.warning(
+                    "deleted response %s is still indexed: the store is unreachable", response_id
                 )
-        if method == "DELETE":
-            await self.index.forget(response_id)
+        if answer.status >= 400:
+            raise UpstreamError(
+                f"upstream answered {answer.status}",
+                status_code=answer.status,
+                upstream_body=answer.body,
+            )
         return Response(answer.body, 200, media_type=JSON)
+
+
+# What a stored response's routes pass on of a query: pagination and includes (not
+# ``stream``, which would turn the JSON answer into events).
+PASSED_QUERY = frozenset({"after", "before", "limit", "order", "include", "include[]"})
+
+
+def passed_query(query: str) -> str:
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in PASSED_QUERY]
+    return "?" + urlencode(pairs) if pairs else ""
 
 
 class _ResponseRelay:
@@ -249,6 +272,7 @@ class _ResponseRelay:
         self.failed = False
         self.sequence = -1
         self.closed = False
+        self.started = False  # ``run`` began (``RelayResponse``)
 
     async def first(self) -> bytes:
         try:
@@ -265,7 +289,8 @@ class _ResponseRelay:
         finally:
             self.result.release()
 
-    async def run(self, first: bytes) -> AsyncIterator[bytes]:
+    async def run(self, first: bytes) -> AsyncGenerator[bytes, None]:
+        self.started = True
         left = False
         try:
             raw: bytes | None = first

@@ -7,14 +7,17 @@ is kept for accounting and dropped when the client did not ask for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from deployments.sse_replay import sse_event
 from serve_app.errors import GatewayError
+from serve_app.ticket import in_background
 
 DONE = b"data: [DONE]\n\n"
 
@@ -90,3 +93,35 @@ encode_event = sse_event  # one event of a stream to the client
 def error_event(error: GatewayError) -> bytes:
     """How a failure after the first byte reaches a streaming client (no [DONE])."""
     return encode_event(error.to_dict())
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream's response. A client may leave while the response starts,
+    before its body is first read: the relay's generator has then never run, so the
+    cleanup in it (close the upstream, give back its slot, bill) would never run
+    either. It is started here in that case and closed at once, as if the client had
+    left after the first event. ``started`` tells whether the relay began."""
+
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        started: Callable[[], bool],
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(body, headers=headers, media_type="text/event-stream")
+        self._body = body
+        self._started = started
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            if not self._started():
+                in_background(_first_then_close(self._body))
+
+
+async def _first_then_close(body: AsyncGenerator[bytes, None]) -> None:
+    try:
+        await anext(body, None)
+    finally:
+        await body.aclose()

@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -16,7 +17,7 @@ from serve_app.context import Principal, RequestContext
 from serve_app.errors import RateLimitError
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import MockBehaviour
-from serve_app.settings import hash_key
+from serve_app.settings import GatewayArgs, hash_key
 from tests.support import LOCAL_KEY, MockServer, auth, gateway_args, in_process
 
 pytestmark = pytest.mark.integration
@@ -35,6 +36,19 @@ async def _given_back(redis_url: str, key: str) -> None:
         await client.aclose()
 
 
+def _capped(mock_server: MockServer, redis_url: str, name: str, cap: int) -> GatewayArgs:
+    """The admin key, uncapped, and key ``sk-<name>`` (its own tenant) at ``cap``."""
+    return gateway_args(
+        mock_server.base_url,
+        redis_url,
+        api_keys=[
+            {"name": "local", "key_sha256": hash_key(LOCAL_KEY), "admin": True},
+            {"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name},
+        ],
+        limits={"max_parallel": {"per_key": {"overrides": {name: cap}}}},
+    )
+
+
 def _ask(content: str, **extra: Any) -> dict[str, Any]:
     return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}], **extra}
 
@@ -43,15 +57,7 @@ async def test_a_key_gets_its_cap_across_replicas_and_its_slots_back(
     mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
 ) -> None:
     name = f"busy-{uuid.uuid4().hex[:8]}"
-    args = gateway_args(
-        mock_server.base_url,
-        redis_url,
-        api_keys=[
-            {"name": "local", "key_sha256": hash_key(LOCAL_KEY), "admin": True},
-            {"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name},
-        ],
-        limits={"max_parallel": {"per_key": {"overrides": {name: 2}}}},
-    )
+    args = _capped(mock_server, redis_url, name, 2)
     mock_behaviour.config.latency.fixed_ms = 300
     key = auth(f"sk-{name}")
     async with (
@@ -113,3 +119,78 @@ async def test_a_slot_lapses_when_its_replica_never_gives_it_back(
     await asyncio.sleep(0.3)  # its replica died: the slot lapses
     assert await limiter.acquire(ctx("c"), settings) is not None
     assert await limiter.acquire(ctx("d"), ConcurrencySettings()) is None  # no limit applies
+
+
+async def _leave_as_the_stream_starts(app: Any, path: str, body: dict[str, Any], key: str) -> int:
+    """A raw ASGI call whose client disconnects while the response's head is sent
+    (ASGI 2.3, as Serve's proxy speaks it): the body is never read."""
+    raw = orjson.dumps(body)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", f"Bearer {key}".encode()),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("gw", 80),
+    }
+    head_sent = asyncio.Event()
+    statuses: list[int] = []
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await head_sent.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+            head_sent.set()
+            await asyncio.sleep(0.05)  # the client leaves meanwhile
+
+    await app(scope, receive, send)
+    return statuses[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", _ask("hi", stream=True)),
+        ("/v1/responses", {"model": "mock-gpt", "stream": True, "input": "hi"}),
+    ],
+)
+async def test_a_client_gone_as_its_stream_starts_gives_its_slot_back(
+    mock_server: MockServer,
+    mock_behaviour: MockBehaviour,
+    redis_url: str,
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    """Its relay never ran: the slot, the upstream's bulkhead place and the bill are
+    settled all the same, as if it had left after the first event."""
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    args = _capped(mock_server, redis_url, name, 1)
+    mock_behaviour.config.latency.per_token_ms = 20  # the stream is still going when it leaves
+    gateway = Gateway(args)
+    async with in_process(gateway, LOCAL_KEY):
+        app = gateway.asgi()
+        assert await _leave_as_the_stream_starts(app, path, body, f"sk-{name}") == 200
+        await _given_back(redis_url, f"{PREFIX}:key:{name}")
+        for _ in range(100):
+            if gateway.stages.resilience.bulkhead("mock").active == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert gateway.stages.resilience.bulkhead("mock").active == 0

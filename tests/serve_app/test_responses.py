@@ -14,6 +14,7 @@ import pytest
 
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import Faults, MockBehaviour
+from serve_app.responses import passed_query
 from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process
 
 pytestmark = pytest.mark.integration
@@ -198,6 +199,11 @@ async def test_a_cut_stream_ends_with_an_error_event_and_is_billed_as_an_error(
         ({"model": "mock-gpt", "input": "x", "stream": "yes"}, "stream"),
         ({"model": "mock-gpt", "input": "x", "previous_response_id": "../admin"}, None),
         ({"model": "mock-embed", "input": "x"}, "model"),
+        ({"model": "mock-gpt", "input": "x", "conversation": "conv_1"}, "conversation"),
+        (
+            {"model": "mock-gpt", "input": [{"type": "item_reference", "id": "msg_1"}]},
+            "input",
+        ),
     ],
 )
 async def test_bad_requests_get_a_400_and_no_upstream_call(
@@ -234,3 +240,48 @@ async def test_the_prompt_guard_checks_a_responses_input(
             assert refused.json()["error"]["code"] == "prompt_blocked"
             assert refused.json()["error"]["param"] == "input"
         assert mock_behaviour.stats.calls == 0
+
+
+async def test_what_the_gateway_keeps_to_itself_and_what_it_passes_on(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    decorator = {"default": {"prepend": [{"role": "system", "content": "Be kind."}]}}
+    gateway = _gateway(mock_server, redis_url, prompt_decorator=decorator)
+    async with in_process(gateway, LOCAL_KEY) as client:
+        body = {"model": "mock-gpt", "input": _input(), "cache": {"no-store": True}}
+        made = await client.post(ROUTE, json=body)
+        assert made.status_code == 200, made.text
+        sent = orjson.loads(mock_behaviour.last_body)
+        assert "cache" not in sent  # the gateway's own control, which OpenAI would refuse
+        assert sent["input"] == [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": body["input"]},
+        ]
+        response_id = made.json()["id"]
+        items = await client.get(f"{ROUTE}/{response_id}/input_items", params={"limit": "1"})
+        assert items.status_code == 200 and items.json()["object"] == "list"
+
+        # The upstream lost it: a DELETE passes on its 404 and the gateway forgets it too.
+        del mock_behaviour.responses[response_id]
+        gone = await client.delete(f"{ROUTE}/{response_id}")
+        assert gone.status_code == 404
+        assert await gateway.responses.index.find(response_id) is None
+
+
+async def test_a_response_on_an_upstream_no_longer_configured_is_not_found(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        made = (await client.post(ROUTE, json={"model": "b-gpt", "input": _input()})).json()
+    trimmed = gateway_args(mock_server.base_url, redis_url)  # no mock-b upstream
+    async with in_process(Gateway(trimmed), LOCAL_KEY) as client:
+        for method in ("GET", "DELETE"):
+            answer = await client.request(method, f"{ROUTE}/{made['id']}")
+            assert answer.status_code == 404, answer.text
+            assert answer.json()["error"]["code"] == "response_not_found"
+
+
+def test_a_stored_responses_query_passes_on_pagination_and_includes_only() -> None:
+    query = "limit=2&after=msg_1&include[]=file_search_call.results&stream=true&x=%2F.."
+    assert passed_query(query) == ("?limit=2&after=msg_1&include%5B%5D=file_search_call.results")
+    assert passed_query("stream=true") == ""
