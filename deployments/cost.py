@@ -56,14 +56,18 @@ class TokenUsage:
     @classmethod
     def from_openai(cls, usage: Mapping[str, Any] | None) -> TokenUsage | None:
         """Chat's and text completions' ``usage``, or the Responses API's, which names
-        the same counts ``input_tokens`` and ``output_tokens``."""
+        the same counts ``input_tokens`` and ``output_tokens``, or a rerank's (vLLM's,
+        Jina's), which has only ``total_tokens``."""
         if not usage:
             return None
         prompt, completion = "prompt_tokens", "completion_tokens"
         if usage.get(prompt) is None:
-            if usage.get("input_tokens") is None:
+            if usage.get("input_tokens") is not None:
+                prompt, completion = "input_tokens", "output_tokens"
+            elif usage.get("total_tokens") is not None:  # a rerank's: all of it is input
+                prompt = "total_tokens"
+            else:
                 return None
-            prompt, completion = "input_tokens", "output_tokens"
         prompt_details = usage.get(f"{prompt}_details") or {}
         completion_details = usage.get(f"{completion}_details") or {}
         return cls(

@@ -7,8 +7,9 @@ Entries are hashes ``{b: body, t: stored-at ms}`` with a TTL, under
 ``semantic_hits`` and ``guard_rejections``). Namespaces are percent-encoded, so
 a tenant name can neither break the hash tag nor act as a SCAN pattern.
 
-Only successful, complete ``chat.completion`` bodies are stored (every choice
-has a finish reason, no error): never an error, never a cut-off stream.
+Only successful, complete answers are stored (a ``chat.completion`` or text
+completion whose every choice has a finish reason, embeddings with every vector,
+a rerank with its results): never an error, never a cut-off stream.
 
 Redis down or slow: a lookup is a miss and a store is skipped; the request
 never fails for the cache. When Redis is unreachable the cache stays off for
@@ -207,6 +208,7 @@ class ExactCache:
             is_complete_completion(completion)
             or is_complete_text_completion(completion)
             or is_complete_embedding(completion)
+            or is_complete_rerank(completion)
         ):
             return False
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
@@ -311,4 +313,19 @@ def is_complete_embedding(answer: Any) -> bool:
         isinstance(data, list)
         and bool(data)
         and all(isinstance(d, Mapping) and isinstance(d.get("embedding"), list | str) for d in data)
+    )
+
+
+def is_complete_rerank(answer: Any) -> bool:
+    """A successful rerank: a score for each result it lists."""
+    if not isinstance(answer, Mapping) or "error" in answer:
+        return False
+    results = answer.get("results")
+    return (
+        isinstance(results, list)
+        and bool(results)
+        and all(
+            isinstance(r, Mapping) and isinstance(r.get("relevance_score"), int | float)
+            for r in results
+        )
     )

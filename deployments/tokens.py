@@ -78,6 +78,13 @@ def estimate_response_input_tokens(value: Any, instructions: Any = None) -> int:
     return total
 
 
+def estimate_rerank_tokens(query: str, documents: list[Any]) -> int:
+    """A rerank scores the query against each document: each pair is read whole."""
+    query_tokens = estimate_text_tokens(query)
+    texts = (d if isinstance(d, str) else str(d.get("text", "")) for d in documents)
+    return sum(query_tokens + estimate_text_tokens(text) for text in texts)
+
+
 def reported_total(usage: Any) -> int | None:
     """The ``total_tokens`` an upstream's usage reports (None: it reports none)."""
     total = usage.get("total_tokens") if isinstance(usage, Mapping) else None

@@ -158,7 +158,7 @@ class ChatPipeline:
             controls,
             ctx.principal.tenant,
             self.args.cache.policy,
-            deterministic=model.kind == "embeddings",
+            deterministic=model.kind in ("embeddings", "rerank"),  # no sampling
         )
         coalesce = self.args.dedup.enabled and self.args.dedup.should_coalesce(decision.cacheable)
         return Plan(decision, coalesce, ctx, model.target_model, self.keys)
@@ -694,6 +694,7 @@ UPSTREAM_PATHS = {
     "chat": "/chat/completions",
     "completions": "/completions",
     "embeddings": "/embeddings",
+    "rerank": "/rerank",
 }
 # How each streamed route's answers are replayed from the cache and put back together.
 REPLAYS: dict[str, Callable[..., Iterator[bytes]]] = {

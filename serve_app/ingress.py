@@ -28,6 +28,7 @@ from deployments.response_index import ResponseIndex
 from deployments.tokens import (
     estimate_input_tokens,
     estimate_prompt_tokens,
+    estimate_rerank_tokens,
     estimate_response_input_tokens,
 )
 from serve_app import store as store_module
@@ -56,6 +57,7 @@ from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingsRequest,
+    RerankRequest,
     ResponsesRequest,
     validate,
 )
@@ -70,6 +72,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 Handler = Callable[[Request, str], Awaitable[Response]]
 CHAT_PATH = "/v1/chat/completions"
 RESPONSE_PATH = "/v1/responses/{response_id}"
+# The kind of model each route serves (the rest: chat).
+KINDS = {"embeddings": "embeddings", "rerank": "rerank"}
 
 
 def json_response(
@@ -219,7 +223,7 @@ class Gateway:
         if self.templates.enabled and self.templates.expand(route, body, principal.tenant):
             raw = b""  # the bytes no longer say what is asked: no request-key memo
         name, fields = read(body)
-        model = self._model(name, "embeddings" if route == "embeddings" else "chat", principal)
+        model = self._model(name, KINDS.get(route, "chat"), principal)
         # A label: what a wildcard matched is the client's to choose, so its entry's name.
         request.state.model = self.routes.entry(model.name)
         if self.guard.enabled:
@@ -276,6 +280,11 @@ class Gateway:
             )
 
         return handler
+
+    async def rerank(self, request: Request, request_id: str) -> Response:
+        """``/v1/rerank`` (and Cohere's ``/v2/rerank``) for ``kind: rerank`` models:
+        deterministic, so cached and coalesced with no opt-in, as embeddings are."""
+        return await self._serve(request, request_id, "rerank", _read_rerank)
 
     async def embeddings(self, request: Request, request_id: str) -> Response:
         # deterministic: cached and coalesced with no opt-in
@@ -350,6 +359,8 @@ class Gateway:
             route("/v1/completions", self.completions, "POST"),
             route("/v1/embeddings", self.embeddings, "POST"),
             route("/v1/responses", self.create_response, "POST"),
+            route("/v1/rerank", self.rerank, "POST"),
+            route("/v2/rerank", self.rerank, "POST"),
             route(RESPONSE_PATH, self.stored_response("GET"), "GET"),
             route(RESPONSE_PATH, self.stored_response("DELETE"), "DELETE"),
             route(
@@ -492,6 +503,14 @@ def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "end_user": parsed.user,
         "prompt_tokens_estimate": estimate_response_input_tokens(parsed.input, parsed.instructions),
         "max_tokens": parsed.max_output_tokens,
+    }
+
+
+def _read_rerank(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parsed = validate(RerankRequest, body)
+    return parsed.model, {
+        "end_user": parsed.user,
+        "prompt_tokens_estimate": estimate_rerank_tokens(parsed.query, parsed.documents),
     }
 
 

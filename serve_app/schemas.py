@@ -94,6 +94,25 @@ class EmbeddingsRequest(_Open):
     user: str | None = Field(None, max_length=256)
 
 
+def _document(value: Any) -> Any:
+    if isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("text"), str)):
+        return value
+    raise ValueError("expected a string or an object with a 'text' string")
+
+
+class RerankRequest(_Open):
+    """A rerank (``/v1/rerank``, as vLLM, Jina and Cohere serve it)."""
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    documents: list[Annotated[str | dict[str, Any], PlainValidator(_document)]] = Field(
+        min_length=1, max_length=10_000
+    )
+    top_n: int | None = Field(None, ge=1)
+    return_documents: StrictBool | None = None
+    user: str | None = Field(None, max_length=256)
+
+
 def _response_input(value: Any) -> Any:
     if isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(v, dict) for v in value)

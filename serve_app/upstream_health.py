@@ -28,7 +28,10 @@ from serve_app.settings import GatewayArgs, ModelSettings
 PROBE_BODIES = {
     "chat": {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1},
     "embeddings": {"input": "ping"},
+    "rerank": {"query": "ping", "documents": ["pong"]},
 }
+# Where each kind of model is called; chat models at their chat route.
+PROBE_PATHS = {"embeddings": "/embeddings", "rerank": "/rerank"}
 
 
 def _elapsed_ms(started: float) -> float:
@@ -77,7 +80,7 @@ async def _list_models(
 
 async def _call(provider: ProviderClient, model: ModelSettings, timeout_s: float) -> dict[str, Any]:
     body = {**PROBE_BODIES[model.kind], "model": model.target_model}
-    path = "/embeddings" if model.kind == "embeddings" else "/chat/completions"
+    path = PROBE_PATHS.get(model.kind, "/chat/completions")
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s):

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from deployments.tokens import estimate_rerank_tokens
 from serve_app.mock_provider.behaviour import MockBehaviour, MockConfig, max_tokens
 from serve_app.mock_provider.responses import PREFIX as RESPONSE_PREFIX
 from serve_app.mock_provider.responses import MockResponses
@@ -128,6 +129,7 @@ class MockProvider:
             chat: ("POST", lambda raw: self._call(chat, raw, self._chat)),
             text: ("POST", lambda raw: self._call(text, raw, self._text)),
             responses: ("POST", lambda raw: self._call(responses, raw, self._response)),
+            "/v1/rerank": ("POST", lambda raw: self._call("/v1/rerank", raw, self._rerank)),
             embeddings: ("POST", lambda raw: self._call(embeddings, raw, self._embeddings)),
             "/v1/models": ("GET", self._models),
             "/_mock/stats": ("GET", self._stats),
@@ -269,6 +271,34 @@ class MockProvider:
         tokens = sum(max(1, len(t) // 4) for t in texts)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return _json({"object": "list", "data": data, "model": model, "usage": usage})
+
+    def _rerank(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+        """vLLM's (and Jina's) rerank: each document scored against the query, best first."""
+        query = str(body.get("query", ""))
+        documents = body.get("documents")
+        if not isinstance(documents, list) or not documents:
+            return error(400, "mock: documents must be a non-empty list")
+        texts = [d if isinstance(d, str) else str((d or {}).get("text", "")) for d in documents]
+        scored = [
+            {
+                "index": i,
+                "document": {"text": t},
+                "relevance_score": self.behaviour.relevance(query, t),
+            }
+            for i, t in enumerate(texts)
+        ]
+        scored.sort(key=lambda r: (-r["relevance_score"], r["index"]))
+        top_n = body.get("top_n")
+        if isinstance(top_n, int) and top_n > 0:
+            scored = scored[:top_n]
+        if body.get("return_documents") is False:
+            for result in scored:
+                del result["document"]
+        tokens = estimate_rerank_tokens(query, texts)
+        usage = {"total_tokens": tokens}
+        return _json(
+            {"id": "rerank-mock-" + digest, "model": model, "usage": usage, "results": scored}
+        )
 
     def _models(self, raw: bytes) -> MockAnswer:
         data = [

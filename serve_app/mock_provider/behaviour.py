@@ -59,7 +59,7 @@ class MockConfig(BaseModel):
 
     latency: Latency = Latency()
     faults: dict[str, Faults] = Field(default_factory=dict)
-    models: list[str] = Field(default_factory=lambda: ["mock-gpt", "mock-embed"])
+    models: list[str] = Field(default_factory=lambda: ["mock-gpt", "mock-embed", "mock-rerank"])
     seed: int = 0
 
 
@@ -173,6 +173,13 @@ class MockBehaviour:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt + completion_tokens,
         }
+
+    @staticmethod
+    def relevance(query: str, document: str) -> float:
+        """A deterministic score in [0, 1]: words the two share, and a hash to break ties."""
+        shared = len(set(query.lower().split()) & set(document.lower().split()))
+        noise = hashlib.sha256(f"{query}\x00{document}".encode()).digest()[0] / 2550
+        return round(min(1.0, shared / 4 + noise), 6)
 
     @staticmethod
     def embedding(text: str, dims: int = 16) -> list[float]:
