@@ -58,9 +58,15 @@ def _message(item_id: str, text: str, status: str = "completed") -> dict[str, An
 
 
 def _input_items(value: Any) -> list[Any]:
-    if isinstance(value, str):
-        return [{"type": "message", "role": "user", "content": value}]
-    return list(value) if isinstance(value, list) else []
+    """The input as OpenAI lists it back: messages with their text as input_text parts."""
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("content"), str):
+            text = {"type": "input_text", "text": item["content"]}
+            item = {"type": "message", "status": "completed", **item, "content": [text]}
+        out.append(item)
+    return out
 
 
 class MockResponses:

@@ -306,7 +306,7 @@ async def test_responses_are_stored_continued_listed_and_deleted(
     got = await client.get(f"{RESPONSES}/{first['id']}")
     assert got.status_code == 200 and got.json() == first
     items = (await client.get(f"{RESPONSES}/{first['id']}/input_items")).json()
-    assert [i["content"] for i in items["data"]] == ["hello mock"]
+    assert [i["content"][0]["text"] for i in items["data"]] == ["hello mock"]
 
     deleted = await client.delete(f"{RESPONSES}/{first['id']}")
     assert deleted.json() == {"id": first["id"], "object": "response.deleted", "deleted": True}
