@@ -45,7 +45,9 @@ class Balancer:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        price: Callable[[Target], float | None] = lambda target: None,
     ) -> None:
+        """``price``: a target's cost per token, for lowest-cost groups (None: unpriced)."""
         self.groups = dict(groups)
         # Calls in flight per target of a least-busy group, counted from the moment the
         # target is picked (``enter``), not from when its call starts: requests picking
@@ -69,6 +71,13 @@ class Balancer:
                     ttl = self._ttl.get(_key(t), math.inf)
                     self._ttl[_key(t)] = min(ttl, group.latency_ttl_s)
         self._latency: dict[_Key, tuple[float, float]] = {}  # key -> (seconds or inf, at)
+        # Prices, read once (the price book is configuration): unpriced targets go last.
+        self._price: dict[_Key, float] = {
+            _key(t): math.inf if (p := price(t)) is None else p
+            for group in groups.values()
+            if group.strategy == "lowest-cost"
+            for t in group.targets
+        }
         self._probing: dict[_Key, float] = {}  # key -> when its first call started
 
     def order(self, model: str, avoid: Callable[[Target], bool]) -> list[Target] | None:
@@ -80,6 +89,9 @@ class Balancer:
             ranked = self._least_busy(group.targets)
         elif group.strategy == "lowest-latency":
             ranked = self._lowest_latency(group)
+        elif group.strategy == "lowest-cost":
+            price = self._price
+            ranked = sorted(self._shuffled(group.targets), key=lambda t: price[_key(t)])
         else:
             ranked = self._shuffled(group.targets)
         plains = self._plain[model]

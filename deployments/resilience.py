@@ -134,7 +134,9 @@ class Resilience:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         target_limits: TargetLimits | None = None,
+        price: Callable[[Target], float | None] = lambda target: None,
     ) -> None:
+        """``price``: a target's cost per token (lowest-cost balance groups)."""
         self.settings = settings
         self.store = store
         self.target_limits = target_limits or None  # None too when no target has limits
@@ -150,7 +152,7 @@ class Resilience:
         self._permits: dict[str, tuple[float, Decision]] = {}  # name -> (until, closed permit)
         self._deferred: list[tuple[str, BreakerSettings, Decision, Outcome]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.balancer = Balancer(settings.balance, clock=clock, rng=self._rng)
+        self.balancer = Balancer(settings.balance, clock=clock, rng=self._rng, price=price)
         chains = (*settings.fallbacks.values(), *settings.context_fallbacks.values())
         targets = [t for chain in chains for t in chain]
         targets += [t for group in settings.balance.values() for t in group.targets]
@@ -163,10 +165,11 @@ class Resilience:
         settings: ResilienceSettings,
         client: aioredis.Redis,
         target_limits: TargetLimits | None = None,
+        price: Callable[[Target], float | None] = lambda target: None,
     ) -> Resilience:
         shared = RedisBreakerStore(client, prefix=settings.key_prefix)
         store = FailoverBreakerStore(shared, retry_primary_after_s=settings.store_retry_after_s)
-        return cls(settings, store, target_limits=target_limits)
+        return cls(settings, store, target_limits=target_limits, price=price)
 
     def chain(self, model: str, primary: Target | None = None) -> list[Target]:
         """The targets to try for one call of ``model``, in order: its balance group

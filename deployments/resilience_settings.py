@@ -54,12 +54,15 @@ class BalanceGroup(BaseModel):
     successes, a stream's up to its first chunk); targets within ``latency_buffer``
     of the fastest share the calls by weight, a target not measured within
     ``latency_ttl_s`` (or whose last call failed that long ago) is tried first again.
+    ``lowest-cost``: the target whose model has the lowest price (input plus output
+    rate, from ``cost.pricing``) first, LiteLLM's cost-based routing; targets at one
+    price share the calls by weight, and targets with no price come after priced ones.
     Whatever is picked, the group's other targets follow it in the request's chain,
     then the model's fallbacks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: Literal["weighted", "least-busy", "lowest-latency"] = "weighted"
+    strategy: Literal["weighted", "least-busy", "lowest-latency", "lowest-cost"] = "weighted"
     targets: list[WeightedTarget] = Field(min_length=1)
     latency_buffer: float = Field(0.1, ge=0)
     latency_ttl_s: float = Field(60.0, gt=0)

@@ -21,7 +21,7 @@ from deployments.dedup_redis import RedisSingleFlight
 from deployments.exact_cache import ExactCache
 from deployments.limiter import RateLimiter
 from deployments.limiter_decision import LimitDecision
-from deployments.resilience import Resilience
+from deployments.resilience import Resilience, Target
 from deployments.target_limits import TargetLimits
 from deployments.tasks import cancel_and_wait
 from serve_app.metrics import DeltaExporter, MetricSink, NullMetrics
@@ -137,20 +137,29 @@ class Stages:
             )
 
         limiter = RateLimiter(redis, args.limits, observer=_LimiterMetrics(sink))
+        cost = CostTracker(
+            redis,
+            args.cost,
+            args.budgets,
+            on_threshold=on_threshold,
+            served_models=args.served_models(),
+        )
+
+        def price(target: Target) -> float | None:
+            found = cost.meter.book.find(target.model)
+            return None if found is None else float(found.rates.input + found.rates.output)
+
         return cls(
             limiter=limiter,
             exact=ExactCache(redis, args.cache.exact),
             dedup=RedisSingleFlight(redis, args.dedup),
             resilience=Resilience.with_redis(
-                args.resilience, redis, TargetLimits(limiter, args.resilience.balance)
-            ),
-            cost=CostTracker(
+                args.resilience,
                 redis,
-                args.cost,
-                args.budgets,
-                on_threshold=on_threshold,
-                served_models=args.served_models(),
+                TargetLimits(limiter, args.resilience.balance),
+                price=price,
             ),
+            cost=cost,
             metrics=sink,
             redis=redis,
             concurrency=ConcurrencyLimiter(redis, args.request_timeout_s + 60),

@@ -215,3 +215,26 @@ def test_the_admin_view_shows_each_target_as_this_replica_sees_it() -> None:
         {"upstream": "b", "model": "m", "weight": 1, "picks": 0, "in_flight": 0,
          "latency_s": None, "failed": True},
     ]  # fmt: skip
+
+
+def test_lowest_cost_puts_the_cheapest_first_ties_by_weight_and_the_unpriced_last() -> None:
+    prices = {"a": 2.0, "b": 0.5, "c": None}
+    made = Balancer(
+        {"llm": group("lowest-cost")},
+        rng=random.Random(7),
+        price=lambda t: prices[t.upstream],
+    )
+    assert made.order("llm", never) == [B, A, C]
+    assert not made.enter(B)  # nothing to count in flight for a price
+    # One price for two targets: they share the first place by weight.
+    prices = {"a": 1.0, "b": 1.0, "c": 3.0}
+    shared = Balancer(
+        {"llm": group("lowest-cost", weights=(3, 1, 1))},
+        rng=random.Random(7),
+        price=lambda t: prices[t.upstream],
+    )
+    firsts = Counter(shared.order("llm", never)[0].upstream for _ in range(4000))  # type: ignore[index]
+    assert set(firsts) == {"a", "b"}
+    assert 2.5 < firsts["a"] / firsts["b"] < 3.5
+    # A cheap target whose breaker is known open goes last all the same.
+    assert made.order("llm", lambda t: t == B) == [A, C, B]
