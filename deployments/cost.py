@@ -65,7 +65,11 @@ class TokenUsage:
             if usage.get("input_tokens") is not None:
                 prompt, completion = "input_tokens", "output_tokens"
             elif usage.get("total_tokens") is not None:  # a rerank's: all of it is input
-                prompt = "total_tokens"
+                completion_tokens = int(usage.get("completion_tokens") or 0)
+                return cls(
+                    prompt_tokens=max(0, int(usage["total_tokens"]) - completion_tokens),
+                    completion_tokens=completion_tokens,
+                )
             else:
                 return None
         prompt_details = usage.get(f"{prompt}_details") or {}

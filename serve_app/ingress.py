@@ -511,6 +511,7 @@ def _read_rerank(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return parsed.model, {
         "end_user": parsed.user,
         "prompt_tokens_estimate": estimate_rerank_tokens(parsed.query, parsed.documents),
+        "max_tokens": 0,  # it writes nothing: no output is held against a budget
     }
 
 
@@ -519,6 +520,7 @@ def _read_embeddings(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return parsed.model, {
         "end_user": parsed.user,
         "prompt_tokens_estimate": estimate_input_tokens(parsed.input),
+        "max_tokens": 0,  # it writes nothing: no output is held against a budget
     }
 
 

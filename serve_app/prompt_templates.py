@@ -1,13 +1,14 @@
 """Prompts kept at the gateway and filled in per request, as Kong's AI Prompt
 Template does: a client sends ``"messages": "{template://summarise}"`` (or, on
-``/v1/completions``, ``"prompt": "{template://summarise}"``) with ``"properties":
+``/v1/completions``, ``"prompt": "{template://summarise}"``; on ``/v1/responses``,
+``"input"`` takes a chat template's messages) with ``"properties":
 {"text": "..."}``, and the gateway puts the template's messages or prompt there,
 each ``{{name}}`` replaced by that property (or the template's default).
 
 Values are put into the parsed body, never spliced into JSON text, so a property
 cannot break out of the string it fills. Templates are global (``default``) or a
 tenant's own (``serve_app/per_tenant.py``); with ``allow_untemplated: false`` a
-tenant's chat and completion requests must name a template. Expansion runs first,
+tenant's chat, completion and response requests must name a template. Expansion runs first,
 so the prompt guard, the decorator, the cache key, quotas and the upstream all see
 the filled-in request.
 """
@@ -26,8 +27,8 @@ from serve_app.prompt_decorator import DecoratorMessage  # an operator's message
 
 _REFERENCE = re.compile(r"\{template://([A-Za-z0-9_.\-]{1,64})\}")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]{1,64})\s*\}\}")
-# The body field a template fills, by route.
-FIELDS = {"chat": "messages", "completions": "prompt"}
+# The body field a template fills, by route: chat messages also fill a response's input.
+FIELDS = {"chat": "messages", "completions": "prompt", "responses": "input"}
 
 
 class PromptTemplate(BaseModel):
@@ -117,6 +118,7 @@ class PromptTemplates:
         if field is None or library is None:
             return False
         name = _reference(body.get(field))
+        properties = body.pop("properties", None)  # the gateway's, never the upstream's
         if name is None:
             if not library.allow_untemplated:
                 raise InvalidRequestError(
@@ -127,14 +129,14 @@ class PromptTemplates:
                 )
             return False
         template = library.templates.get(name)
-        if template is None or template.field != field:
+        if template is None or template.field != ("prompt" if field == "prompt" else "messages"):
             raise InvalidRequestError(
-                f"There is no {'chat' if field == 'messages' else 'completions'} prompt"
+                f"There is no {'completions' if field == 'prompt' else 'chat'} prompt"
                 f" template '{name}'.",
                 param=field,
                 code="template_not_found",
             )
-        values = {**template.defaults, **_properties(body.pop("properties", None))}
+        values = {**template.defaults, **_properties(properties)}
         missing = sorted(template.placeholders() - values.keys())
         if missing:
             raise InvalidRequestError(

@@ -96,11 +96,12 @@ def error_event(error: GatewayError) -> bytes:
 
 
 class RelayResponse(StreamingResponse):
-    """A relayed stream's response. A client may leave while the response starts,
-    before its body is first read: the relay's generator has then never run, so the
-    cleanup in it (close the upstream, give back its slot, bill) would never run
-    either. It is started here in that case and closed at once, as if the client had
-    left after the first event. ``started`` tells whether the relay began."""
+    """A relayed stream's response, whose relay is closed however the response ends,
+    so the cleanup in it (close the upstream, give back its slot, bill) runs at once.
+    A client may leave while the response starts, before its body is first read: the
+    relay's generator has then never run, and closing it would run nothing. It is
+    started here in that case and closed at once, as if the client had left after the
+    first event. ``started`` tells whether the relay began."""
 
     def __init__(
         self,
@@ -116,8 +117,12 @@ class RelayResponse(StreamingResponse):
         try:
             await super().stream_response(send)
         finally:
+            # Starlette does not close a body it stopped reading (a client gone while
+            # a chunk was sent): the relay's cleanup would wait for the garbage collector.
             if not self._started():
                 in_background(_first_then_close(self._body))
+            else:
+                in_background(self._body.aclose())
 
 
 async def _first_then_close(body: AsyncGenerator[bytes, None]) -> None:

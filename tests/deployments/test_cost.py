@@ -234,3 +234,6 @@ def test_responses_usage_names_the_same_counts_input_and_output() -> None:
     assert TokenUsage.from_openai(usage) == TokenUsage(120, 30, 100, 10)
     assert TokenUsage.from_openai({"output_tokens": 3}) is None
     assert TokenUsage.from_openai({"total_tokens": 56}) == TokenUsage(56, 0)  # a rerank's
+    assert TokenUsage.from_openai({"completion_tokens": 10, "total_tokens": 30}) == TokenUsage(
+        20, 10
+    )

@@ -51,8 +51,12 @@ def test_a_named_template_is_filled_in_with_properties_and_defaults() -> None:
     text = {"prompt": " {template://story} ", "properties": {"hero": 7}}
     assert templates.expand("completions", text, "any")
     assert text == {"prompt": "Once upon a time, 7 met 7's match."}
-    plain = {"messages": [{"role": "user", "content": "{{text}}"}]}
+    response = {"input": "{template://summarise}", "properties": {"text": "x"}}
+    assert templates.expand("responses", response, "any")
+    assert response["input"][1] == {"role": "user", "content": "Summarise: x"}
+    plain = {"messages": [{"role": "user", "content": "{{text}}"}], "properties": {"a": "b"}}
     assert not templates.expand("chat", plain, "any")
+    assert "properties" not in plain  # never sent upstream, named template or not
     assert plain["messages"][0]["content"] == "{{text}}"  # only named templates are filled
 
 
@@ -83,6 +87,10 @@ def test_a_tenant_may_be_held_to_templates_and_another_have_none() -> None:
     plain = {"messages": [{"role": "user", "content": "hi"}]}
     refused = _refusal(templates, "chat", plain)
     assert (refused.code, refused.param) == ("template_required", "messages")
+    free_text = _refusal(templates, "responses", {"input": "free text"})
+    assert (free_text.code, free_text.param) == ("template_required", "input")
+    story = _refusal(templates, "responses", {"input": "{template://story}"})
+    assert story.code == "template_not_found"  # a completions prompt is no response input
     assert not templates.expand("chat", plain, "free")
     named = {"messages": "{template://summarise}", "properties": {"text": "x"}}
     assert not templates.expand("chat", named, "free")  # no library: left to validation

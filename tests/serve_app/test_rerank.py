@@ -14,13 +14,14 @@ import pytest
 
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import MockBehaviour
+from serve_app.settings import hash_key
 from tests.support import LOCAL_KEY, MockServer, gateway_args, in_process
 
 pytestmark = pytest.mark.integration
 PRICE = {"input_per_mtok": "1000", "output_per_mtok": "0"}
 
 
-def _gateway(mock_server: MockServer, redis_url: str) -> Gateway:
+def _gateway(mock_server: MockServer, redis_url: str, **overrides: Any) -> Gateway:
     args = gateway_args(mock_server.base_url, redis_url)
     models = [*(m.model_dump() for m in args.models)]
     models.append({"name": "mock-rerank", "upstream": "mock", "kind": "rerank"})
@@ -30,6 +31,7 @@ def _gateway(mock_server: MockServer, redis_url: str) -> Gateway:
             redis_url,
             models=models,
             cost={"pricing": {"overrides": {"mock-rerank": PRICE}}},
+            **overrides,
         )
     )
 
@@ -97,3 +99,18 @@ async def test_bad_reranks_get_a_400_and_no_upstream_call(
         assert wrong_route.status_code == 400
         assert mock_behaviour.stats.calls == 0
         assert orjson.loads((await client.post("/v1/rerank", json=_body())).content)["results"]
+
+
+async def test_a_rerank_holds_its_pairs_and_no_answer_of_tokens(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    # 200 tokens a minute: a rerank's pairs (~40 tokens) fit; with default_max_tokens
+    # (1024) held as if it wrote an answer, none would.
+    name = f"tpm-{uuid.uuid4().hex[:8]}"  # a fresh key: quota windows outlive a test
+    limits = {"per_key": {"overrides": {name: [{"window": "1m", "tokens": 200}]}}}
+    keys = [{"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name}]
+    gateway = _gateway(mock_server, redis_url, limits=limits, api_keys=keys)
+    async with in_process(gateway, f"sk-{name}") as client:
+        ranked = await client.post("/v1/rerank", json=_body())
+        assert ranked.status_code == 200, ranked.text
+        assert int(ranked.headers["x-ratelimit-remaining-tokens"]) >= 100

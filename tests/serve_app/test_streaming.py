@@ -1,6 +1,19 @@
 from __future__ import annotations
 
-from serve_app.streaming import EventSplitter, StreamResult, event_data, inspect_event
+import asyncio
+import gc
+from collections.abc import AsyncGenerator
+
+import pytest
+
+from serve_app.streaming import (
+    EventSplitter,
+    RelayResponse,
+    StreamResult,
+    event_data,
+    inspect_event,
+)
+from serve_app.ticket import drain_background
 
 
 def test_events_split_across_reads_are_reassembled() -> None:
@@ -34,3 +47,51 @@ def test_only_the_streamed_text_is_kept() -> None:
     inspect_event(b'{"choices": [{"delta": {"role": "assistant"}}, "odd"]}', result)
     assert result.completion_text() == "".join(f"w{i} " for i in range(1000))
     assert result.last == {"choices": [{"delta": {"role": "assistant"}}, "odd"]}
+
+
+class _Relay:
+    """A relay's shape: ``run`` marks itself started and cleans up once, however it ends."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.cleanups = 0
+
+    async def run(self) -> AsyncGenerator[bytes, None]:
+        self.started = True
+        try:
+            for n in range(3):
+                yield b"data: %d\n\n" % n
+                await asyncio.sleep(0.01)
+        finally:
+            self.cleanups += 1
+
+
+@pytest.mark.parametrize("gone_at", [0, 1, 2, None])
+async def test_a_relay_is_closed_at_once_however_its_client_leaves(gone_at: int | None) -> None:
+    """Starlette (ASGI 2.3, as Serve speaks it) stops reading a body whose client left
+    and leaves it to the garbage collector, which is off here: the relay must still be
+    cleaned up once, whether it had begun (gone at a chunk) or not (gone at the head)."""
+    relay = _Relay()
+    response = RelayResponse(relay.run(), lambda: relay.started, {})
+    sent = 0
+    gone = asyncio.Event()
+
+    async def send(message: dict[str, object]) -> None:
+        nonlocal sent
+        sent += 1
+        if sent - 1 == gone_at:
+            gone.set()
+            await asyncio.sleep(1)  # a slow client, which leaves meanwhile
+
+    async def receive() -> dict[str, object]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "headers": []}
+    gc.disable()
+    try:
+        await response(scope, receive, send)
+        await drain_background()
+        assert relay.started and relay.cleanups == 1
+    finally:
+        gc.enable()
