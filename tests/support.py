@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,16 @@ def deploy_gateway(
 
 def chat_body(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def tpm_key(tokens: int) -> tuple[str, dict[str, Any]]:
+    """A key of its own (quota windows outlive a test) with ``tokens`` a minute: its
+    secret, and the ``gateway_args`` overrides (``api_keys``, ``limits``) that make it."""
+    name = f"tpm-{uuid.uuid4().hex[:8]}"
+    return f"sk-{name}", {
+        "api_keys": [{"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name}],
+        "limits": {"per_key": {"overrides": {name: [{"window": "1m", "tokens": tokens}]}}},
+    }
 
 
 def auth(key: str = LOCAL_KEY) -> dict[str, str]:

@@ -14,8 +14,7 @@ import pytest
 
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import MockBehaviour
-from serve_app.settings import hash_key
-from tests.support import LOCAL_KEY, MockServer, gateway_args, in_process
+from tests.support import LOCAL_KEY, MockServer, gateway_args, in_process, tpm_key
 
 pytestmark = pytest.mark.integration
 PRICE = {"input_per_mtok": "1000", "output_per_mtok": "0"}
@@ -106,11 +105,8 @@ async def test_a_rerank_holds_its_pairs_and_no_answer_of_tokens(
 ) -> None:
     # 200 tokens a minute: a rerank's pairs (~40 tokens) fit; with default_max_tokens
     # (1024) held as if it wrote an answer, none would.
-    name = f"tpm-{uuid.uuid4().hex[:8]}"  # a fresh key: quota windows outlive a test
-    limits = {"per_key": {"overrides": {name: [{"window": "1m", "tokens": 200}]}}}
-    keys = [{"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name}]
-    gateway = _gateway(mock_server, redis_url, limits=limits, api_keys=keys)
-    async with in_process(gateway, f"sk-{name}") as client:
+    key, overrides = tpm_key(200)
+    async with in_process(_gateway(mock_server, redis_url, **overrides), key) as client:
         ranked = await client.post("/v1/rerank", json=_body())
         assert ranked.status_code == 200, ranked.text
         assert int(ranked.headers["x-ratelimit-remaining-tokens"]) >= 100

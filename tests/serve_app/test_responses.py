@@ -15,8 +15,7 @@ import pytest
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import Faults, MockBehaviour
 from serve_app.responses import passed_query
-from serve_app.settings import hash_key
-from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process
+from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process, tpm_key
 
 pytestmark = pytest.mark.integration
 ROUTE = "/v1/responses"
@@ -94,11 +93,8 @@ async def test_the_limiter_counts_a_responses_tokens(
     mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
 ) -> None:
     # A tpm quota the first answer's reported usage uses up.
-    name = f"tpm-{uuid.uuid4().hex[:8]}"  # a fresh key: quota windows outlive a test
-    limits = {"per_key": {"overrides": {name: [{"window": "1m", "tokens": 40}]}}}
-    keys = [{"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name}]
-    gateway = _gateway(mock_server, redis_url, limits=limits, api_keys=keys)
-    async with in_process(gateway, f"sk-{name}") as client:
+    key, overrides = tpm_key(40)
+    async with in_process(_gateway(mock_server, redis_url, **overrides), key) as client:
         body = {"model": "mock-gpt", "input": "x" * 80, "max_output_tokens": 8}
         first = await client.post(ROUTE, json=body)
         assert first.status_code == 200, first.text
