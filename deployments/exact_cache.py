@@ -9,7 +9,8 @@ a tenant name can neither break the hash tag nor act as a SCAN pattern.
 
 Only successful, complete answers are stored (a ``chat.completion`` or text
 completion whose every choice has a finish reason, embeddings with every vector,
-a rerank with its results): never an error, never a cut-off stream.
+a rerank with its results, a completed response): never an error, never a cut-off
+stream.
 
 Redis down or slow: a lookup is a miss and a store is skipped; the request
 never fails for the cache. When Redis is unreachable the cache stays off for
@@ -43,6 +44,7 @@ from deployments.near_cache import (
 )
 from deployments.pubsub import Message, follow_channel
 from deployments.request_key import RequestKey
+from deployments.response_replay import is_complete_response
 from deployments.script_batch import ScriptBatch
 from deployments.sse_replay import is_complete_completion
 from deployments.store_errors import STORE_ERRORS
@@ -209,6 +211,7 @@ class ExactCache:
             or is_complete_text_completion(completion)
             or is_complete_embedding(completion)
             or is_complete_rerank(completion)
+            or is_complete_response(completion)
         ):
             return False
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]

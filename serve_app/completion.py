@@ -125,7 +125,7 @@ def require_json(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _usage(body: bytes) -> dict[str, Any] | None:
+def usage_of(body: bytes) -> dict[str, Any] | None:
     try:
         usage = orjson.loads(body).get("usage")
     except (orjson.JSONDecodeError, AttributeError):
@@ -184,7 +184,7 @@ class ChatPipeline:
             )
         return self.stages.resilience.chain(model.name, primary=primary)
 
-    async def _exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
+    async def exact_hit(self, plan: Plan) -> tuple[bytes, dict[str, str]] | None:
         if not plan.decision.lookup:
             return None
         hit = await self.stages.exact.lookup(plan.key, plan.decision.max_age_s)
@@ -234,7 +234,7 @@ class ChatPipeline:
     def _semantic_failed(self, reason: str) -> None:
         self.stages.metrics.inc("gateway_semantic_lookup_failures_total", 1, {"reason": reason})
 
-    async def _remember(self, plan: Plan, body: bytes) -> None:
+    async def remember(self, plan: Plan, body: bytes) -> None:
         """Store a complete answer in both tiers (before the flight ends, so a
         request arriving right after finds it)."""
         if not plan.decision.store:
@@ -290,9 +290,9 @@ class ChatPipeline:
     async def _complete(
         self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
     ) -> Response:
-        if (hit := await self._exact_hit(plan)) is not None:
+        if (hit := await self.exact_hit(plan)) is not None:
             body, headers = hit
-            charge = ticket.finish(_usage(body), served_by="cache", cache="hit")
+            charge = ticket.finish(usage_of(body), served_by="cache", cache="hit")
             self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
             headers = {**ctx.response_headers, **headers}
             if charge is not None:
@@ -330,7 +330,7 @@ class ChatPipeline:
         outcome: str = "ok",
     ) -> Charge | None:
         return ticket.finish(
-            meta["usage"] if "usage" in meta else _usage(body),
+            meta["usage"] if "usage" in meta else usage_of(body),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
@@ -382,7 +382,7 @@ class ChatPipeline:
         )
         body, usage = result.value
         result.settle(reported_total(usage))
-        await self._remember(plan, body)
+        await self.remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
             "cache": status.value,
@@ -401,7 +401,7 @@ class ChatPipeline:
         want_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
         sse = {"cache-control": "no-cache"}
         hit: tuple[bytes, dict[str, Any]] | None = None
-        if (exact := await self._exact_hit(plan)) is not None:
+        if (exact := await self.exact_hit(plan)) is not None:
             hit = (exact[0], {"cache": "HIT"})
             status, served_by, headers = CacheStatus.HIT, "cache", exact[1]
         elif (semantic := await self._semantic_hit(plan)) is not None:
@@ -410,7 +410,7 @@ class ChatPipeline:
             headers = self._headers(ctx, plan, status, semantic[1], None)
         if hit is not None:
             body = hit[0]
-            charge = ticket.finish(_usage(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
+            charge = ticket.finish(usage_of(body), served_by=served_by, cache=status.value.lower())  # type: ignore[arg-type]
             if status is CacheStatus.HIT:
                 self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
             headers = {**ctx.response_headers, **headers, **sse}
@@ -613,7 +613,7 @@ class _StreamRelay:
         if not self.result.done:
             raise UpstreamError("The upstream stream ended before [DONE].")
         if self._keep and (body := self.assembler.body()) is not None:
-            await self.pipeline._remember(self.plan, body)
+            await self.pipeline.remember(self.plan, body)
 
     async def run(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         self.started = True
@@ -712,4 +712,4 @@ def _payload(body: dict[str, Any], target: Target) -> bytes:
     return orjson.dumps({**body, "model": target.model})
 
 
-__all__ = ["ChatPipeline", "Plan", "pack", "require_json", "unpack"]
+__all__ = ["ChatPipeline", "Plan", "pack", "require_json", "unpack", "usage_of"]

@@ -5,8 +5,11 @@
 A response is a stored object upstream (``store`` defaults to true) with an id a
 later request continues (``previous_response_id``). Serving one from a cache, or
 one upstream call to several clients, would hand each the same id and the same
-conversation: so this route has no cache tier and no single flight
-(``x-cache: BYPASS``). What it adds to a passthrough:
+conversation: so a stored response is never cached nor coalesced (``x-cache:
+BYPASS``). A stateless one (``store: false``, continuing none) is a value like a
+chat answer: the exact tier serves it under the chat policy (temperature 0 or an
+opt-in), replayed as events to a streaming client when its output is text
+messages. What the route adds to a passthrough:
 
 - each stored response's id is recorded with the tenant that made it and the
   upstream that holds it (``deployments/response_index.py``): only that tenant can
@@ -23,18 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from deployments.cache_policy import CacheStatus, cache_headers
 from deployments.provider import ProviderClient, UpstreamStream
 from deployments.resilience import ResilienceResult, Target
 from deployments.response_index import RESPONSE_ID, ResponseIndex, ResponseOwner
+from deployments.response_replay import replayable, response_events, sse
 from deployments.tokens import reported_total
-from serve_app.completion import ChatPipeline, require_json
+from serve_app.completion import ChatPipeline, Plan, require_json, usage_of
 from serve_app.context import Principal, RequestContext
 from serve_app.errors import (
     GatewayError,
@@ -74,13 +79,27 @@ class ResponsesPipeline:
         self.provider = provider
 
     async def run(self, ctx: RequestContext, model: ModelSettings) -> Response:
-        ctx.body.pop("cache", None)  # the gateway's cache controls: nothing to control here
+        plan = self._plan(ctx, model)
         targets = await self._targets(ctx, model)  # before any quota is spent
         ticket = await Ticket.admit(ctx, self.stages)
         with ticket.failing():
             if ctx.stream:
-                return await self._stream(ctx, targets, ticket)
-            return await self._complete(ctx, targets, ticket)
+                return await self._stream(ctx, targets, ticket, plan)
+            return await self._complete(ctx, targets, ticket, plan)
+
+    def _plan(self, ctx: RequestContext, model: ModelSettings) -> Plan | None:
+        """The exact tier's plan for a stateless response (``store: false``, continuing
+        none): its answer is a value, cached under the chat policy (temperature 0 or an
+        opt-in). A stored one is an object with an id of its own: never cached."""
+        body = ctx.body
+        if body.get("store") is False and body.get("previous_response_id") is None:
+            return self.chat.plan(ctx, model)
+        body.pop("cache", None)  # the gateway's cache controls: nothing to control here
+        return None
+
+    def _finish_hit(self, ticket: Ticket, body: bytes) -> Any:
+        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
+        return ticket.finish(usage_of(body), served_by="cache", cache="hit")
 
     async def _targets(self, ctx: RequestContext, model: ModelSettings) -> Targets:
         """The model's chain and context overflow; for a continuation only the targets
@@ -140,7 +159,17 @@ class ResponsesPipeline:
             tokens=self.chat.target_tokens(ctx),
         )
 
-    async def _complete(self, ctx: RequestContext, targets: Targets, ticket: Ticket) -> Response:
+    async def _complete(
+        self, ctx: RequestContext, targets: Targets, ticket: Ticket, plan: Plan | None
+    ) -> Response:
+        if plan is not None and (hit := await self.chat.exact_hit(plan)) is not None:
+            body, cached = hit
+            charge = self._finish_hit(ticket, body)
+            headers = {**ctx.response_headers, **cached}
+            if charge is not None:
+                headers["x-request-cost"] = charge.header_value()
+            return Response(body, 200, headers, media_type=JSON)
+
         async def attempt(target: Target) -> tuple[bytes, dict[str, Any]]:
             response = await self.chat.timed(
                 "gateway_upstream_duration_seconds",
@@ -156,22 +185,41 @@ class ResponsesPipeline:
         usage = parsed.get("usage")
         result.settle(reported_total(usage))
         await self.remember(ctx, result.target, parsed)
+        if plan is not None:
+            await self.chat.remember(plan, body)
+        status = _cache_status(plan)
         charge = ticket.finish(
             usage if isinstance(usage, dict) else None,
             served_by="upstream",
-            cache="bypass",
+            cache=status["x-cache"].lower(),
             upstream=result.target.upstream,
             upstream_model=result.target.model,
             attempts=result.attempts,
         )
-        headers = {**ctx.response_headers, **result.headers(), **BYPASS}
+        headers = {**ctx.response_headers, **result.headers(), **status}
         if charge is not None:
             headers["x-request-cost"] = charge.header_value()
         return Response(body, 200, headers, media_type=JSON)
 
     # -- streamed --------------------------------------------------------
 
-    async def _stream(self, ctx: RequestContext, targets: Targets, ticket: Ticket) -> Response:
+    async def _stream(
+        self, ctx: RequestContext, targets: Targets, ticket: Ticket, plan: Plan | None
+    ) -> Response:
+        sse_headers = {"cache-control": "no-cache"}
+        if plan is not None and (hit := await self.chat.exact_hit(plan)) is not None:
+            body, cached = hit
+            response = orjson.loads(body)
+            if replayable(response):
+                charge = self._finish_hit(ticket, body)
+                cost = charge.usage_fields() if charge is not None else {}
+                headers = {**ctx.response_headers, **cached, **sse_headers}
+                if charge is not None:
+                    headers["x-request-cost"] = charge.header_value()
+                return StreamingResponse(
+                    _replay(response, cost), headers=headers, media_type="text/event-stream"
+                )
+
         async def attempt(target: Target) -> UpstreamStream:
             return await self.chat.timed(
                 "gateway_upstream_ttft_seconds",
@@ -182,7 +230,7 @@ class ResponsesPipeline:
             )
 
         result = await self._call(ctx, targets, attempt)
-        relay = _ResponseRelay(self, ctx, ticket, result)
+        relay = _ResponseRelay(self, ctx, ticket, result, plan)
         try:
             first = await relay.first()  # errors before the first byte stay HTTP errors
         except BaseException:
@@ -191,8 +239,8 @@ class ResponsesPipeline:
         headers = {
             **ctx.response_headers,
             **result.headers(),
-            **BYPASS,
-            "cache-control": "no-cache",
+            **_cache_status(plan),
+            **sse_headers,
         }
         return RelayResponse(relay.run(first), lambda: relay.started, headers)
 
@@ -262,8 +310,10 @@ class _ResponseRelay:
         ctx: RequestContext,
         ticket: Ticket,
         result: ResilienceResult[UpstreamStream],
+        plan: Plan | None = None,
     ) -> None:
         self.pipeline, self.ctx, self.ticket, self.result = pipeline, ctx, ticket, result
+        self.plan = plan  # a stateless response's: a completed one is stored
         self.chunks = aiter(result.value.chunks())
         self.splitter = EventSplitter()
         self.text: list[str] = []
@@ -336,6 +386,8 @@ class _ResponseRelay:
             self.done = True
             self.failed = kind == "response.failed"
             response = payload.get("response")
+            if self.plan is not None and kind == "response.completed":
+                await self.pipeline.chat.remember(self.plan, orjson.dumps(response))
             usage = response.get("usage") if isinstance(response, dict) else None
             if isinstance(usage, dict):
                 self.usage = usage
@@ -343,7 +395,7 @@ class _ResponseRelay:
                 if charge is not None:
                     assert isinstance(response, dict)
                     response["usage"] = {**usage, **charge.usage_fields()}
-                    return _sse(kind, payload)
+                    return sse(kind, payload)
         return event + b"\n\n"
 
     def _error(self, error: GatewayError) -> bytes:
@@ -356,7 +408,7 @@ class _ResponseRelay:
             "param": detail["param"],
             "sequence_number": self.sequence,
         }
-        return _sse("error", payload)
+        return sse("error", payload)
 
     def _bill(self, status: str) -> Any:
         if self.ticket.settled:
@@ -366,7 +418,7 @@ class _ResponseRelay:
         return self.ticket.finish(
             self.usage,
             served_by="upstream",
-            cache="bypass",
+            cache=_cache_status(self.plan)["x-cache"].lower(),
             upstream=target.upstream,
             upstream_model=target.model,
             attempts=self.result.attempts,
@@ -375,8 +427,20 @@ class _ResponseRelay:
         )
 
 
-def _sse(kind: str, payload: dict[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+def _cache_status(plan: Plan | None) -> dict[str, str]:
+    """``x-cache`` (and its key) for an answer fetched upstream."""
+    if plan is None:
+        return BYPASS
+    status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
+    return cache_headers(status, plan.key.digest)
+
+
+async def _replay(response: dict[str, Any], cost: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A cached response as events; its usage carries the (zero) cost like a live one."""
+    for kind, payload in response_events(response):
+        if kind == "response.completed" and cost and isinstance(response.get("usage"), dict):
+            payload["response"] = {**response, "usage": {**response["usage"], **cost}}
+        yield sse(kind, payload)
 
 
 def _payload(body: dict[str, Any], target: Target) -> bytes:

@@ -220,9 +220,7 @@ class MockProvider:
         if status != 200 or not body.get("stream"):
             return _json(response, status)
         cut_after = self.behaviour.faults_for(model).cut_stream_after
-        return MockAnswer(
-            200, content_type=SSE, stream=self.responses.events(response, words, cut_after)
-        )
+        return MockAnswer(200, content_type=SSE, stream=self.responses.events(response, cut_after))
 
     def _streamed(
         self,

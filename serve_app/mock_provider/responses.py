@@ -11,14 +11,12 @@ upstream bills them.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import orjson
-
+from deployments.response_replay import response_events, sse
 from serve_app.mock_provider.behaviour import STORED_RESPONSES, MockBehaviour
 
 Event = Callable[..., bytes]
@@ -135,36 +133,21 @@ class MockResponses:
         return 405, {"error": {"message": f"mock: {method} not allowed on {path}"}}
 
     async def events(
-        self, response: dict[str, Any], words: list[str], cut_after: int | None
+        self, response: dict[str, Any], cut_after: int | None
     ) -> AsyncGenerator[bytes, None]:
-        """The response as OpenAI streams it, one typed event at a time."""
-        numbers = itertools.count()
-
-        def event(kind: str, **fields: Any) -> bytes:
-            payload = {"type": kind, "sequence_number": next(numbers), **fields}
-            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-
+        """The response as OpenAI streams it, one typed event at a time, a word a delta."""
         per_token_s = self._behaviour().config.latency.per_token_ms / 1000
-        item_id = response["output"][0]["id"]
-        started = {**response, "status": "in_progress", "output": [], "usage": None}
-        yield event("response.created", response=started)
-        yield event("response.in_progress", response=started)
-        yield event(
-            "response.output_item.added", output_index=0, item=_message(item_id, "", "in_progress")
-        )
-        part = {"type": "output_text", "text": "", "annotations": []}
-        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-        yield event("response.content_part.added", **where, part=part)
-        for index, word in enumerate(words):
-            if cut_after is not None and index >= cut_after:
-                raise ConnectionAbortedError("mock: stream cut by fault injection")
-            if per_token_s:
-                await asyncio.sleep(per_token_s)
-            yield event(
-                "response.output_text.delta", **where, delta=word if index == 0 else " " + word
-            )
-        text = " ".join(words)
-        yield event("response.output_text.done", **where, text=text)
-        yield event("response.content_part.done", **where, part={**part, "text": text})
-        yield event("response.output_item.done", output_index=0, item=response["output"][0])
-        yield event("response.completed", response=response)
+        deltas = 0
+        for kind, payload in response_events(response, _words):
+            if kind == "response.output_text.delta":
+                if cut_after is not None and deltas >= cut_after:
+                    raise ConnectionAbortedError("mock: stream cut by fault injection")
+                deltas += 1
+                if per_token_s:
+                    await asyncio.sleep(per_token_s)
+            yield sse(kind, payload)
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [words[0], *(" " + w for w in words[1:])]

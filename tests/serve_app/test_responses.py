@@ -284,3 +284,37 @@ def test_a_stored_responses_query_passes_on_pagination_and_includes_only() -> No
     query = "limit=2&after=msg_1&include[]=file_search_call.results&stream=true&x=%2F.."
     assert passed_query(query) == ("?limit=2&after=msg_1&include%5B%5D=file_search_call.results")
     assert passed_query("stream=true") == ""
+
+
+async def test_a_stateless_response_is_cached_and_replayed_and_a_stored_one_never(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    async with in_process(_gateway(mock_server, redis_url), LOCAL_KEY) as client:
+        stored = {"model": "mock-gpt", "input": _input(), "temperature": 0}
+        answers = [await client.post(ROUTE, json=stored) for _ in range(2)]
+        assert [a.headers["x-cache"] for a in answers] == ["BYPASS", "BYPASS"]
+        assert answers[0].json()["id"] != answers[1].json()["id"]  # each its own object
+
+        stateless = {**stored, "input": _input(), "store": False, "stream": True}
+        live = await client.post(ROUTE, json=stateless)
+        assert live.headers["x-cache"] == "MISS"
+        live_final = _events(live)[-1][1]["response"]
+        replayed = await client.post(ROUTE, json=stateless)
+        assert replayed.headers["x-cache"] == "HIT", replayed.text
+        events = _events(replayed)
+        kinds = [kind for kind, _ in events]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        final = events[-1][1]["response"]
+        text = "".join(e["delta"] for k, e in events if k == "response.output_text.delta")
+        assert text == final["output"][0]["content"][0]["text"]
+        assert final["id"] == live_final["id"]  # the same answer, as the cache says
+        assert final["usage"]["cost"] == "0"  # served from the cache: nothing spent
+        whole = await client.post(ROUTE, json={**stateless, "stream": False})
+        assert whole.headers["x-cache"] == "HIT" and whole.json()["id"] == final["id"]
+        assert mock_behaviour.stats.calls == 3
+
+        sampled = {**stateless, "stream": False, "temperature": 1, "input": _input()}
+        assert [(await client.post(ROUTE, json=sampled)).headers["x-cache"] for _ in "ab"] == [
+            "BYPASS",
+            "BYPASS",
+        ]
