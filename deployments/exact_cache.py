@@ -9,8 +9,8 @@ a tenant name can neither break the hash tag nor act as a SCAN pattern.
 
 Only successful, complete answers are stored (a ``chat.completion`` or text
 completion whose every choice has a finish reason, embeddings with every vector,
-a rerank with its results, a completed response): never an error, never a cut-off
-stream.
+a rerank with its results, a completed response, a moderation's verdicts): never an
+error, never a cut-off stream.
 
 Redis down or slow: a lookup is a miss and a store is skipped; the request
 never fails for the cache. When Redis is unreachable the cache stays off for
@@ -212,6 +212,7 @@ class ExactCache:
             or is_complete_embedding(completion)
             or is_complete_rerank(completion)
             or is_complete_response(completion)
+            or is_complete_moderation(completion)
         ):
             return False
         keys = [self.entry_key(key.namespace, key.digest), self.stats_key(key.namespace)]
@@ -319,16 +320,23 @@ def is_complete_embedding(answer: Any) -> bool:
     )
 
 
-def is_complete_rerank(answer: Any) -> bool:
-    """A successful rerank: a score for each result it lists."""
+def _every_result(answer: Any, complete: Callable[[Mapping[str, Any]], bool]) -> bool:
+    """A successful answer listing ``results``, each of them ``complete``."""
     if not isinstance(answer, Mapping) or "error" in answer:
         return False
     results = answer.get("results")
     return (
         isinstance(results, list)
         and bool(results)
-        and all(
-            isinstance(r, Mapping) and isinstance(r.get("relevance_score"), int | float)
-            for r in results
-        )
+        and all(isinstance(r, Mapping) and complete(r) for r in results)
     )
+
+
+def is_complete_rerank(answer: Any) -> bool:
+    """A successful rerank: a score for each result it lists."""
+    return _every_result(answer, lambda r: isinstance(r.get("relevance_score"), int | float))
+
+
+def is_complete_moderation(answer: Any) -> bool:
+    """A successful moderation: a verdict (``flagged``) for each input."""
+    return _every_result(answer, lambda r: isinstance(r.get("flagged"), bool))

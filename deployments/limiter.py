@@ -136,11 +136,11 @@ class RateLimiter:
         self._forget_routes()
 
     def reservation(self, ctx: RequestContext) -> int:
-        """Tokens held for a request until it settles: its prompt estimate plus,
-        unless it asks for embeddings or a rerank (which write nothing), its max_tokens
-        (or ``default_max_tokens``) for each completion it asks for."""
+        """Tokens held for a request until it settles: its prompt estimate plus, unless
+        it asks for embeddings, a rerank or a moderation (which write nothing), its
+        max_tokens (or ``default_max_tokens``) for each completion it asks for."""
         completion = self.settings.default_max_tokens if ctx.max_tokens is None else ctx.max_tokens
-        if ctx.route in ("embeddings", "rerank"):
+        if ctx.route in ("embeddings", "rerank", "moderations"):
             completion = 0
         return max(0, ctx.prompt_tokens_estimate) + max(0, completion) * max(1, ctx.choices)
 

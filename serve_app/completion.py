@@ -158,7 +158,7 @@ class ChatPipeline:
             controls,
             ctx.principal.tenant,
             self.args.cache.policy,
-            deterministic=model.kind in ("embeddings", "rerank"),  # no sampling
+            deterministic=model.kind in ("embeddings", "rerank", "moderation"),  # no sampling
         )
         coalesce = self.args.dedup.enabled and self.args.dedup.should_coalesce(decision.cacheable)
         return Plan(decision, coalesce, ctx, model.target_model, self.keys)
@@ -695,6 +695,7 @@ UPSTREAM_PATHS = {
     "completions": "/completions",
     "embeddings": "/embeddings",
     "rerank": "/rerank",
+    "moderations": "/moderations",
 }
 # How each streamed route's answers are replayed from the cache and put back together.
 REPLAYS: dict[str, Callable[..., Iterator[bytes]]] = {

@@ -30,6 +30,7 @@ from deployments.tokens import (
     estimate_prompt_tokens,
     estimate_rerank_tokens,
     estimate_response_input_tokens,
+    estimate_text_tokens,
 )
 from serve_app import store as store_module
 from serve_app.admin import Admin
@@ -57,6 +58,7 @@ from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingsRequest,
+    ModerationRequest,
     RerankRequest,
     ResponsesRequest,
     validate,
@@ -73,7 +75,7 @@ Handler = Callable[[Request, str], Awaitable[Response]]
 CHAT_PATH = "/v1/chat/completions"
 RESPONSE_PATH = "/v1/responses/{response_id}"
 # The kind of model each route serves (the rest: chat).
-KINDS = {"embeddings": "embeddings", "rerank": "rerank"}
+KINDS = {"embeddings": "embeddings", "rerank": "rerank", "moderations": "moderation"}
 
 
 def json_response(
@@ -113,6 +115,10 @@ class Gateway:
         self.guard = PromptGuard(args.prompt_guard, self.metrics)
         self.decorator = PromptDecorator(args.prompt_decorator)
         self.templates = PromptTemplates(args.prompt_templates)
+        self.default_moderation = next(
+            (m.name for m in args.models if m.kind == "moderation" and not m.name.endswith("*")),
+            None,
+        )
         self.provider = provider or ProviderClient(args.upstreams)
         self.store = store
 
@@ -281,6 +287,17 @@ class Gateway:
 
         return handler
 
+    async def moderations(self, request: Request, request_id: str) -> Response:
+        """``/v1/moderations`` for ``kind: moderation`` models (the first one when the
+        body names none, as OpenAI's SDK sends it): cached and coalesced with no opt-in."""
+
+        def read(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+            if "model" not in body and self.default_moderation is not None:
+                body["model"] = self.default_moderation
+            return _read_moderation(body)
+
+        return await self._serve(request, request_id, "moderations", read)
+
     async def rerank(self, request: Request, request_id: str) -> Response:
         """``/v1/rerank`` (and Cohere's ``/v2/rerank``) for ``kind: rerank`` models:
         deterministic, so cached and coalesced with no opt-in, as embeddings are."""
@@ -360,6 +377,7 @@ class Gateway:
             route("/v1/embeddings", self.embeddings, "POST"),
             route("/v1/responses", self.create_response, "POST"),
             route("/v1/rerank", self.rerank, "POST"),
+            route("/v1/moderations", self.moderations, "POST"),
             route("/v2/rerank", self.rerank, "POST"),
             route(RESPONSE_PATH, self.stored_response("GET"), "GET"),
             route(RESPONSE_PATH, self.stored_response("DELETE"), "DELETE"),
@@ -504,6 +522,13 @@ def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "prompt_tokens_estimate": estimate_response_input_tokens(parsed.input, parsed.instructions),
         "max_tokens": parsed.max_output_tokens,
     }
+
+
+def _read_moderation(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    parsed = validate(ModerationRequest, body)
+    texts = parsed.input if isinstance(parsed.input, list) else [parsed.input]
+    text = " ".join(t if isinstance(t, str) else str(t.get("text", "")) for t in texts)
+    return parsed.model, {"prompt_tokens_estimate": estimate_text_tokens(text), "max_tokens": 0}
 
 
 def _read_rerank(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:

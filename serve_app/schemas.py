@@ -100,6 +100,23 @@ def _document(value: Any) -> Any:
     raise ValueError("expected a string or an object with a 'text' string")
 
 
+def _moderation_input(value: Any) -> Any:
+    if isinstance(value, str) or (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, str) or (isinstance(v, dict) and "type" in v) for v in value)
+    ):
+        return value
+    raise ValueError("expected a string, or a non-empty array of strings or of typed parts")
+
+
+class ModerationRequest(_Open):
+    """A moderation (``/v1/moderations``): text, or text and image parts."""
+
+    model: str = Field(min_length=1)
+    input: Annotated[str | list[Any], PlainValidator(_moderation_input)]
+
+
 class RerankRequest(_Open):
     """A rerank (``/v1/rerank``, as vLLM, Jina and Cohere serve it)."""
 

@@ -64,8 +64,8 @@ class ModelSettings(_Strict):
     upstream: str
     # The name the upstream knows it by; default: ``name`` (a wildcard's: what ``*`` matched).
     upstream_model: str | None = None
-    # chat: text generation (chat, completions, responses); embeddings; rerank.
-    kind: Literal["chat", "embeddings", "rerank"] = "chat"
+    # chat: text generation (chat, completions, responses); embeddings; rerank; moderation.
+    kind: Literal["chat", "embeddings", "rerank", "moderation"] = "chat"
     owned_by: str = "llm-gateway"
 
     @model_validator(mode="after")

@@ -29,9 +29,10 @@ PROBE_BODIES = {
     "chat": {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1},
     "embeddings": {"input": "ping"},
     "rerank": {"query": "ping", "documents": ["pong"]},
+    "moderation": {"input": "ping"},
 }
 # Where each kind of model is called; chat models at their chat route.
-PROBE_PATHS = {"embeddings": "/embeddings", "rerank": "/rerank"}
+PROBE_PATHS = {"embeddings": "/embeddings", "rerank": "/rerank", "moderation": "/moderations"}
 
 
 def _elapsed_ms(started: float) -> float:

@@ -25,6 +25,7 @@ from serve_app.mock_provider.responses import PREFIX as RESPONSE_PREFIX
 from serve_app.mock_provider.responses import MockResponses
 
 JSON = "application/json"
+_MODERATED = ("harassment", "hate", "violence")
 SSE = "text/event-stream"
 
 
@@ -130,6 +131,10 @@ class MockProvider:
             text: ("POST", lambda raw: self._call(text, raw, self._text)),
             responses: ("POST", lambda raw: self._call(responses, raw, self._response)),
             "/v1/rerank": ("POST", lambda raw: self._call("/v1/rerank", raw, self._rerank)),
+            "/v1/moderations": (
+                "POST",
+                lambda raw: self._call("/v1/moderations", raw, self._moderation),
+            ),
             embeddings: ("POST", lambda raw: self._call(embeddings, raw, self._embeddings)),
             "/v1/models": ("GET", self._models),
             "/_mock/stats": ("GET", self._stats),
@@ -297,6 +302,24 @@ class MockProvider:
         return _json(
             {"id": "rerank-mock-" + digest, "model": model, "usage": usage, "results": scored}
         )
+
+    def _moderation(self, digest: str, body: dict[str, Any], model: str) -> MockAnswer:
+        """OpenAI's moderation: one verdict per input, flagged when it says a flagged word."""
+        given = body.get("input")
+        inputs = given if isinstance(given, list) else [given]
+        results = []
+        for item in inputs:
+            text = item if isinstance(item, str) else str((item or {}).get("text", ""))
+            hits = {c: self.behaviour.moderation_score(c, text) for c in _MODERATED}
+            categories = {c: score >= 0.5 for c, score in hits.items()}
+            results.append(
+                {
+                    "flagged": any(categories.values()),
+                    "categories": categories,
+                    "category_scores": hits,
+                }
+            )
+        return _json({"id": "modr-mock-" + digest, "model": model, "results": results})
 
     def _models(self, raw: bytes) -> MockAnswer:
         data = [

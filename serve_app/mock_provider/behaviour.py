@@ -59,7 +59,9 @@ class MockConfig(BaseModel):
 
     latency: Latency = Latency()
     faults: dict[str, Faults] = Field(default_factory=dict)
-    models: list[str] = Field(default_factory=lambda: ["mock-gpt", "mock-embed", "mock-rerank"])
+    models: list[str] = Field(
+        default_factory=lambda: ["mock-gpt", "mock-embed", "mock-rerank", "mock-moderation"]
+    )
     seed: int = 0
 
 
@@ -173,6 +175,13 @@ class MockBehaviour:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt + completion_tokens,
         }
+
+    @staticmethod
+    def moderation_score(category: str, text: str) -> float:
+        """High when the text says the category's word (or its stem), low otherwise."""
+        said = category[:4] in text.lower()
+        noise = hashlib.sha256(f"{category}\x00{text}".encode()).digest()[0] / 2550
+        return round((0.9 if said else 0.0) + noise, 6)
 
     @staticmethod
     def relevance(query: str, document: str) -> float:
