@@ -61,6 +61,10 @@ TRANSPORT_FIELDS = frozenset(
     }
 )
 
+# A response (the Responses API) repeats its request's user and metadata, and says
+# whether it was stored: for that route they are part of the answer.
+RESPONSE_TRANSPORT_FIELDS = TRANSPORT_FIELDS - {"user", "metadata", "store"}
+
 # A parameter equal to its neutral value is the same request as one without it.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -142,10 +146,11 @@ def _canonical_message(message: Any) -> Any:
     return msg
 
 
-def _answer_fields(body: Mapping[str, Any], model: str | None) -> dict[str, Any]:
+def _answer_fields(body: Mapping[str, Any], model: str | None, route: str) -> dict[str, Any]:
+    transport = RESPONSE_TRANSPORT_FIELDS if route == "responses" else TRANSPORT_FIELDS
     fields: dict[str, Any] = {}
     for name, value in body.items():
-        if name in TRANSPORT_FIELDS or value is None or name == "messages":
+        if name in transport or value is None or name == "messages":
             continue
         value = canonical(value)
         if not _is_neutral(name, value):
@@ -182,7 +187,7 @@ def request_key(
     from the body's (an alias); two aliases of one model then share entries.
     """
     namespace = canonical(namespace)
-    fields = _answer_fields(body, model)
+    fields = _answer_fields(body, model, route)
     digest = _digest(namespace, fields, route)
     text = _final_user_text(fields["messages"]) if route == "chat" else None
     if text is None:

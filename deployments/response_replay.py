@@ -70,12 +70,14 @@ def response_events(
 
 
 def is_complete_response(answer: Any) -> bool:
-    """A completed Responses API answer (what the exact tier may keep)."""
+    """A completed Responses API answer with its output (what the exact tier may keep;
+    a stream's final event may leave the output to the events before it)."""
     return (
         isinstance(answer, Mapping)
         and answer.get("object") == "response"
         and answer.get("status") == "completed"
         and not answer.get("error")
+        and isinstance(answer.get("output"), list)
     )
 
 

@@ -115,10 +115,9 @@ class Gateway:
         self.guard = PromptGuard(args.prompt_guard, self.metrics)
         self.decorator = PromptDecorator(args.prompt_decorator)
         self.templates = PromptTemplates(args.prompt_templates)
-        self.default_moderation = next(
-            (m.name for m in args.models if m.kind == "moderation" and not m.name.endswith("*")),
-            None,
-        )
+        self.moderation_models = [
+            m.name for m in args.models if m.kind == "moderation" and not m.name.endswith("*")
+        ]
         self.provider = provider or ProviderClient(args.upstreams)
         self.store = store
 
@@ -204,6 +203,10 @@ class Gateway:
             )
         return model
 
+    def _default_moderation(self, principal: Principal) -> str | None:
+        """The first moderation model the caller may use (OpenAI's SDK names none)."""
+        return next((m for m in self.moderation_models if principal.may_use(m)), None)
+
     def _model(self, name: str, kind: str, principal: Principal) -> ModelSettings:
         model = self._visible(name, principal)
         if model.kind != kind:
@@ -226,6 +229,9 @@ class Gateway:
         name and what the stages need to know of it (``RequestContext`` fields)."""
         principal = await self.principal(request)
         body, raw = await self._read_body(request)
+        if route == "moderations" and "model" not in body:
+            if (default := self._default_moderation(principal)) is not None:
+                body["model"] = default
         if self.templates.enabled and self.templates.expand(route, body, principal.tenant):
             raw = b""  # the bytes no longer say what is asked: no request-key memo
         name, fields = read(body)
@@ -291,12 +297,7 @@ class Gateway:
         """``/v1/moderations`` for ``kind: moderation`` models (the first one when the
         body names none, as OpenAI's SDK sends it): cached and coalesced with no opt-in."""
 
-        def read(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-            if "model" not in body and self.default_moderation is not None:
-                body["model"] = self.default_moderation
-            return _read_moderation(body)
-
-        return await self._serve(request, request_id, "moderations", read)
+        return await self._serve(request, request_id, "moderations", _read_moderation)
 
     async def rerank(self, request: Request, request_id: str) -> Response:
         """``/v1/rerank`` (and Cohere's ``/v2/rerank``) for ``kind: rerank`` models:

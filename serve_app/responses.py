@@ -185,9 +185,10 @@ class ResponsesPipeline:
         usage = parsed.get("usage")
         result.settle(reported_total(usage))
         await self.remember(ctx, result.target, parsed)
-        if plan is not None:
+        if plan is not None and parsed.get("store") is not True:  # not kept upstream after all
             await self.chat.remember(plan, body)
         status = _cache_status(plan)
+        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": status["x-cache"]})
         charge = ticket.finish(
             usage if isinstance(usage, dict) else None,
             served_by="upstream",
@@ -236,12 +237,9 @@ class ResponsesPipeline:
         except BaseException:
             in_background(relay.close())
             raise
-        headers = {
-            **ctx.response_headers,
-            **result.headers(),
-            **_cache_status(plan),
-            **sse_headers,
-        }
+        status = _cache_status(plan)
+        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": status["x-cache"]})
+        headers = {**ctx.response_headers, **result.headers(), **status, **sse_headers}
         return RelayResponse(relay.run(first), lambda: relay.started, headers)
 
     # -- stored responses ------------------------------------------------
@@ -386,7 +384,8 @@ class _ResponseRelay:
             self.done = True
             self.failed = kind == "response.failed"
             response = payload.get("response")
-            if self.plan is not None and kind == "response.completed":
+            stateless = isinstance(response, dict) and response.get("store") is not True
+            if self.plan is not None and kind == "response.completed" and stateless:
                 await self.pipeline.chat.remember(self.plan, orjson.dumps(response))
             usage = response.get("usage") if isinstance(response, dict) else None
             if isinstance(usage, dict):
@@ -432,7 +431,7 @@ def _cache_status(plan: Plan | None) -> dict[str, str]:
     if plan is None:
         return BYPASS
     status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
-    return cache_headers(status, plan.key.digest)
+    return cache_headers(status, plan.digest)
 
 
 async def _replay(response: dict[str, Any], cost: dict[str, Any]) -> AsyncIterator[bytes]:

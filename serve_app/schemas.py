@@ -100,14 +100,24 @@ def _document(value: Any) -> Any:
     raise ValueError("expected a string or an object with a 'text' string")
 
 
+def _moderation_part(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, dict):
+        return False
+    if value.get("type") == "text":
+        return isinstance(value.get("text"), str)
+    return value.get("type") == "image_url" and isinstance(value.get("image_url"), dict)
+
+
 def _moderation_input(value: Any) -> Any:
     if isinstance(value, str) or (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, str) or (isinstance(v, dict) and "type" in v) for v in value)
+        isinstance(value, list) and value and all(_moderation_part(v) for v in value)
     ):
         return value
-    raise ValueError("expected a string, or a non-empty array of strings or of typed parts")
+    raise ValueError(
+        "expected a string, or a non-empty array of strings or of text and image_url parts"
+    )
 
 
 class ModerationRequest(_Open):

@@ -222,3 +222,18 @@ def test_a_whole_float_past_64_bits_stays_a_float() -> None:
         and canonical(2.0**63) == 2**63
         and canonical(-(2.0**63)) == -(2**63)
     )
+
+
+def test_a_responses_user_metadata_and_store_are_part_of_its_answer() -> None:
+    """A Responses API answer repeats them: two requests differing only there ask for
+    two answers (chat's answer does not, so there they are transport)."""
+    base = {"model": "m", "input": "hi", "store": False}
+    for change in ({"user": "ann"}, {"metadata": {"app": "x"}}, {"store": True}):
+        for route, differs in (("responses", True), ("chat", False)):
+            one = request_key(base, namespace="t", route=route).digest
+            two = request_key({**base, **change}, namespace="t", route=route).digest
+            assert (one != two) is differs, (change, route)
+    streamed = {**base, "stream": True}
+    assert request_key(streamed, namespace="t", route="responses") == request_key(
+        base, namespace="t", route="responses"
+    )

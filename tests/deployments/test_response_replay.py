@@ -50,3 +50,4 @@ def test_only_completed_text_messages_are_replayed_and_kept() -> None:
     assert not replayable({**RESPONSE, "status": "incomplete"})
     assert not is_complete_response({**RESPONSE, "status": "failed", "error": {"code": "x"}})
     assert not is_complete_response({"object": "chat.completion"})
+    assert not is_complete_response({**RESPONSE, "output": None})  # left to the events

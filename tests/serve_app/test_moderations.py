@@ -13,6 +13,7 @@ import pytest
 
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import MockBehaviour
+from serve_app.settings import hash_key
 from tests.support import LOCAL_KEY, MockServer, gateway_args, in_process
 
 pytestmark = pytest.mark.integration
@@ -55,6 +56,8 @@ async def test_the_sdk_gets_verdicts_from_the_default_model_and_the_cache(
         ({"input": []}, "input"),
         ({"input": [3]}, "input"),
         ({"model": "mock-embed", "input": "x"}, "model"),
+        ({"input": [{"type": "text"}]}, "input"),
+        ({"input": [{"type": "image_url", "image_url": "x"}]}, "input"),
     ],
 )
 async def test_bad_moderations_get_a_400_and_no_upstream_call(
@@ -69,3 +72,17 @@ async def test_bad_moderations_get_a_400_and_no_upstream_call(
         assert refused.status_code == 400, refused.text
         assert refused.json()["error"]["param"] == param
         assert mock_behaviour.stats.calls == 0
+
+
+async def test_the_default_model_is_the_first_one_the_key_may_use(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    args = gateway_args(mock_server.base_url, redis_url)
+    models = [*(m.model_dump() for m in args.models)]
+    models += [{"name": f"mod-{x}", "upstream": "mock", "kind": "moderation"} for x in "ab"]
+    keys = [{"name": "b-only", "key_sha256": hash_key("sk-b-only"), "models": ["mod-b"]}]
+    gateway = Gateway(gateway_args(mock_server.base_url, redis_url, models=models, api_keys=keys))
+    async with in_process(gateway, "sk-b-only") as client:
+        verdict = await client.post("/v1/moderations", json={"input": "a calm walk"})
+        assert verdict.status_code == 200, verdict.text
+        assert verdict.json()["model"] == "mod-b"
