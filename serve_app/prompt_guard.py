@@ -8,7 +8,8 @@ message (``last_user``, the default: earlier turns were checked when they were
 sent), every user message (``user``), or every message of any role (``all``);
 for ``/v1/completions`` every prompt string (token ids are not text); for
 ``/v1/responses`` its input's messages the same way (an input string is a user
-message; ``all`` adds the ``instructions``). The
+message; ``all`` adds the ``instructions``); for ``/v1/rerank`` its query (the
+documents are data, as embeddings' input; moderations are what checks content). The
 refusal is a 400 ``prompt_blocked`` that does not say which pattern matched.
 
 Rules are global (``default``) or a tenant's own, which replace the default
@@ -100,13 +101,15 @@ def checked_texts(route: str, body: Mapping[str, Any], check: str) -> Iterator[s
         yield from _chat_texts(body["messages"], check)
     elif route == "responses":
         yield from _response_texts(body, check)
+    elif route == "rerank":  # the question; the documents are data, as embeddings' input
+        yield body["query"]
     elif route == "completions":
         prompt = body["prompt"]
         prompts = [prompt] if isinstance(prompt, str) else prompt
         yield from (p for p in prompts if isinstance(p, str))
 
 
-_PARAMS = {"chat": "messages", "responses": "input"}
+_PARAMS = {"chat": "messages", "responses": "input", "rerank": "query"}
 
 
 class PromptGuard:
