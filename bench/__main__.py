@@ -48,6 +48,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--model", action="append", dest="models", help="repeatable (default: mock-gpt)"
     )
     run.add_argument(
+        "--api",
+        choices=["chat", "responses"],
+        help="the API the requests use (default: chat; responses: /v1/responses, store false)",
+    )
+    run.add_argument(
         "--metrics-url",
         action="append",
         default=[],
@@ -93,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         api_keys=args.api_keys or ["sk-local"],
         admin_key=args.admin_key,
         models=args.models,
+        api=args.api,
         metrics_urls=args.metrics_urls,
         metrics_interval_s=args.metrics_interval,
         mock_url=args.mock_url,

@@ -33,7 +33,7 @@ OUT = Path(CONFIG["out_dir"])
 MIX = MixConfig.model_validate({**CONFIG["mix"], "keys": json.loads(os.environ["BENCH_API_KEYS"])})
 SHAPE = from_spec(CONFIG["shape"])
 STOP: dict[str, Any] | None = CONFIG.get("stop_on_breach")
-PATH = "/v1/chat/completions"
+PATH = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}[MIX.api]
 
 _records = (OUT / REQUESTS_FILE).open("a")
 _users = (OUT / USERS_FILE).open("a")

@@ -71,6 +71,9 @@ class MixConfig(BaseModel):
     # The gateway caches only deterministic answers (temperature 0 or opted in); None: omit.
     temperature: float | None = Field(0.0, ge=0, le=2)
     per_user_rps: float = Field(0, ge=0)  # 0: no pacing (closed loop, back to back)
+    # Which API the requests use: chat completions, or the Responses API (its requests
+    # with ``store: false``, so a load test fills no upstream's store and may be cached).
+    api: Literal["chat", "responses"] = "chat"
 
     @model_validator(mode="after")
     def _rates_fit(self) -> MixConfig:
@@ -142,16 +145,22 @@ class RequestMix:
             kind, text, prompt_id = "unique", self._unique(), -1
         stream = rng.random() < c.stream_rate
         model = rng.choice(c.models)
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": c.max_tokens,
-        }
+        body: dict[str, Any]
+        if c.api == "responses":
+            body = {"model": model, "input": text, "max_output_tokens": c.max_tokens}
+            body["store"] = False
+        else:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": c.max_tokens,
+            }
         if c.temperature is not None:
             body["temperature"] = c.temperature
         if stream:
             body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+            if c.api == "chat":
+                body["stream_options"] = {"include_usage": True}
         if c.end_users:
             body["user"] = f"user-{rng.randrange(c.end_users)}"
         return RequestSpec(rng.choice(c.keys), model, stream, kind, prompt_id, body)

@@ -42,6 +42,7 @@ class RunOptions:
     api_keys: list[str] = field(default_factory=lambda: ["sk-local"])
     admin_key: str | None = None  # for admin-guarded probes; default: the first API key
     models: list[str] | None = None
+    api: str | None = None  # "chat" or "responses"; None: the scenario's (chat)
     metrics_urls: list[str] = field(default_factory=list)
     metrics_interval_s: float = 2.0
     mock_url: str | None = None
@@ -69,6 +70,8 @@ def _write_config(opts: RunOptions, shape: Shape) -> None:
     mix = opts.scenario.mix.model_dump()
     if opts.models:
         mix["models"] = opts.models
+    if opts.api:
+        mix["api"] = opts.api
     mix.pop("keys")
     stop = opts.scenario.stop_on_breach
     config = {

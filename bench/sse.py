@@ -1,4 +1,6 @@
-"""Timing an OpenAI-style SSE stream, one line at a time, as it arrives.
+"""Timing an OpenAI-style SSE stream, one line at a time, as it arrives: a chat
+stream (content deltas, ending ``[DONE]``) or a Responses API one (typed events,
+text in ``response.output_text.delta``, ending ``response.completed``).
 
 Pure (no I/O) so it is tested directly; the locustfile feeds it lines with the
 ``perf_counter`` time each one arrived.
@@ -40,9 +42,21 @@ class SseTimer:
             return
         if not isinstance(chunk, dict):
             return
+        kind = chunk.get("type")
+        if kind is not None:  # a Responses API event
+            if kind == "response.output_text.delta" and chunk.get("delta"):
+                self.stamps.append(now)
+            elif kind in ("response.completed", "response.incomplete"):
+                self.done = True
+                response = chunk.get("response")
+                self._cost(response.get("usage") if isinstance(response, dict) else None)
+            return
         if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
             self.stamps.append(now)
-        usage = chunk.get("usage")
+        self._cost(chunk.get("usage"))
+
+    def _cost(self, usage: object) -> None:
+        """The gateway's ``usage.cost``, when the usage carries one."""
         if isinstance(usage, dict) and usage.get("cost") is not None:
             try:
                 self.cost = float(usage["cost"])
@@ -51,7 +65,7 @@ class SseTimer:
 
     def result(self, error: str | None = None) -> StreamRead:
         if error is None and not self.done:
-            error = "stream: no [DONE]"
+            error = "stream: no [DONE] or response.completed"
         out = StreamRead(chunks=len(self.stamps), cost=self.cost, error=error)
         if self.stamps:
             out.ttft_ms = (self.stamps[0] - self.t0) * 1000

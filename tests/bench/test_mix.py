@@ -73,3 +73,12 @@ def test_same_seed_same_requests() -> None:
 def test_rates_above_one_are_rejected() -> None:
     with pytest.raises(ValidationError):
         MixConfig(repeat_rate=0.8, paraphrase_rate=0.3)
+
+
+def test_responses_requests_send_the_same_prompts_unstored() -> None:
+    chat = _draw(MixConfig(stream_rate=0.5), n=50)
+    responses = _draw(MixConfig(stream_rate=0.5, api="responses"), n=50)
+    for c, r in zip(chat, responses, strict=True):
+        assert r.body["input"] == c.body["messages"][0]["content"]
+        assert r.body["store"] is False and r.body["max_output_tokens"] == c.body["max_tokens"]
+        assert r.stream == c.stream and "stream_options" not in r.body
