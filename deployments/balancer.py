@@ -225,6 +225,7 @@ class Balancer:
             targets = []
             for t in group.targets:
                 latency = self.latency_s(t)
+                price = self._price.get(_key(t))
                 targets.append(
                     {
                         "upstream": t.upstream,
@@ -234,6 +235,13 @@ class Balancer:
                         "in_flight": self.inflight(t),
                         "latency_s": None if latency is None or math.isinf(latency) else latency,
                         "failed": latency is not None and math.isinf(latency),
+                        # lowest-cost groups: what ranks them (USD per million tokens,
+                        # input plus output; None: unpriced, ranked last)
+                        **(
+                            {"price_per_mtok": None if math.isinf(price) else price}
+                            if price is not None
+                            else {}
+                        ),
                     }
                 )
             shown.append({"model": model, "strategy": group.strategy, "targets": targets})

@@ -238,3 +238,6 @@ def test_lowest_cost_puts_the_cheapest_first_ties_by_weight_and_the_unpriced_las
     assert 2.5 < firsts["a"] / firsts["b"] < 3.5
     # A cheap target whose breaker is known open goes last all the same.
     assert made.order("llm", lambda t: t == B) == [A, C, B]
+    shown = {t["upstream"]: t["price_per_mtok"] for t in made.view({})[0]["targets"]}
+    assert shown == {"a": 2.0, "b": 0.5, "c": None}
+    assert "price_per_mtok" not in balancer(group()).view({})[0]["targets"][0]
