@@ -287,17 +287,29 @@ class ChatPipeline:
 
     # -- non-streamed ----------------------------------------------------
 
+    async def cached_answer(
+        self, ctx: RequestContext, plan: Plan, ticket: Ticket
+    ) -> Response | None:
+        """The exact tier's answer, billed as served from the cache; None: a miss."""
+        if (hit := await self.exact_hit(plan)) is None:
+            return None
+        body, headers = hit
+        charge = self.finish_hit(ticket, body)
+        headers = {**ctx.response_headers, **headers}
+        if charge is not None:
+            headers["x-request-cost"] = charge.header_value()
+        return Response(body, 200, headers, media_type=JSON)
+
+    def finish_hit(self, ticket: Ticket, body: bytes) -> Charge | None:
+        """Settle a request the exact tier answered."""
+        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
+        return ticket.finish(usage_of(body), served_by="cache", cache="hit")
+
     async def _complete(
         self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
     ) -> Response:
-        if (hit := await self.exact_hit(plan)) is not None:
-            body, headers = hit
-            charge = ticket.finish(usage_of(body), served_by="cache", cache="hit")
-            self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
-            headers = {**ctx.response_headers, **headers}
-            if charge is not None:
-                headers["x-request-cost"] = charge.header_value()
-            return Response(body, 200, headers, media_type=JSON)
+        if (cached := await self.cached_answer(ctx, plan, ticket)) is not None:
+            return cached
 
         async def fetch() -> bytes:
             return await self._fetch(ctx, model, plan)
@@ -366,7 +378,7 @@ class ChatPipeline:
                 self.provider.post(
                     target.upstream,
                     UPSTREAM_PATHS[ctx.route],
-                    _payload(ctx.body, target),
+                    upstream_payload(ctx.body, target),
                     ctx.request_id,
                 ),
             )
@@ -476,7 +488,7 @@ class ChatPipeline:
                 self.provider.open_stream(
                     target.upstream,
                     UPSTREAM_PATHS[ctx.route],
-                    _payload(body, target),
+                    upstream_payload(body, target),
                     ctx.request_id,
                 ),
             )
@@ -708,9 +720,17 @@ ASSEMBLERS: dict[str, Callable[[], ChunkAssembler]] = {
 }
 
 
-def _payload(body: dict[str, Any], target: Target) -> bytes:
+def upstream_payload(body: dict[str, Any], target: Target) -> bytes:
     """The request as the target upstream gets it: its own model name."""
     return orjson.dumps({**body, "model": target.model})
 
 
-__all__ = ["ChatPipeline", "Plan", "pack", "require_json", "unpack", "usage_of"]
+__all__ = [
+    "ChatPipeline",
+    "Plan",
+    "pack",
+    "require_json",
+    "unpack",
+    "upstream_payload",
+    "usage_of",
+]

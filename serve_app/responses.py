@@ -39,7 +39,7 @@ from deployments.resilience import ResilienceResult, Target
 from deployments.response_index import RESPONSE_ID, ResponseIndex, ResponseOwner
 from deployments.response_replay import replayable, response_events, sse
 from deployments.tokens import reported_total
-from serve_app.completion import ChatPipeline, Plan, require_json, usage_of
+from serve_app.completion import ChatPipeline, Plan, require_json, upstream_payload
 from serve_app.context import Principal, RequestContext
 from serve_app.errors import (
     GatewayError,
@@ -97,10 +97,6 @@ class ResponsesPipeline:
         body.pop("cache", None)  # the gateway's cache controls: nothing to control here
         return None
 
-    def _finish_hit(self, ticket: Ticket, body: bytes) -> Any:
-        self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": "HIT"})
-        return ticket.finish(usage_of(body), served_by="cache", cache="hit")
-
     async def _targets(self, ctx: RequestContext, model: ModelSettings) -> Targets:
         """The model's chain and context overflow; for a continuation only the targets
         on the upstream that holds the response it continues (no other knows its id)."""
@@ -121,7 +117,7 @@ class ResponsesPipeline:
             )
         return pinned, [t for t in overflow if t.upstream == owner.upstream]
 
-    async def remember(self, ctx: RequestContext, target: Target, response: Any) -> None:
+    async def record_owner(self, ctx: RequestContext, target: Target, response: Any) -> None:
         """Record a response the upstream stored, so its tenant can come back to it."""
         if not isinstance(response, dict):
             return
@@ -162,20 +158,17 @@ class ResponsesPipeline:
     async def _complete(
         self, ctx: RequestContext, targets: Targets, ticket: Ticket, plan: Plan | None
     ) -> Response:
-        if plan is not None and (hit := await self.chat.exact_hit(plan)) is not None:
-            body, cached = hit
-            charge = self._finish_hit(ticket, body)
-            headers = {**ctx.response_headers, **cached}
-            if charge is not None:
-                headers["x-request-cost"] = charge.header_value()
-            return Response(body, 200, headers, media_type=JSON)
+        if plan is not None:
+            cached = await self.chat.cached_answer(ctx, plan, ticket)
+            if cached is not None:
+                return cached
 
         async def attempt(target: Target) -> tuple[bytes, dict[str, Any]]:
             response = await self.chat.timed(
                 "gateway_upstream_duration_seconds",
                 target,
                 self.provider.post(
-                    target.upstream, PATH, _payload(ctx.body, target), ctx.request_id
+                    target.upstream, PATH, upstream_payload(ctx.body, target), ctx.request_id
                 ),
             )
             return response.body, require_json(response.body)
@@ -184,7 +177,7 @@ class ResponsesPipeline:
         body, parsed = result.value
         usage = parsed.get("usage")
         result.settle(reported_total(usage))
-        await self.remember(ctx, result.target, parsed)
+        await self.record_owner(ctx, result.target, parsed)
         if plan is not None and parsed.get("store") is not True:  # not kept upstream after all
             await self.chat.remember(plan, body)
         status = _cache_status(plan)
@@ -212,7 +205,7 @@ class ResponsesPipeline:
             body, cached = hit
             response = orjson.loads(body)
             if replayable(response):
-                charge = self._finish_hit(ticket, body)
+                charge = self.chat.finish_hit(ticket, body)
                 cost = charge.usage_fields() if charge is not None else {}
                 headers = {**ctx.response_headers, **cached, **sse_headers}
                 if charge is not None:
@@ -226,7 +219,7 @@ class ResponsesPipeline:
                 "gateway_upstream_ttft_seconds",
                 target,
                 self.provider.open_stream(
-                    target.upstream, PATH, _payload(ctx.body, target), ctx.request_id
+                    target.upstream, PATH, upstream_payload(ctx.body, target), ctx.request_id
                 ),
             )
 
@@ -377,7 +370,7 @@ class _ResponseRelay:
         if kind == "response.output_text.delta" and isinstance(payload.get("delta"), str):
             self.text.append(payload["delta"])
         elif kind == "response.created":
-            await self.pipeline.remember(self.ctx, self.result.target, payload.get("response"))
+            await self.pipeline.record_owner(self.ctx, self.result.target, payload.get("response"))
         elif kind == "error":
             self.done = self.failed = True
         elif kind in TERMINAL:
@@ -440,11 +433,6 @@ async def _replay(response: dict[str, Any], cost: dict[str, Any]) -> AsyncIterat
         if kind == "response.completed" and cost and isinstance(response.get("usage"), dict):
             payload["response"] = {**response, "usage": {**response["usage"], **cost}}
         yield sse(kind, payload)
-
-
-def _payload(body: dict[str, Any], target: Target) -> bytes:
-    """The request as the target upstream gets it: its own model name."""
-    return orjson.dumps({**body, "model": target.model})
 
 
 __all__ = ["ResponsesPipeline"]

@@ -121,7 +121,7 @@ class RelayResponse(StreamingResponse):
             # a chunk was sent): the relay's cleanup would wait for the garbage collector.
             if not self._started():
                 in_background(_first_then_close(self._body))
-            else:
+            elif self._body.ag_frame is not None:  # None: it ran to its end, nothing to close
                 in_background(self._body.aclose())
 
 
