@@ -277,8 +277,8 @@ class Gateway:
 
     async def create_response(self, request: Request, request_id: str) -> Response:
         """``/v1/responses``: OpenAI's Responses API, for ``kind: chat`` models, through
-        limits, budgets, breakers, fallbacks and billing; never cached or coalesced
-        (``serve_app/responses.py``)."""
+        limits, budgets, breakers, fallbacks and billing; never coalesced, and cached
+        only when stateless (``serve_app/responses.py``)."""
         return await self._serve(request, request_id, "responses", _read_response)
 
     def stored_response(self, method: str, suffix: str = "") -> Handler:
@@ -296,7 +296,6 @@ class Gateway:
     async def moderations(self, request: Request, request_id: str) -> Response:
         """``/v1/moderations`` for ``kind: moderation`` models (the first one when the
         body names none, as OpenAI's SDK sends it): cached and coalesced with no opt-in."""
-
         return await self._serve(request, request_id, "moderations", _read_moderation)
 
     async def rerank(self, request: Request, request_id: str) -> Response:
