@@ -46,5 +46,31 @@ def test_stage_metrics_are_exported(
                 found = set()
             time.sleep(1)
         assert wanted <= found, wanted - found
+        # The replica's buffered histogram, read as Prometheus reads a native one.
+        name, labels = "ray_gateway_request_duration_seconds", 'route="chat/completions"'
+        deadline = time.monotonic() + 45
+        while True:
+            text = httpx.get(url, timeout=5).text
+            series = [
+                line
+                for line in text.splitlines()
+                if 'application="metrics-e2e"' in line and labels in line
+            ]
+            inf = _values(series, f"{name}_bucket{{", 'le="+Inf"')
+            count = _values(series, f"{name}_count{{")
+            if (inf and inf[0] >= 3 and count == inf) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert inf and inf[0] >= 3 and count == inf, series
+        assert _values(series, f"{name}_bucket{{", 'le="0.001"')[0] <= inf[0]
+        assert _values(series, f"{name}_sum{{")[0] > 0
     finally:
         serve.delete("metrics-e2e")
+
+
+def _values(lines: list[str], prefix: str, *having: str) -> list[float]:
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(prefix) and all(h in line for h in having)
+    ]
