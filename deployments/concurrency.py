@@ -75,7 +75,7 @@ class ConcurrencySettings(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    request_id: str
+    call_id: str  # RequestContext.call_id
     keys: tuple[str, ...]
 
 
@@ -106,7 +106,7 @@ class ConcurrencyLimiter:
         keys = tuple(f"{PREFIX}:{scope}:{name}" for scope, name, _ in subjects)
         now_ms = int(time.time() * 1000)
         lease_s = settings.lease_s or self._default_lease_s
-        args = [now_ms, now_ms + int(lease_s * 1000), ctx.request_id]
+        args = [now_ms, now_ms + int(lease_s * 1000), ctx.call_id]
         try:
             full = int(await self._acquire(keys=keys, args=[*args, *(s[2] for s in subjects)]))
         except STORE_ERRORS:
@@ -119,10 +119,10 @@ class ConcurrencyLimiter:
                 code="too_many_concurrent_requests",
                 headers={"retry-after": "1"},
             )
-        return Slot(ctx.request_id, keys)
+        return Slot(ctx.call_id, keys)
 
     async def release(self, slot: Slot) -> None:
         try:
-            await self._release(keys=slot.keys, args=[slot.request_id])
+            await self._release(keys=slot.keys, args=[slot.call_id])
         except STORE_ERRORS:  # it lapses on its own
-            log.warning("concurrency slot of %s not given back; it lapses", slot.request_id)
+            log.warning("concurrency slot of %s not given back; it lapses", slot.call_id)

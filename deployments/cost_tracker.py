@@ -92,7 +92,7 @@ class CostTracker:
         """Reserve the worst case; raises ``InsufficientQuotaError`` when a budget is spent."""
         own = ctx.principal.budget
         if not self._budgeted and own is None:  # no budget anywhere: nothing to price or hold
-            return Reservation(ctx.request_id, 0, ())
+            return Reservation(ctx.call_id, 0, ())
         amount = self.meter.reservation(
             ctx.model,
             ctx.prompt_tokens_estimate,
@@ -103,7 +103,7 @@ class CostTracker:
             or ((ctx.target_model,) if ctx.target_model else ()),
         )
         reservation = await self.guard.reserve(
-            ctx.request_id,
+            ctx.call_id,
             tenant=ctx.principal.tenant,
             key_id=ctx.principal.key_id,
             user=ctx.user,

@@ -116,7 +116,7 @@ class Ledger:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
             self.dropped += 1
-            log.error("ledger queue full: dropped record %s", record.request_id)
+            log.error("ledger queue full: dropped record %s", record.record_id)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far has been written (or given up on)."""
@@ -192,12 +192,12 @@ class Ledger:
             await asyncio.sleep(backoff_s(attempt))
 
     async def write(self, records: Iterable[LedgerRecord]) -> int:
-        """Write records now, in one Lua call (two or more only when some request ids are
-        already stored); returns how many were new. Of records sharing a request id, the
+        """Write records now, in one Lua call (two or more only when some record ids are
+        already stored); returns how many were new. Of records sharing a record id, the
         first one counts."""
         first: dict[str, LedgerRecord] = {}
         for r in records:
-            first.setdefault(r.request_id, r)
+            first.setdefault(r.record_id, r)
         batch = list(first.values())
         while batch:
             keys, args = self._append_call(batch)
@@ -207,7 +207,7 @@ class Ledger:
             # Nothing was written: drop the ids already stored and send the rest again.
             # Each pass drops at least one record, so this ends.
             known = {rid.decode() if isinstance(rid, bytes) else rid for rid in result}
-            batch = [r for r in batch if r.request_id not in known]
+            batch = [r for r in batch if r.record_id not in known]
         return 0
 
     def _append_call(self, batch: list[LedgerRecord]) -> tuple[list[str], list[Any]]:
@@ -216,7 +216,7 @@ class Ledger:
         days = sorted({day for day, _, _ in aggs})
         rec_prefix = self._key("rec", "")
         keys = [self._key("recs"), self._key("days")]
-        keys += [rec_prefix + r.request_id for r in batch]
+        keys += [rec_prefix + r.record_id for r in batch]
         keys += [self._key("agg", *group) for group in aggs]
         keys += [self._key("idx", day, dim) for day, dim, _ in aggs]
         args: list[Any] = [
@@ -242,8 +242,9 @@ class Ledger:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def get(self, request_id: str) -> LedgerRecord | None:
-        raw = await self.redis.get(self._key("rec", request_id))
+    async def get(self, record_id: str) -> LedgerRecord | None:
+        """A record by its ``record_id`` (its request's ``call_id``)."""
+        raw = await self.redis.get(self._key("rec", record_id))
         return None if raw is None else LedgerRecord.from_json(raw)
 
     async def records(

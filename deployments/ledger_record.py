@@ -52,6 +52,12 @@ class LedgerRecord:
     stream: bool = False
     prompt_fingerprint: str = ""  # normalised-prompt hash: near-duplicate detection
     tags: tuple[str, ...] = ()  # the request's x-gateway-tags (spend by application, feature)
+    call_id: str = ""  # RequestContext.call_id, what the record is stored under ("": request_id)
+
+    @property
+    def record_id(self) -> str:
+        """The record's own id in the ledger, unique where request ids need not be."""
+        return self.call_id or self.request_id
 
     @property
     def cost(self) -> Decimal:
@@ -146,6 +152,7 @@ def record_for(
     usage = charge.usage
     return LedgerRecord(
         request_id=ctx.request_id,
+        call_id=ctx.call_id,
         ts_ms=ts_ms,
         tenant=ctx.principal.tenant,
         key_id=ctx.principal.key_id,

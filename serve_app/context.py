@@ -59,6 +59,8 @@ def _allows(allowed: frozenset[str] | None, model: str, entry: str | None) -> bo
 
 @dataclass(slots=True)
 class RequestContext:
+    # The request's id as the client and the logs see it: the client's x-request-id when
+    # it sent one, which the gateway echoes and passes upstream, so nothing unique.
     request_id: str
     principal: Principal
     route: str  # "chat" | "completions" | "embeddings" | "responses"
@@ -75,6 +77,10 @@ class RequestContext:
     raw_body: bytes = b""  # the body as received (the request-key memo's key)
     response_headers: dict[str, str] = field(default_factory=dict)  # stages add theirs here
     tags: tuple[str, ...] = ()  # x-gateway-tags: what the ledger sums spend by, besides keys
+    # What the gateway accounts the request under (its budget hold, its slot among the
+    # requests in flight, its ledger record): made here for every request, since a
+    # request_id a client chose may be sent again, by mistake or to share one hold.
+    call_id: str = field(default_factory=new_request_id)
 
     @property
     def user(self) -> str | None:

@@ -27,6 +27,7 @@ USAGE = {
 def ctx(request_id: str, stream: bool = False) -> RequestContext:
     return RequestContext(
         request_id=request_id,
+        call_id=request_id,  # the ledger's record id: what the test looks records up by
         principal=Principal(key_id="k1", tenant="acme"),
         route="chat",
         model="o4-mini",

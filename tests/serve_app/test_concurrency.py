@@ -194,3 +194,56 @@ async def test_a_client_gone_as_its_stream_starts_gives_its_slot_back(
                 break
             await asyncio.sleep(0.02)
         assert gateway.stages.resilience.bulkhead("mock").active == 0
+
+
+async def test_requests_sharing_a_client_request_id_each_take_a_slot_and_a_record(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    """A client's x-request-id is echoed, never trusted as unique: requests sent under
+    one id each take a slot and leave a ledger record of their own."""
+    name = f"reuse-{uuid.uuid4().hex[:8]}"
+    mock_behaviour.config.latency.fixed_ms = 300
+    headers = {**auth(f"sk-{name}"), "x-request-id": "same-id"}
+    gateway = Gateway(_capped(mock_server, redis_url, name, 2))
+    async with in_process(gateway, LOCAL_KEY) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post("/v1/chat/completions", json=_ask(f"q{i}"), headers=headers)
+                for i in range(4)
+            )
+        )
+        assert sorted(a.status_code for a in answers) == [200, 200, 429, 429]
+        assert {a.headers["x-request-id"] for a in answers} == {"same-id"}
+        ledger = gateway.stages.cost.ledger
+        await ledger.flush()
+        records = [r for r in await ledger.records(0, 2**62) if r.key_id == name]
+        assert [r.request_id for r in records] == ["same-id", "same-id"]
+
+
+async def test_requests_sharing_a_client_request_id_each_hold_their_budget(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    """Each request's hold fits the budget alone, not two at once: sent together under
+    one x-request-id, one is admitted (a shared id once shared one hold, and all were)."""
+    name = f"held-{uuid.uuid4().hex[:8]}"
+    args = _capped(mock_server, redis_url, name, 100).model_dump()
+    args["budgets"] = {"keys": {name: {"daily_usd": "2"}}}
+    args["cost"] = {
+        "pricing": {"overrides": {"mock-gpt": {"input_per_mtok": "100", "output_per_mtok": "0"}}}
+    }
+    mock_behaviour.config.latency.fixed_ms = 300
+    headers = {**auth(f"sk-{name}"), "x-request-id": "same-id"}
+    long = "word " * 8000  # ~1.3 USD held a request
+    async with in_process(Gateway(GatewayArgs.model_validate(args)), LOCAL_KEY) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/chat/completions",
+                    json=_ask(f"q{i} {long}", max_tokens=16),
+                    headers=headers,
+                )
+                for i in range(3)
+            )
+        )
+        assert sorted(a.status_code for a in answers) == [200, 429, 429], [a.text for a in answers]
+        assert mock_behaviour.stats.calls == 1
