@@ -42,7 +42,7 @@ from serve_app.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
-from serve_app.settings import hash_key, model_is_known
+from serve_app.settings import TenantName, hash_key, model_is_known
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class KeySpec(KeyChange):
     """What ``POST /admin/keys`` takes."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    tenant: str = Field("default", min_length=1, max_length=64)
+    tenant: TenantName = "default"
 
 
 @dataclass(frozen=True, slots=True)

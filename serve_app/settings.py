@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Collection, Mapping, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     HttpUrl,
+    StringConstraints,
     field_validator,
     model_validator,
 )
@@ -32,6 +33,15 @@ from serve_app.prompt_decorator import PromptDecoratorSettings
 from serve_app.prompt_guard import PromptGuardSettings
 from serve_app.prompt_templates import PromptTemplateSettings
 from serve_app.store_settings import StoreSettings
+
+
+# A tenant's name goes into the names of what it owns, joined by '/' and ':' and held
+# in braces (cache namespaces 't/<tenant>/<namespace>', per-user quotas
+# '<tenant>/<user>', budget keys): a name with one of those would let a tenant named
+# 'acme/ml' share what tenant 'acme' keeps under its namespace 'ml'.
+TenantName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+]
 
 
 class _Strict(BaseModel):
@@ -102,7 +112,7 @@ class ApiKeySettings(_Strict):
     name: str = Field(min_length=1)  # non-secret id used in logs, quotas, the ledger
     key_env: str | None = None
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
-    tenant: str = "default"
+    tenant: TenantName = "default"
     user: str | None = None
     admin: bool = False
     # The public models this key may call and list; none: every model. Others answer
@@ -149,7 +159,7 @@ class GatewayArgs(_Strict):
     upstreams: dict[str, UpstreamSettings]
     models: list[ModelSettings] = Field(min_length=1)
     api_keys: list[ApiKeySettings] = Field(min_length=1)
-    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    tenants: dict[TenantName, TenantSettings] = Field(default_factory=dict)
     store: StoreSettings = StoreSettings()
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     request_timeout_s: float = Field(300.0, gt=0)  # a request's whole deadline, retries included

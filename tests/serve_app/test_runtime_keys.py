@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from serve_app.errors import (
     AuthenticationError,
@@ -83,6 +84,9 @@ async def test_names_are_unique_and_models_must_exist(redis_client: aioredis.Red
         await ring.revoke("local")
     with pytest.raises(NotFoundError):
         await ring.revoke("never-made")
+    for tenant in ("acme/ml", "a:b", "{a}", ""):  # what joins a tenant's keys, or nothing
+        with pytest.raises(ValidationError):
+            KeySpec(name="c", tenant=tenant)
 
 
 async def test_a_revoked_key_stops_working_on_every_replica_as_it_is_announced(

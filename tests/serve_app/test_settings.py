@@ -75,6 +75,12 @@ def _base() -> dict:
             "api key 'k' allows models ['x']",
         ),
         ({"max_body_bytes": 10}, "max_body_bytes"),
+        # 'acme/ml' would share what tenant 'acme' keeps under its cache namespace 'ml'
+        (
+            {"api_keys": [{"name": "k", "key_sha256": hash_key("s"), "tenant": "acme/ml"}]},
+            "api_keys.0.tenant",
+        ),
+        ({"tenants": {"a{b}": {}}}, "tenants.a{b}"),
         ({"unknown_section": {}}, "unknown_section"),
         (
             {"resilience": {"fallbacks": {"m": [{"upstream": "gone", "model": "x"}]}}},
