@@ -508,9 +508,7 @@ def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             " 'previous_response_id' instead.",
             param="conversation",
         )
-    if isinstance(parsed.input, list) and any(
-        item.get("type") == "item_reference" for item in parsed.input
-    ):
+    if isinstance(parsed.input, list) and any(_is_reference(item) for item in parsed.input):
         raise InvalidRequestError(
             "The gateway does not pass on input items of type 'item_reference': send the"
             " item itself, or continue with 'previous_response_id'.",
@@ -522,6 +520,13 @@ def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "prompt_tokens_estimate": estimate_response_input_tokens(parsed.input, parsed.instructions),
         "max_tokens": parsed.max_output_tokens,
     }
+
+
+def _is_reference(item: dict[str, Any]) -> bool:
+    """An input item naming one the upstream keeps: ``item_reference``, whose type the
+    API lets a client leave out (an item with an id and no type is one)."""
+    kind = item.get("type")
+    return kind == "item_reference" or (kind is None and "id" in item)
 
 
 def _read_moderation(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:

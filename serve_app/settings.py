@@ -34,7 +34,6 @@ from serve_app.prompt_guard import PromptGuardSettings
 from serve_app.prompt_templates import PromptTemplateSettings
 from serve_app.store_settings import StoreSettings
 
-
 # A tenant's name goes into the names of what it owns, joined by '/' and ':' and held
 # in braces (cache namespaces 't/<tenant>/<namespace>', per-user quotas
 # '<tenant>/<user>', budget keys): a name with one of those would let a tenant named

@@ -203,6 +203,9 @@ async def test_a_cut_stream_ends_with_an_error_event_and_is_billed_as_an_error(
             {"model": "mock-gpt", "input": [{"type": "item_reference", "id": "msg_1"}]},
             "input",
         ),
+        # The SDK's ItemReference may leave its type out: an id alone is a reference too.
+        ({"model": "mock-gpt", "input": [{"id": "msg_1"}]}, "input"),
+        ({"model": "mock-gpt", "input": [{"type": None, "id": "msg_1"}]}, "input"),
     ],
 )
 async def test_bad_requests_get_a_400_and_no_upstream_call(
