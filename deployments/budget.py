@@ -40,11 +40,16 @@ Period = Literal["daily", "monthly"]
 _PERIOD_TTL_MS = {"daily": 2 * 86_400_000, "monthly": 63 * 86_400_000}
 
 
+# Far above any real budget, and within what a budget is counted in: picodollars, as
+# Decimals of 28 digits (1e17 USD was 29, and every request it applied to a 500).
+MAX_BUDGET_USD = Decimal(10**9)
+
+
 class BudgetLimit(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    daily_usd: Decimal | None = Field(default=None, ge=0)
-    monthly_usd: Decimal | None = Field(default=None, ge=0)
+    daily_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
+    monthly_usd: Decimal | None = Field(default=None, ge=0, le=MAX_BUDGET_USD)
 
 
 class BudgetSettings(BaseModel):

@@ -80,15 +80,20 @@ class Price:
         return f"{self.source}@{self.version}:{self.model}"
 
 
+MAX_RATE = Decimal(10**6)
+
+
 class PriceOverride(BaseModel):
     """One model's price in config: own rates, or those of a table model (``price_as``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_per_mtok: Decimal | None = Field(default=None, ge=0)
-    output_per_mtok: Decimal | None = Field(default=None, ge=0)
-    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
-    reasoning_per_mtok: Decimal | None = Field(default=None, ge=0)
+    # At most a million USD per million tokens (the priciest models ask hundreds): a
+    # rate whose charges a picodollar Decimal cannot hold would fail every call of it.
+    input_per_mtok: Decimal | None = Field(default=None, ge=0, le=MAX_RATE)
+    output_per_mtok: Decimal | None = Field(default=None, ge=0, le=MAX_RATE)
+    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0, le=MAX_RATE)
+    reasoning_per_mtok: Decimal | None = Field(default=None, ge=0, le=MAX_RATE)
     price_as: str | None = None  # a model name to look up in the table instead
     provider: str | None = None  # the table provider for price_as, e.g. "openai"
 

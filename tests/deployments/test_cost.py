@@ -237,3 +237,17 @@ def test_responses_usage_names_the_same_counts_input_and_output() -> None:
     assert TokenUsage.from_openai({"completion_tokens": 10, "total_tokens": 30}) == TokenUsage(
         20, 10
     )
+
+
+def test_a_rate_or_budget_past_what_picodollars_hold_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from deployments.budget import BudgetLimit
+
+    for bad in ({"input_per_mtok": "1e20"}, {"output_per_mtok": "Infinity"}):
+        with pytest.raises(ValidationError):
+            PriceOverride.model_validate(bad)
+    for bad in ({"daily_usd": "1e17"}, {"monthly_usd": "1e400"}, {"daily_usd": "NaN"}):
+        with pytest.raises(ValidationError):
+            BudgetLimit.model_validate(bad)
+    assert BudgetLimit.model_validate({"monthly_usd": "1000000000"}).monthly_usd == 10**9

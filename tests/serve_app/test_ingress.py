@@ -398,6 +398,13 @@ async def test_budgets_put_at_run_time_reach_every_replica(
         assert put.status_code == 200 and put.json()["keys"]["team-a"]["daily_usd"] == "0.000001"
         bad = await one.put("/admin/budgets", json={"keys": {"team-a": {"daily_usd": "x"}}})
         assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("keys")
+        # Past what a budget is counted in (picodollar Decimals): refused, not a 500 later.
+        huge = await one.put("/admin/budgets", json={"default_tenant": {"monthly_usd": "1e17"}})
+        assert huge.status_code == 400 and huge.json()["error"]["param"].startswith(
+            "default_tenant"
+        )
+        key = {"name": "huge", "budget": {"daily_usd": "1e400"}}
+        assert (await one.post("/admin/keys", json=key)).status_code == 400
 
         async def refused_on_two() -> bool:
             answer = await two.post("/v1/chat/completions", json=ask, headers=team)
