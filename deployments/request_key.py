@@ -155,7 +155,13 @@ def _answer_fields(body: Mapping[str, Any], model: str | None, route: str) -> di
         value = canonical(value)
         if not _is_neutral(name, value):
             fields[name] = value
-    fields["messages"] = [_canonical_message(m) for m in body.get("messages") or []]
+    messages = body.get("messages") or []
+    # Chat's are a list (validated); on another route the field is the client's own, as sent.
+    fields["messages"] = (
+        [_canonical_message(m) for m in messages]
+        if isinstance(messages, list)
+        else canonical(messages)
+    )
     if model is not None:  # the resolved model wins over the body's alias
         fields["model"] = canonical(model)
     return fields

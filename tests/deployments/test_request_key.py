@@ -237,3 +237,18 @@ def test_a_responses_user_metadata_and_store_are_part_of_its_answer() -> None:
     assert request_key(streamed, namespace="t", route="responses") == request_key(
         base, namespace="t", route="responses"
     )
+
+
+@pytest.mark.parametrize("route", ["completions", "embeddings", "rerank", "moderations"])
+def test_another_routes_messages_field_is_keyed_as_sent(route: str) -> None:
+    """Only chat validates ``messages``; elsewhere it is any JSON the client sent, a
+    field like the rest (it was iterated: 1 was a TypeError, "ab" keyed as ["a", "b"])."""
+    keys = {
+        repr(value): request_key(
+            {"model": "m", "input": "x", "messages": value}, namespace="t/a", route=route
+        )
+        for value in (1, True, 1.5, "ab", ["a", "b"], {"a": 1}, None, [])
+    }
+    digests = {k: key.digest for k, key in keys.items()}
+    assert digests["None"] == digests["[]"]  # absent, as before
+    assert len(set(digests.values())) == len(digests) - 1
