@@ -110,7 +110,7 @@ def _header_directives(header: str | None) -> dict[str, str | None]:
 
 def _header_max_age(directives: Mapping[str, str | None]) -> int | None:
     raw = directives.get("max-age")
-    if raw is None or not raw.isdigit():
+    if raw is None or not (raw.isascii() and raw.isdigit()):
         return None  # a malformed directive is ignored, as HTTP caches do
     return int(raw)
 

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, get_args
 
 import orjson
+from pydantic import BaseModel, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -39,6 +40,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LIMITS_KEY_PREFIX = KEY_PREFIX + "limits:"
 BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
+
+
+class BreakerName(BaseModel):
+    """The body of ``POST /admin/breakers/{action}``."""
+
+    name: StrictStr
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -111,7 +118,7 @@ class Admin:
     async def audit_log(self, request: Request) -> Response:
         """``GET /admin/audit?limit=100``: the latest admin changes, newest first."""
         limit = request.query_params.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             raise InvalidRequestError("limit must be a whole number from 1 to 1000.", param="limit")
         entries = await self.audit.latest(int(limit))
         return _json({"object": "list", "data": [asdict(e) for e in entries]})
@@ -220,10 +227,7 @@ class Admin:
         action = request.path_params["action"]
         if action not in BREAKER_ACTIONS:
             raise InvalidRequestError(f"Unknown action; use one of {BREAKER_ACTIONS}.")
-        body = orjson.loads(await request.body() or b"{}")
-        name = body.get("name") if isinstance(body, dict) else None
-        if not isinstance(name, str):
-            raise InvalidRequestError('Body must be {"name": <breaker name>}.', param="name")
+        name = validate_json(BreakerName, await request.body() or b"{}", "breaker action").name
         resilience = self.gateway.stages.resilience
         verbs = {
             "open": resilience.force_open,
@@ -290,7 +294,7 @@ class Admin:
 
     async def cost_recommendations(self, request: Request) -> Response:
         days = request.query_params.get("days", "30")
-        if not days.isdigit():
+        if not (days.isascii() and days.isdigit()):
             raise InvalidRequestError("days must be a whole number.", param="days")
         now_ms = int(time.time() * 1000)
         own = {

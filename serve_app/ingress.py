@@ -161,7 +161,7 @@ class Gateway:
         """The JSON object the body holds, and the bytes as received."""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         parts: list[bytes] = []
         size = 0

@@ -35,7 +35,7 @@ def _memory_limit_bytes() -> float:
             text = Path(path).read_text().strip()
         except OSError:
             continue
-        if text.isdigit() and int(text) < psutil.virtual_memory().total:
+        if text.isascii() and text.isdigit() and int(text) < psutil.virtual_memory().total:
             return float(text)
     return float(psutil.virtual_memory().total)
 

@@ -509,3 +509,26 @@ def test_a_tenant_allowlist_must_name_models() -> None:
                 "tenants": {"x": {"models": ["nope"]}},
             }
         )
+
+
+async def test_odd_digits_and_bad_admin_bodies_get_a_400_or_are_ignored(redis_url: str) -> None:
+    """str.isdigit() takes '²', which int() refuses: such a number is malformed (a 400
+    naming it, or an ignored Cache-Control directive), never a 500."""
+    args = rooted(redis_url)
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": CannedTransport()}))
+    async with in_process(gateway, "sk-root") as client:
+        ask = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        answer = await client.post(
+            "/v1/chat/completions", json=ask, headers={"cache-control": "max-age=²".encode()}
+        )
+        assert answer.status_code == 200, answer.text
+        for path, param in (
+            ("/admin/audit?limit=%C2%B2", "limit"),
+            ("/v1/cost/recommendations?days=%C2%B2", "days"),
+        ):
+            refused = await client.get(path)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+        for body, param in ((b"{not json", None), (b'{"name": 3}', "name"), (b"[]", None)):
+            refused = await client.post("/admin/breakers/open", content=body)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == param
