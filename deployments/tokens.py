@@ -14,9 +14,19 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 CHARS_PER_TOKEN = 4.0
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
+# An image part whose size is not known before the call: OpenAI's count for a 1024 x 1024
+# image at high (or auto) detail, and at low detail.
+IMAGE_TOKENS, LOW_DETAIL_IMAGE_TOKENS = 765, 85
+# What a chat request sends besides its messages that providers bill as prompt tokens:
+# tool and function definitions, a response format's JSON schema.
+CHAT_DEFINITIONS = ("tools", "functions", "response_format")
+# ... and a Responses API request (``text.format`` holds its schema).
+RESPONSE_DEFINITIONS = ("tools", "text")
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -25,19 +35,45 @@ def estimate_text_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
-def _content_text(content: Any) -> str:
+def _content_tokens(content: Any) -> int:
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # multi-part content: count the text parts
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
-    return ""
+        return estimate_text_tokens(content)
+    if not isinstance(content, list):
+        return 0
+    texts, images = [], 0  # multi-part content: its text parts, and its images
+    for part in content:
+        if not isinstance(part, Mapping):
+            continue
+        if part.get("type") in ("image_url", "input_image"):
+            images += LOW_DETAIL_IMAGE_TOKENS if _detail(part) == "low" else IMAGE_TOKENS
+        else:
+            texts.append(str(part.get("text", "")))
+    return images + estimate_text_tokens(" ".join(texts))
+
+
+def _detail(part: Mapping[str, Any]) -> Any:
+    """An image part's detail: chat's ``image_url.detail``, the Responses API's ``detail``."""
+    image = part.get("image_url")
+    return image.get("detail") if isinstance(image, Mapping) else part.get("detail")
+
+
+def estimate_definition_tokens(body: Mapping[str, Any], fields: Iterable[str]) -> int:
+    """The request's ``fields`` (tool definitions, schemas) as the JSON they are sent as."""
+    return sum(estimate_text_tokens(orjson.dumps(body[f]).decode()) for f in fields if body.get(f))
+
+
+def estimate_chat_tokens(body: Mapping[str, Any]) -> int:
+    """A chat request's prompt: its messages and what it defines besides them."""
+    return estimate_prompt_tokens(body["messages"]) + estimate_definition_tokens(
+        body, CHAT_DEFINITIONS
+    )
 
 
 def estimate_prompt_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
     total = TOKENS_PER_REPLY
     for message in messages:
         total += TOKENS_PER_MESSAGE
-        total += estimate_text_tokens(_content_text(message.get("content")))
+        total += _content_tokens(message.get("content"))
         if message.get("name"):
             total += 1
         if message.get("tool_calls"):
@@ -72,7 +108,7 @@ def estimate_response_input_tokens(value: Any, instructions: Any = None) -> int:
         if not isinstance(item, Mapping):
             total += estimate_text_tokens(str(item))
         elif "content" in item:
-            total += estimate_text_tokens(_content_text(item["content"]))
+            total += _content_tokens(item["content"])
         else:  # a tool call, its output, a reasoning item: count its JSON
             total += estimate_text_tokens(str(item))
     return total
@@ -89,3 +125,10 @@ def reported_total(usage: Any) -> int | None:
     """The ``total_tokens`` an upstream's usage reports (None: it reports none)."""
     total = usage.get("total_tokens") if isinstance(usage, Mapping) else None
     return total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def estimate_response_tokens(body: Mapping[str, Any]) -> int:
+    """A Responses API request's prompt: its input, instructions and definitions."""
+    return estimate_response_input_tokens(
+        body.get("input"), body.get("instructions")
+    ) + estimate_definition_tokens(body, RESPONSE_DEFINITIONS)

@@ -26,10 +26,10 @@ from deployments.provider import ProviderClient
 from deployments.resilience import Target
 from deployments.response_index import ResponseIndex
 from deployments.tokens import (
+    estimate_chat_tokens,
     estimate_input_tokens,
-    estimate_prompt_tokens,
     estimate_rerank_tokens,
-    estimate_response_input_tokens,
+    estimate_response_tokens,
     estimate_text_tokens,
 )
 from serve_app import store as store_module
@@ -244,9 +244,7 @@ class Gateway:
             chat = route == "chat"
             if self.decorator.decorate(body, principal.tenant, "messages" if chat else "input"):
                 fields["prompt_tokens_estimate"] = (
-                    estimate_prompt_tokens(body["messages"])
-                    if chat
-                    else estimate_response_input_tokens(body["input"], body.get("instructions"))
+                    estimate_chat_tokens(body) if chat else estimate_response_tokens(body)
                 )
                 raw = b""  # the bytes no longer say what is asked: no request-key memo
         if model.upstream_model is not None:
@@ -475,7 +473,7 @@ def _read_chat(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return parsed.model, {
         "stream": parsed.stream,
         "end_user": parsed.user,
-        "prompt_tokens_estimate": estimate_prompt_tokens(body["messages"]),
+        "prompt_tokens_estimate": estimate_chat_tokens(body),
         "max_tokens": parsed.max_completion_tokens or parsed.max_tokens,
         "choices": parsed.n or 1,
     }
@@ -517,7 +515,7 @@ def _read_response(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return parsed.model, {
         "stream": parsed.stream,
         "end_user": parsed.user,
-        "prompt_tokens_estimate": estimate_response_input_tokens(parsed.input, parsed.instructions),
+        "prompt_tokens_estimate": estimate_response_tokens(body),
         "max_tokens": parsed.max_output_tokens,
     }
 

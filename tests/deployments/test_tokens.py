@@ -35,3 +35,40 @@ def test_reported_total_is_an_integer_or_none() -> None:
     assert reported_total({"total_tokens": 12}) == 12
     assert reported_total({"total_tokens": True}) is None
     assert reported_total(None) is None
+
+
+def test_definitions_and_images_count_toward_the_prompt() -> None:
+    """Providers bill tool definitions, response schemas and images as prompt tokens:
+    a hold that left them out let concurrent requests overshoot a budget (review: 40x)."""
+    from deployments.tokens import (
+        IMAGE_TOKENS,
+        LOW_DETAIL_IMAGE_TOKENS,
+        estimate_chat_tokens,
+        estimate_response_tokens,
+    )
+
+    messages = [{"role": "user", "content": "weather?"}]
+    plain = estimate_chat_tokens({"messages": messages})
+    assert plain == estimate_prompt_tokens(messages)  # nothing else: as before
+    tool = {"type": "function", "function": {"name": "f", "description": "d" * 4000}}
+    for field, value in (
+        ("tools", [tool]),
+        ("functions", [tool["function"]]),
+        ("response_format", {"type": "json_schema", "json_schema": {"d": "d" * 4000}}),
+    ):
+        assert estimate_chat_tokens({"messages": messages, field: value}) > plain + 1000, field
+    picture = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}},
+    ]
+    with_images = estimate_prompt_tokens([{"role": "user", "content": picture}])
+    text_only = estimate_prompt_tokens([{"role": "user", "content": picture[:1]}])
+    assert with_images == text_only + IMAGE_TOKENS + LOW_DETAIL_IMAGE_TOKENS
+    base = estimate_response_tokens({"input": "hi"})
+    assert base == estimate_response_input_tokens("hi")
+    schema = {"format": {"type": "json_schema", "schema": {"d": "d" * 4000}}}
+    assert estimate_response_tokens({"input": "hi", "text": schema}) > base + 1000
+    assert estimate_response_tokens({"input": "hi", "tools": [tool]}) > base + 1000
+    image = [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]
+    assert estimate_response_tokens({"input": image}) == base - 1 + IMAGE_TOKENS  # "hi": 1

@@ -532,3 +532,21 @@ async def test_odd_digits_and_bad_admin_bodies_get_a_400_or_are_ignored(redis_ur
             refused = await client.post("/admin/breakers/open", content=body)
             assert refused.status_code == 400, refused.text
             assert refused.json()["error"]["param"] == param
+
+
+async def test_a_budget_hold_covers_the_tool_definitions_sent(redis_url: str) -> None:
+    """The hold is priced with the tools a request defines, as the provider bills them:
+    a budget that fits the question alone refuses it with its 40 kB of tools."""
+    args = rooted(
+        redis_url,
+        budgets={"keys": {"root": {"daily_usd": "0.05"}}},  # 5,000 tokens at the price below
+        cost={"pricing": {"overrides": {"m": {"input_per_mtok": 10, "output_per_mtok": 10}}}},
+    )
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": CannedTransport()}))
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "d" * 40_000}}]
+    ask = {"model": "m", "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 10}
+    async with in_process(gateway, "sk-root") as client:
+        refused = await client.post("/v1/chat/completions", json={**ask, "tools": tools})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        assert (await client.post("/v1/chat/completions", json=ask)).status_code == 200
