@@ -88,10 +88,14 @@ class CostTracker:
         await self._settles.drain()
         await self.ledger.aclose()
 
+    def holds(self, ctx: RequestContext) -> bool:
+        """Whether some budget may apply to the request (else admitting it holds nothing)."""
+        return self._budgeted or ctx.principal.budget is not None
+
     async def admit(self, ctx: RequestContext, *, provider: str | None = None) -> Reservation:
         """Reserve the worst case; raises ``InsufficientQuotaError`` when a budget is spent."""
         own = ctx.principal.budget
-        if not self._budgeted and own is None:  # no budget anywhere: nothing to price or hold
+        if not self.holds(ctx):  # no budget anywhere: nothing to price or hold
             return Reservation(ctx.call_id, 0, ())
         amount = self.meter.reservation(
             ctx.model,

@@ -144,6 +144,10 @@ class RateLimiter:
             completion = 0
         return max(0, ctx.prompt_tokens_estimate) + max(0, completion) * max(1, ctx.choices)
 
+    def limits(self, ctx: RequestContext) -> bool:
+        """Whether some quota may apply to the request (else its decision takes no store)."""
+        return self._active or ctx.principal.quotas is not None
+
     async def acquire(self, ctx: RequestContext) -> LimitDecision:
         """Decide and record; raise ``RateLimitError`` (429) on a rejection and
         ``StoreUnavailableError`` (503) when the store fails and failure_mode is closed."""
@@ -156,7 +160,7 @@ class RateLimiter:
         """As ``acquire``, but a rejection is returned, not raised (a store
         failure with failure_mode closed still raises ``StoreUnavailableError``)."""
         settings, tokens = self.settings, self.reservation(ctx)
-        if not self._active and ctx.principal.quotas is None:  # no quota anywhere
+        if not self.limits(ctx):  # no quota anywhere
             return LimitDecision(True, "unlimited" if settings.enabled else "disabled", tokens)
         started = time.perf_counter()
         route = self._route(ctx, settings)

@@ -132,3 +132,36 @@ def estimate_response_tokens(body: Mapping[str, Any]) -> int:
     return estimate_response_input_tokens(
         body.get("input"), body.get("instructions")
     ) + estimate_definition_tokens(body, RESPONSE_DEFINITIONS)
+
+
+def answer_text(answer: Any) -> str:
+    """What an answer wrote (chat messages, refusals and tool-call arguments, completion
+    texts, a response's output text and function-call arguments): the base of its
+    completion-token estimate when the provider reports no usage."""
+    if not isinstance(answer, Mapping):
+        return ""
+    parts: list[str] = []
+    for choice in answer.get("choices") or ():
+        if not isinstance(choice, Mapping):
+            continue
+        if isinstance(choice.get("text"), str):  # /v1/completions
+            parts.append(choice["text"])
+        message = choice.get("message")
+        if isinstance(message, Mapping):
+            parts += _written(message)
+    for item in answer.get("output") or ():  # /v1/responses
+        if isinstance(item, Mapping):
+            parts += _written(item)
+            parts += [
+                str(c.get("text", "")) for c in item.get("content") or () if isinstance(c, Mapping)
+            ]
+    return "".join(parts)
+
+
+def _written(message: Mapping[str, Any]) -> list[str]:
+    parts = [v for k in ("content", "refusal", "arguments") if isinstance(v := message.get(k), str)]
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
+            parts.append(function["arguments"])
+    return parts

@@ -42,7 +42,7 @@ from deployments.resilience import ResilienceResult, Target
 from deployments.resilience_settings import SharedBreakerTarget
 from deployments.sse_replay import ChunkAssembler, StreamAssembler, replay_sse
 from deployments.text_replay import TextStreamAssembler, replay_text_sse
-from deployments.tokens import reported_total
+from deployments.tokens import answer_text, reported_total
 from serve_app.context import RequestContext
 from serve_app.errors import GatewayError, UpstreamError
 from serve_app.model_routes import ModelRoutes
@@ -123,6 +123,13 @@ def require_json(body: bytes) -> dict[str, Any]:
             "The upstream returned a malformed (non-JSON) body.", code="upstream_malformed_response"
         )
     return parsed
+
+
+def _parsed(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def usage_of(body: bytes) -> dict[str, Any] | None:
@@ -312,7 +319,7 @@ class ChatPipeline:
             return cached
 
         async def fetch() -> bytes:
-            return await self._fetch(ctx, model, plan)
+            return await self._fetch(ctx, model, plan, ticket)
 
         def abandoned(call: asyncio.Future[Flight[bytes]]) -> None:
             ticket.hand_over()
@@ -341,8 +348,11 @@ class ChatPipeline:
         status: CacheStatus,
         outcome: str = "ok",
     ) -> Charge | None:
+        usage = meta["usage"] if "usage" in meta else usage_of(body)
         return ticket.finish(
-            meta["usage"] if "usage" in meta else usage_of(body),
+            usage,
+            # no usage reported: the answer's tokens are estimated from what it wrote
+            completion_text="" if usage is not None else answer_text(_parsed(body)),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
@@ -366,7 +376,9 @@ class ChatPipeline:
             return
         self._finish(ticket, meta, body, served_by, status, outcome="error")
 
-    async def _fetch(self, ctx: RequestContext, model: ModelSettings, plan: Plan) -> bytes:
+    async def _fetch(
+        self, ctx: RequestContext, model: ModelSettings, plan: Plan, ticket: Ticket
+    ) -> bytes:
         if (semantic := await self._semantic_hit(plan)) is not None:
             body, meta = semantic
             return pack(meta, body)
@@ -394,7 +406,6 @@ class ChatPipeline:
         )
         body, usage = result.value
         result.settle(reported_total(usage))
-        await self.remember(plan, body)
         status = CacheStatus.MISS if plan.decision.lookup else CacheStatus.BYPASS
         meta = {
             "cache": status.value,
@@ -403,6 +414,12 @@ class ChatPipeline:
             "attempts": result.attempts,
             "usage": usage if isinstance(usage, dict) else None,  # spares parsing the body again
         }
+        # Paid for now: a request that ends before its own billing (its client left while
+        # the cache write was under way) is billed for it, not refunded.
+        ticket.answered = lambda: self._finish(
+            ticket, meta, body, "upstream", status, outcome="error"
+        )
+        await self.remember(plan, body)
         return pack(meta, body)
 
     # -- streamed --------------------------------------------------------

@@ -38,7 +38,7 @@ from deployments.provider import ProviderClient, UpstreamStream
 from deployments.resilience import ResilienceResult, Target
 from deployments.response_index import RESPONSE_ID, ResponseIndex, ResponseOwner
 from deployments.response_replay import replayable, response_events, sse
-from deployments.tokens import reported_total
+from deployments.tokens import answer_text, reported_total
 from serve_app.completion import ChatPipeline, Plan, require_json, upstream_payload
 from serve_app.context import Principal, RequestContext
 from serve_app.errors import (
@@ -176,20 +176,24 @@ class ResponsesPipeline:
         result = await self._call(ctx, targets, attempt)
         body, parsed = result.value
         usage = parsed.get("usage")
+        usage = usage if isinstance(usage, dict) else None
         result.settle(reported_total(usage))
-        await self.record_owner(ctx, result.target, parsed)
-        if plan is not None and parsed.get("store") is not True:  # not kept upstream after all
-            await self.chat.remember(plan, body)
         status = _cache_status(plan)
         self.stages.metrics.inc("gateway_cache_results_total", 1, {"result": status["x-cache"]})
+        # Billed before the store round trips below: a client that leaves during them
+        # has had its answer made, and paid for, all the same.
         charge = ticket.finish(
-            usage if isinstance(usage, dict) else None,
+            usage,
             served_by="upstream",
             cache=status["x-cache"].lower(),
             upstream=result.target.upstream,
             upstream_model=result.target.model,
             attempts=result.attempts,
+            completion_text="" if usage is not None else answer_text(parsed),
         )
+        await self.record_owner(ctx, result.target, parsed)
+        if plan is not None and parsed.get("store") is not True:  # not kept upstream after all
+            await self.chat.remember(plan, body)
         headers = {**ctx.response_headers, **result.headers(), **status}
         if charge is not None:
             headers["x-request-cost"] = charge.header_value()

@@ -6,10 +6,11 @@ tokens back: they cost the upstream nothing. A failed call refunds both.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,33 @@ class Ticket:
     started_ms: int = field(default_factory=lambda: int(time.time() * 1000))
     settled: bool = False
     handed_over: bool = False  # settled by work that outlives the request (``hand_over``)
+    # Set once the upstream has answered: bills that answer if the request ends in an
+    # error or a cancellation before its own billing (the call is paid for either way).
+    answered: Callable[[], object] | None = None
 
     @classmethod
     async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
+        """Take the request's quota, its place among the requests in flight and its budget
+        hold. A client that leaves meanwhile (Serve cancels the request) does not stop
+        the store's writes (the batches shield them): admission then runs to its end in
+        the background and gives all of it back, as a failed request does."""
+        parallel = stages.limiter.settings.max_parallel
+        if not (
+            stages.limiter.limits(ctx)
+            or ctx.principal.max_parallel is not None
+            or parallel.limits_anything
+            or stages.cost.holds(ctx)
+        ):
+            return await cls._admit(ctx, stages)  # nothing to hold: no store, no task
+        admitting = asyncio.ensure_future(cls._admit(ctx, stages))
+        try:
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            admitting.add_done_callback(_give_back)
+            raise
+
+    @classmethod
+    async def _admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
         decision = await stages.limiter.acquire(ctx)  # raises 429 with its headers
         ctx.response_headers.update(stages.limiter.headers(decision))
         slot = None
@@ -110,7 +135,11 @@ class Ticket:
         try:
             yield
         except BaseException as exc:
-            if not self.handed_over:
+            if self.handed_over:
+                pass
+            elif self.answered is not None and not self.settled:
+                self.answered()
+            else:
                 self.fail()
             if isinstance(exc, GatewayError):
                 exc.headers = {**self.ctx.response_headers, **exc.headers}
@@ -155,3 +184,9 @@ class Ticket:
             float(usage.completion_tokens),
             {"model": model, "kind": "completion"},
         )
+
+
+def _give_back(admitted: asyncio.Future[Ticket]) -> None:
+    """The admission of a request whose client left has ended: undo what it took."""
+    if not admitted.cancelled() and admitted.exception() is None:
+        admitted.result().fail()

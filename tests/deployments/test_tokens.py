@@ -72,3 +72,31 @@ def test_definitions_and_images_count_toward_the_prompt() -> None:
     assert estimate_response_tokens({"input": "hi", "tools": [tool]}) > base + 1000
     image = [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]
     assert estimate_response_tokens({"input": image}) == base - 1 + IMAGE_TOKENS  # "hi": 1
+
+
+def test_answer_text_is_what_an_answer_wrote() -> None:
+    from deployments.tokens import answer_text
+
+    chat = {
+        "choices": [
+            {
+                "message": {
+                    "content": "a",
+                    "refusal": "b",
+                    "tool_calls": [{"function": {"name": "f", "arguments": '{"c": 1}'}}],
+                }
+            },
+            {"message": {"content": None}},
+        ]
+    }
+    assert answer_text(chat) == 'ab{"c": 1}'
+    assert answer_text({"choices": [{"text": "x"}, {"text": "y"}]}) == "xy"  # completions
+    response = {
+        "output": [
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "content": [{"type": "output_text", "text": "hi"}]},
+            {"type": "function_call", "name": "f", "arguments": "{}"},
+        ]
+    }
+    assert answer_text(response) == "hi{}"
+    assert answer_text(None) == answer_text({"choices": "junk"}) == ""

@@ -1,0 +1,194 @@
+"""Billing where a request ends oddly: an answer with no usage, a client that leaves
+while its request is admitted, or after the upstream has answered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from deployments.provider import ProviderClient, UpstreamResponse
+from deployments.tokens import estimate_text_tokens
+from serve_app.ingress import Gateway
+from serve_app.settings import GatewayArgs, hash_key
+from tests.support import in_process
+
+pytestmark = pytest.mark.integration
+
+TEXT = "word " * 400  # what the answers write: 500 tokens by the gateway's estimate
+PRICE = {"input_per_mtok": "1", "output_per_mtok": "2"}
+
+
+class Upstream:
+    """Answers chat and responses calls with ``TEXT``, with or without usage."""
+
+    def __init__(self, usage: bool = True) -> None:
+        self.usage = usage
+        self.calls = 0
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+        self.calls += 1
+        if url.endswith("/responses"):
+            answer: dict[str, Any] = {
+                "id": f"resp_{self.calls}",
+                "object": "response",
+                "status": "completed",
+                "store": orjson.loads(body).get("store", True),
+                "output": [
+                    {
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": TEXT}],
+                    }
+                ],
+            }
+            usage = {"input_tokens": 5, "output_tokens": 500, "total_tokens": 505}
+        else:
+            answer = {
+                "id": "c",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": TEXT},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+            usage = {"prompt_tokens": 5, "completion_tokens": 500, "total_tokens": 505}
+        if self.usage:
+            answer["usage"] = usage
+        return UpstreamResponse(200, {}, orjson.dumps(answer))
+
+    async def aclose(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    redis_url: str, name: str, upstream: Upstream, **config: Any
+) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    args = GatewayArgs.model_validate(
+        {
+            "upstreams": {"u": {"base_url": "http://upstream.invalid/v1"}},
+            "models": [{"name": "m", "upstream": "u"}],
+            "api_keys": [{"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name}],
+            "store": {"url": redis_url},
+            "cost": {"pricing": {"overrides": {"m": PRICE}}},
+            "budgets": {"keys": {name: {"daily_usd": "100"}}},
+            **config,
+        }
+    )
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": upstream}))
+    async with in_process(gateway, f"sk-{name}") as client:
+        yield gateway, client
+
+
+async def _records(gateway: Gateway, name: str) -> list[Any]:
+    ledger = gateway.stages.cost.ledger
+    await ledger.flush()
+    return [r for r in await ledger.records(0, 2**62) if r.key_id == name]
+
+
+def _fresh(name: str) -> str:
+    """A key of the test's own: quotas, budgets and records outlive a test in the store."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+async def _spent_and_held(gateway: Gateway, name: str) -> tuple[Decimal, Decimal]:
+    await gateway.stages.cost._settles.drain()
+    status = next(s for s in await gateway.stages.cost.guard.status(name, name))
+    return status.spent, status.held
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+RESPONSE = {"model": "m", "input": "hi", "max_output_tokens": 1000}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/responses", RESPONSE)]
+)
+async def test_an_answer_without_usage_is_billed_what_it_wrote(
+    redis_url: str, path: str, body: dict[str, Any]
+) -> None:
+    """As a stream without usage is: its text estimated, not zero completion tokens."""
+    name = _fresh("no-usage")
+    async with serving(redis_url, name, Upstream(usage=False)) as (gateway, client):
+        answer = await client.post(path, json=body)
+        assert answer.status_code == 200, answer.text
+        (record,) = await _records(gateway, name)
+        assert record.estimated and record.completion_tokens == estimate_text_tokens(TEXT)
+        assert record.cost_pico > 500 * 2 * 10**6  # 500 tokens at 2 USD a million
+
+
+async def test_a_client_gone_while_its_request_is_admitted_takes_nothing_with_it(
+    redis_url: str, redis_client: object
+) -> None:
+    """Serve cancels a request whose client left; its slot, quota and hold, taken by
+    store writes that go on regardless, all come back."""
+    limits = {
+        "max_parallel": {"per_key": {"default": 1}},
+        "per_key": {"default": [{"window": "1m", "tokens": 1500}]},  # one request's hold
+        "lease_requests": 0,
+    }
+    name = _fresh("left-early")
+    async with serving(redis_url, name, Upstream(), limits=limits) as (gateway, client):
+        reserve = gateway.stages.cost.guard._reserve
+        leaving = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        async with asyncio.timeout(5):
+            while not reserve._pending:  # noqa: ASYNC110 - its hold is on its way
+                await asyncio.sleep(0)
+        leaving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaving
+        async with asyncio.timeout(5):
+            while (await _spent_and_held(gateway, name))[1]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await gateway.stages.limiter.drain()
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 200, answer.text  # its slot and its tokens came back
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "slow"),
+    [
+        # a cacheable answer, not coalesced: the cache write runs in the request itself
+        ("/v1/chat/completions", {**CHAT, "temperature": 0}, "remember"),
+        ("/v1/responses", RESPONSE, "record_owner"),
+    ],
+)
+async def test_a_client_gone_after_the_upstream_answered_is_billed_for_it(
+    redis_url: str, path: str, body: dict[str, Any], slow: str
+) -> None:
+    upstream = Upstream()
+    config = {"dedup": {"coalesce": "none"}}
+    name = _fresh("left-late")
+    async with serving(redis_url, name, upstream, **config) as (gateway, client):
+        owner = gateway.pipeline if slow == "remember" else gateway.responses
+        step, writing = getattr(owner, slow), asyncio.Event()
+
+        async def slowly(*args: Any) -> Any:
+            writing.set()
+            await asyncio.sleep(5)
+            return await step(*args)
+
+        setattr(owner, slow, slowly)
+        leaving = asyncio.create_task(client.post(path, json=body))
+        await asyncio.wait_for(writing.wait(), 5)
+        leaving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaving
+        assert upstream.calls == 1
+        spent, held = await _spent_and_held(gateway, name)
+        assert spent > 0 and held == 0  # the answer was made: paid for, not refunded
+        (record,) = await _records(gateway, name)
+        assert record.completion_tokens == 500 and record.cost_pico > 0
