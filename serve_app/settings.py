@@ -220,6 +220,12 @@ class GatewayArgs(_Strict):
                 f"limits.max_parallel.lease_s ({lease_s:g}) is shorter than request_timeout_s"
                 f" ({self.request_timeout_s:g}): a slot would lapse while its request runs"
             )
+        hold_s = self.budgets.hold_ttl_s
+        if hold_s < self.request_timeout_s:
+            raise ValueError(
+                f"budgets.hold_ttl_s ({hold_s:g}) is shorter than request_timeout_s"
+                f" ({self.request_timeout_s:g}): a budget hold would lapse while its request runs"
+            )
         return self
 
     def tenant_models(self) -> dict[str, frozenset[str] | None]:

@@ -81,6 +81,10 @@ def _base() -> dict:
             "api_keys.0.tenant",
         ),
         ({"tenants": {"a{b}": {}}}, "tenants.a{b}"),
+        (
+            {"request_timeout_s": 1000, "budgets": {"hold_ttl_s": 900}},
+            "budgets.hold_ttl_s (900) is shorter than request_timeout_s",
+        ),
         ({"unknown_section": {}}, "unknown_section"),
         (
             {"resilience": {"fallbacks": {"m": [{"upstream": "gone", "model": "x"}]}}},
