@@ -258,6 +258,21 @@ class BudgetGuard:
             message, status_code=self.settings.status_code, headers={"x-should-retry": "false"}
         )
 
+    async def renew(self, reservation: Reservation) -> None:
+        """Its holds last ``hold_ttl_s`` again from now (a stream still running); a hold
+        settled or swept stays so. The replica's clock, not the store's: they differ by
+        far less than a hold lasts."""
+        if reservation.settled or not reservation.budgets:
+            return
+        expires = int((time.time() + self.settings.hold_ttl_s) * 1000)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ref in reservation.budgets:
+                    pipe.zadd(ref.zset_key, {reservation.request_id: expires}, xx=True)
+                await pipe.execute()
+        except RedisError:  # the next renewal tries again
+            log.warning("budget hold of %s not renewed", reservation.request_id)
+
     async def settle(self, reservation: Reservation, actual: Decimal) -> list[BudgetEvent]:
         """Charge ``actual`` and free the hold. Only the first settle of a reservation counts."""
         if reservation.settled or not reservation.budgets:

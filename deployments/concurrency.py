@@ -47,6 +47,18 @@ _RELEASE = """
 for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
 return 0
 """
+# KEYS: the sets; ARGV: the new lapse ms, request id. A slot still held lapses then,
+# and its set no sooner; one given back (or lapsed) is not taken again.
+_RENEW = """
+local lapse, id = tonumber(ARGV[1]), ARGV[2]
+for _, key in ipairs(KEYS) do
+  if redis.call('ZSCORE', key, id) then
+    redis.call('ZADD', key, lapse, id)
+    redis.call('PEXPIREAT', key, lapse, 'GT')
+  end
+end
+return 0
+"""
 
 
 class ParallelLimits(BaseModel):
@@ -77,6 +89,7 @@ class ConcurrencySettings(BaseModel):
 class Slot:
     call_id: str  # RequestContext.call_id
     keys: tuple[str, ...]
+    lease_s: float = 0.0  # how long it lasts from when it was taken, or last renewed
 
 
 class ConcurrencyLimiter:
@@ -87,6 +100,7 @@ class ConcurrencyLimiter:
         self._default_lease_s = default_lease_s
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
 
     async def acquire(self, ctx: RequestContext, settings: ConcurrencySettings) -> Slot | None:
         """A slot in each limited set (None: no limit applies, or the store failed);
@@ -119,7 +133,15 @@ class ConcurrencyLimiter:
                 code="too_many_concurrent_requests",
                 headers={"retry-after": "1"},
             )
-        return Slot(ctx.call_id, keys)
+        return Slot(ctx.call_id, keys, lease_s)
+
+    async def renew(self, slot: Slot) -> None:
+        """Its lease again from now (a stream still running); a slot given back stays so."""
+        lapse = int((time.time() + slot.lease_s) * 1000)
+        try:
+            await self._renew(keys=slot.keys, args=[lapse, slot.call_id])
+        except STORE_ERRORS:  # the next renewal tries again
+            log.warning("concurrency slot of %s not renewed", slot.call_id)
 
     async def release(self, slot: Slot) -> None:
         try:

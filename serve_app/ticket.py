@@ -52,6 +52,7 @@ class Ticket:
     # Set once the upstream has answered: bills that answer if the request ends in an
     # error or a cancellation before its own billing (the call is paid for either way).
     answered: Callable[[], object] | None = None
+    _renewal: asyncio.TimerHandle | None = None  # a stream's next slot and hold renewal
 
     @classmethod
     async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
@@ -90,7 +91,29 @@ class Ticket:
                 in_background(stages.concurrency.release(slot))
             exc.headers = {**ctx.response_headers, **exc.headers}
             raise
-        return cls(ctx, stages, decision, reservation, slot)
+        ticket = cls(ctx, stages, decision, reservation, slot)
+        if ctx.stream and (slot is not None or reservation.budgets):
+            ticket._keep_alive()
+        return ticket
+
+    def _keep_alive(self) -> None:
+        """A stream runs as long as its chunks keep coming, past ``request_timeout_s``:
+        its slot and budget hold are renewed while it does (at a third of the shorter
+        of their lifetimes), so neither lapses under it as a dead replica's do."""
+        lives = [self.slot.lease_s] if self.slot is not None else []
+        if self.reservation.budgets:
+            lives.append(self.stages.cost.guard.settings.hold_ttl_s)
+        every = min(lives) / 3
+        self._renewal = asyncio.get_running_loop().call_later(every, self._renew, every)
+
+    def _renew(self, every: float) -> None:
+        if self.settled:
+            return
+        if self.slot is not None:
+            in_background(self.stages.concurrency.renew(self.slot))
+        if self.reservation.budgets:
+            in_background(self.stages.cost.guard.renew(self.reservation))
+        self._renewal = asyncio.get_running_loop().call_later(every, self._renew, every)
 
     def finish(
         self,
@@ -158,6 +181,8 @@ class Ticket:
         self.stages.cost.release(self.reservation)
 
     def _settle_limits(self, tokens: int | None) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
         self.stages.limiter.settle_soon(self.decision, tokens)
         if self.slot is not None:
             in_background(self.stages.concurrency.release(self.slot))

@@ -69,6 +69,27 @@ class Upstream:
             answer["usage"] = usage
         return UpstreamResponse(200, {}, orjson.dumps(answer))
 
+    async def stream(self, url: str, body: bytes, headers: Mapping[str, str]) -> SlowStream:
+        self.calls += 1
+        return SlowStream()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class SlowStream:
+    """A chat stream of 12 chunks a quarter of a second apart: 3 s, each chunk in time."""
+
+    status, headers = 200, {"content-type": "text/event-stream"}
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for _ in range(12):
+            await asyncio.sleep(0.25)
+            yield b'data: {"choices": [{"index": 0, "delta": {"content": "x "}}]}\n\n'
+        usage = {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+        yield b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
     async def aclose(self) -> None:
         pass
 
@@ -112,6 +133,7 @@ async def _spent_and_held(gateway: Gateway, name: str) -> tuple[Decimal, Decimal
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
 RESPONSE = {"model": "m", "input": "hi", "max_output_tokens": 1000}
+STREAM = {**CHAT, "stream": True}
 
 
 @pytest.mark.parametrize(
@@ -192,3 +214,28 @@ async def test_a_client_gone_after_the_upstream_answered_is_billed_for_it(
         assert spent > 0 and held == 0  # the answer was made: paid for, not refunded
         (record,) = await _records(gateway, name)
         assert record.completion_tokens == 500 and record.cost_pico > 0
+
+
+@pytest.mark.parametrize("held", ["slot", "budget"])
+async def test_a_stream_longer_than_its_slot_and_hold_last_keeps_them(
+    redis_url: str, held: str
+) -> None:
+    """A stream runs while its chunks come in time, past request_timeout_s: its
+    max_parallel slot and budget hold (each lasting 1.5 s here) are renewed under it."""
+    name = _fresh("long")
+    config: dict[str, Any] = {"request_timeout_s": 1.0}
+    if held == "slot":
+        config["limits"] = {"max_parallel": {"per_key": {"default": 1}, "lease_s": 1.5}}
+    else:  # the budget fits one request's hold, not two
+        config["budgets"] = {"keys": {name: {"daily_usd": "0.0025"}}, "hold_ttl_s": 1.5}
+    async with serving(redis_url, name, Upstream(), **config) as (_, client):
+        streaming = asyncio.create_task(client.post("/v1/chat/completions", json=STREAM))
+        await asyncio.sleep(2.2)  # past both lifetimes: the stream still runs
+        assert not streaming.done()
+        beside = await client.post("/v1/chat/completions", json=CHAT)
+        assert beside.status_code == 429, beside.text
+        code = "too_many_concurrent_requests" if held == "slot" else "insufficient_quota"
+        assert beside.json()["error"]["code"] == code
+        finished = await streaming
+        assert finished.status_code == 200 and finished.text.endswith("data: [DONE]\n\n")
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
