@@ -34,6 +34,9 @@ class ResponseOwner:
     upstream: str  # the upstream that holds it
     model: str  # the public model it was made with
     key_id: str  # the key that made it (for the record: a tenant's keys share its responses)
+    # The conversation's length once this response is in it (its usage's total): what
+    # the upstream reads again for a request that continues it, and bills as input.
+    context_tokens: int = 0
 
 
 def _store_error() -> StoreUnavailableError:
@@ -51,7 +54,9 @@ class ResponseIndex:
     async def remember(self, response_id: str, owner: ResponseOwner) -> None:
         """Record a response the upstream now holds. A failure raises
         ``StoreUnavailableError``: the caller decides what an unrecorded one costs."""
-        value = orjson.dumps([owner.tenant, owner.upstream, owner.model, owner.key_id])
+        value = orjson.dumps(
+            [owner.tenant, owner.upstream, owner.model, owner.key_id, owner.context_tokens]
+        )
         try:
             await self._redis.set(PREFIX + response_id, value, ex=self._retention_s)
         except STORE_ERRORS:
@@ -69,8 +74,10 @@ class ResponseIndex:
             raise _store_error() from None
         if raw is None:
             return None
-        tenant, upstream, model, key_id = orjson.loads(raw)
-        return ResponseOwner(tenant=tenant, upstream=upstream, model=model, key_id=key_id)
+        # Entries recorded before context_tokens was kept have four fields.
+        tenant, upstream, model, key_id, *rest = orjson.loads(raw)
+        context_tokens = rest[0] if rest and isinstance(rest[0], int) else 0
+        return ResponseOwner(tenant, upstream, model, key_id, max(0, context_tokens))
 
     async def forget(self, response_id: str) -> None:
         try:

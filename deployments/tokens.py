@@ -99,7 +99,7 @@ def estimate_input_tokens(value: str | list[str] | list[int] | list[list[int]]) 
 def estimate_response_input_tokens(value: Any, instructions: Any = None) -> int:
     """A Responses API ``input`` (a string, or a list of items: messages, tool calls and
     their outputs) and its ``instructions``, in tokens. What a ``previous_response_id``
-    brings along is unknown here: the call settles to the reported usage."""
+    brings along is added once its owner is found (``serve_app/responses.py``)."""
     total = TOKENS_PER_REPLY + estimate_text_tokens(instructions or "")
     if isinstance(value, str):
         return total + TOKENS_PER_MESSAGE + estimate_text_tokens(value)

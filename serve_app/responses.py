@@ -108,6 +108,8 @@ class ResponsesPipeline:
         owner = await self.index.find(previous)
         if owner is None or owner.tenant != ctx.principal.tenant:
             raise _previous_not_found(previous)
+        # The upstream reads the whole conversation again: its holds and quotas count it.
+        ctx.prompt_tokens_estimate += owner.context_tokens
         pinned = [t for t in chain if t.upstream == owner.upstream]
         if not pinned:
             raise InvalidRequestError(
@@ -132,6 +134,7 @@ class ResponsesPipeline:
             upstream=target.upstream,
             model=ctx.model,
             key_id=ctx.principal.key_id,
+            context_tokens=reported_total(response.get("usage")) or 0,
         )
         try:
             await self.index.remember(response_id, owner)
@@ -388,6 +391,8 @@ class _ResponseRelay:
             if isinstance(usage, dict):
                 self.usage = usage
                 charge = self._bill("error" if self.failed else "ok")
+                if not stateless and reported_total(usage):  # recorded at its start, sizeless
+                    await self.pipeline.record_owner(self.ctx, self.result.target, response)
                 if charge is not None:
                     assert isinstance(response, dict)
                     response["usage"] = {**usage, **charge.usage_fields()}

@@ -11,7 +11,9 @@ from serve_app.embedded_store import free_port
 from serve_app.errors import StoreUnavailableError
 
 pytestmark = pytest.mark.integration
-OWNER = ResponseOwner(tenant="acme", upstream="openai", model="gpt-4o", key_id="ci")
+OWNER = ResponseOwner(
+    tenant="acme", upstream="openai", model="gpt-4o", key_id="ci", context_tokens=1234
+)
 
 
 async def test_a_response_is_found_until_forgotten_and_kept_for_the_retention(
@@ -24,6 +26,15 @@ async def test_a_response_is_found_until_forgotten_and_kept_for_the_retention(
     assert 3590 <= await redis_client.ttl(PREFIX + "resp_abc") <= 3600
     await index.forget("resp_abc")
     assert await index.find("resp_abc") is None
+
+
+async def test_an_entry_recorded_before_its_size_was_kept_reads_as_sizeless(
+    redis_client: aioredis.Redis,
+) -> None:
+    index = ResponseIndex(redis_client, retention_s=60)
+    await redis_client.set(PREFIX + "resp_old", b'["acme","openai","gpt-4o","ci"]')
+    owner = await index.find("resp_old")
+    assert owner == ResponseOwner("acme", "openai", "gpt-4o", "ci", context_tokens=0)
 
 
 @pytest.mark.parametrize("bad", ["", "resp_*", "a/b", "x" * 129, "resp abc"])

@@ -104,6 +104,33 @@ async def test_the_limiter_counts_a_responses_tokens(
         assert second.status_code == 429, second.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_continuation_is_held_for_the_conversation_it_continues(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str, stream: bool
+) -> None:
+    # The upstream reads the earlier conversation again and bills it as input: a
+    # continuation's quota reservation (and budget hold) counts it, so one that cannot
+    # fit what is left is refused before the upstream is called.
+    key, overrides = tpm_key(1000)
+    async with in_process(_gateway(mock_server, redis_url, **overrides), key) as client:
+        first = {"model": "mock-gpt", "input": "x" * 2400, "max_output_tokens": 8}
+        made = await client.post(ROUTE, json={**first, "stream": stream})
+        assert made.status_code == 200, made.text
+        final = _events(made)[-1][1]["response"] if stream else made.json()
+        assert 550 < final["usage"]["total_tokens"] < 700
+
+        calls = mock_behaviour.stats.calls
+        follow = {
+            "model": "mock-gpt",
+            "input": "and then?",
+            "max_output_tokens": 8,
+            "previous_response_id": final["id"],
+        }
+        refused = await client.post(ROUTE, json=follow)
+        assert refused.status_code == 429, refused.text
+        assert mock_behaviour.stats.calls == calls
+
+
 async def test_only_the_tenant_that_made_a_response_continues_reads_or_deletes_it(
     mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
 ) -> None:
