@@ -286,7 +286,7 @@ class Gateway:
             principal = await self.principal(request)
             response_id = request.path_params["response_id"]
             return await self.responses.stored(
-                method, response_id, suffix, request.url.query, principal
+                method, response_id, suffix, request.url.query, principal, request_id
             )
 
         return handler

@@ -261,11 +261,23 @@ class ResponsesPipeline:
         return owner
 
     async def stored(
-        self, method: str, response_id: str, suffix: str, query: str, principal: Principal
+        self,
+        method: str,
+        response_id: str,
+        suffix: str,
+        query: str,
+        principal: Principal,
+        request_id: str,
     ) -> Response:
         """``GET``/``DELETE /v1/responses/{id}`` and ``GET .../input_items``, sent to the
-        upstream that holds the response."""
+        upstream that holds the response. Each is a request against the key's request
+        quotas (for the response's model), writing nothing: else a key could call the
+        upstream past its rpm by reading."""
         owner = await self.owned(response_id, principal)
+        ctx = RequestContext(request_id, principal, "responses", owner.model, {}, max_tokens=0)
+        decision = await self.stages.limiter.acquire(ctx)  # raises 429 with its headers
+        self.stages.limiter.settle_soon(decision, 0)  # it reserved no tokens
+        headers = self.stages.limiter.headers(decision)
         path = f"{PATH}/{quote(response_id)}{suffix}" + passed_query(query)
         timeout_s = self.chat.args.request_timeout_s
         answer = await self.provider.send(method, owner.upstream, path, timeout_s)
@@ -278,12 +290,14 @@ class ResponsesPipeline:
                     "deleted response %s is still indexed: the store is unreachable", response_id
                 )
         if answer.status >= 400:
-            raise UpstreamError(
+            error = UpstreamError(
                 f"upstream answered {answer.status}",
                 status_code=answer.status,
                 upstream_body=answer.body,
             )
-        return Response(answer.body, 200, media_type=JSON)
+            error.headers = {**headers, **error.headers}
+            raise error
+        return Response(answer.body, 200, headers, media_type=JSON)
 
 
 # What a stored response's routes pass on of a query: pagination and includes (not

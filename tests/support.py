@@ -126,14 +126,19 @@ def chat_body(content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "mock-gpt", "messages": [{"role": "user", "content": content}], **extra}
 
 
-def tpm_key(tokens: int) -> tuple[str, dict[str, Any]]:
-    """A key of its own (quota windows outlive a test) with ``tokens`` a minute: its
-    secret, and the ``gateway_args`` overrides (``api_keys``, ``limits``) that make it."""
-    name = f"tpm-{uuid.uuid4().hex[:8]}"
+def quota_key(**quota: int) -> tuple[str, dict[str, Any]]:
+    """A key of its own (quota windows outlive a test) with a one-minute ``quota``
+    (``tokens=``, ``requests=``): its secret, and the ``gateway_args`` overrides
+    (``api_keys``, ``limits``) that make it."""
+    name = f"q-{uuid.uuid4().hex[:8]}"
     return f"sk-{name}", {
         "api_keys": [{"name": name, "key_sha256": hash_key(f"sk-{name}"), "tenant": name}],
-        "limits": {"per_key": {"overrides": {name: [{"window": "1m", "tokens": tokens}]}}},
+        "limits": {"per_key": {"overrides": {name: [{"window": "1m", **quota}]}}},
     }
+
+
+def tpm_key(tokens: int) -> tuple[str, dict[str, Any]]:
+    return quota_key(tokens=tokens)
 
 
 def auth(key: str = LOCAL_KEY) -> dict[str, str]:

@@ -15,7 +15,16 @@ import pytest
 from serve_app.ingress import Gateway
 from serve_app.mock_provider import Faults, MockBehaviour
 from serve_app.responses import passed_query
-from tests.support import LOCAL_KEY, OTHER_KEY, MockServer, auth, gateway_args, in_process, tpm_key
+from tests.support import (
+    LOCAL_KEY,
+    OTHER_KEY,
+    MockServer,
+    auth,
+    gateway_args,
+    in_process,
+    quota_key,
+    tpm_key,
+)
 
 pytestmark = pytest.mark.integration
 ROUTE = "/v1/responses"
@@ -166,6 +175,26 @@ async def test_only_the_tenant_that_made_a_response_continues_reads_or_deletes_i
         made_up = await client.post(ROUTE, json={**follow, "previous_response_id": "resp_x"})
         assert made_up.status_code == 400
         assert made_up.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_reading_a_stored_response_counts_against_the_keys_request_quota(
+    mock_server: MockServer, mock_behaviour: MockBehaviour, redis_url: str
+) -> None:
+    # Each read is an upstream call: past its rpm, a key reads no more.
+    key, overrides = quota_key(requests=3)
+    async with in_process(_gateway(mock_server, redis_url, **overrides), key) as client:
+        made = await client.post(ROUTE, json={"model": "mock-gpt", "input": _input()})
+        assert made.status_code == 200, made.text
+        path = f"{ROUTE}/{made.json()['id']}"
+        read = await client.get(path)
+        assert read.status_code == 200, read.text
+        assert read.headers["x-ratelimit-remaining-requests"] == "1"
+        assert (await client.get(f"{path}/input_items")).status_code == 200
+        calls = mock_behaviour.stats.calls
+        refused = await client.get(path)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert mock_behaviour.stats.calls == calls
 
 
 async def test_a_continuation_goes_only_to_the_upstream_that_holds_the_response(
