@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.pricing import Price, PriceBook, PricingSettings
-from deployments.tokens import estimate_text_tokens
+from deployments.tokens import estimate_text_tokens, reported_counts, reported_detail
 
 PICO = Decimal("1e-12")
 MILLION = Decimal(1_000_000)
@@ -57,28 +57,17 @@ class TokenUsage:
     def from_openai(cls, usage: Mapping[str, Any] | None) -> TokenUsage | None:
         """Chat's and text completions' ``usage``, or the Responses API's, which names
         the same counts ``input_tokens`` and ``output_tokens``, or a rerank's (vLLM's,
-        Jina's), which has only ``total_tokens``."""
-        if not usage:
+        Jina's), which has only ``total_tokens``. None: it reports no count."""
+        counts = reported_counts(usage)
+        if counts is None or usage is None:
             return None
-        prompt, completion = "prompt_tokens", "completion_tokens"
-        if usage.get(prompt) is None:
-            if usage.get("input_tokens") is not None:
-                prompt, completion = "input_tokens", "output_tokens"
-            elif usage.get("total_tokens") is not None:  # a rerank's: all of it is input
-                completion_tokens = int(usage.get("completion_tokens") or 0)
-                return cls(
-                    prompt_tokens=max(0, int(usage["total_tokens"]) - completion_tokens),
-                    completion_tokens=completion_tokens,
-                )
-            else:
-                return None
-        prompt_details = usage.get(f"{prompt}_details") or {}
-        completion_details = usage.get(f"{completion}_details") or {}
+        prompt_tokens, completion_tokens, names = counts
+        completion = "completion" if names == "prompt" else "output"
         return cls(
-            prompt_tokens=int(usage[prompt]),
-            completion_tokens=int(usage.get(completion) or 0),
-            cached_tokens=int(prompt_details.get("cached_tokens") or 0),
-            reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=reported_detail(usage, f"{names}_tokens", "cached_tokens"),
+            reasoning_tokens=reported_detail(usage, f"{completion}_tokens", "reasoning_tokens"),
         )
 
 

@@ -27,6 +27,10 @@ IMAGE_TOKENS, LOW_DETAIL_IMAGE_TOKENS = 765, 85
 CHAT_DEFINITIONS = ("tools", "functions", "response_format")
 # ... and a Responses API request (``text.format`` holds its schema).
 RESPONSE_DEFINITIONS = ("tools", "text")
+# Content parts counted by their text. Any other part but an image (a file's data, audio)
+# counts as the JSON it is sent as: over what a provider bills for a PDF or a recording,
+# but a hold is the most a call may cost, and it settles to the reported usage.
+TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -44,10 +48,13 @@ def _content_tokens(content: Any) -> int:
     for part in content:
         if not isinstance(part, Mapping):
             continue
-        if part.get("type") in ("image_url", "input_image"):
+        kind = part.get("type")
+        if kind in ("image_url", "input_image"):
             images += LOW_DETAIL_IMAGE_TOKENS if _detail(part) == "low" else IMAGE_TOKENS
-        else:
+        elif kind in TEXT_PARTS or (kind is None and "text" in part):
             texts.append(str(part.get("text", "")))
+        else:  # a file, audio, anything else: its size is all that is known of it
+            texts.append(orjson.dumps(part).decode())
     return images + estimate_text_tokens(" ".join(texts))
 
 
@@ -121,10 +128,42 @@ def estimate_rerank_tokens(query: str, documents: list[Any]) -> int:
     return sum(query_tokens + estimate_text_tokens(text) for text in texts)
 
 
+def _count(value: Any) -> int | None:
+    """A token count as a provider reports it: a whole number, not negative."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def reported_counts(usage: Any) -> tuple[int, int, str] | None:
+    """The prompt and completion tokens an upstream's usage reports, and the names it
+    reports them under (``prompt`` for chat's and text completions', ``input`` for the
+    Responses API's); a rerank's ``total_tokens`` alone is all prompt. None: the usage
+    reports no count (absent, empty, or not numbers), and the call is estimated."""
+    if not isinstance(usage, Mapping):
+        return None
+    for prompt, completion in (("prompt", "completion"), ("input", "output")):
+        if (prompt_tokens := _count(usage.get(f"{prompt}_tokens"))) is not None:
+            return prompt_tokens, _count(usage.get(f"{completion}_tokens")) or 0, prompt
+    if (total := _count(usage.get("total_tokens"))) is None:
+        return None
+    completion_tokens = min(total, _count(usage.get("completion_tokens")) or 0)
+    return total - completion_tokens, completion_tokens, "prompt"
+
+
 def reported_total(usage: Any) -> int | None:
-    """The ``total_tokens`` an upstream's usage reports (None: it reports none)."""
-    total = usage.get("total_tokens") if isinstance(usage, Mapping) else None
-    return total if isinstance(total, int) and not isinstance(total, bool) else None
+    """The tokens an upstream's usage reports in all: its ``total_tokens``, else its
+    prompt and completion counts added up (None: it reports none)."""
+    if isinstance(usage, Mapping) and (total := _count(usage.get("total_tokens"))) is not None:
+        return total
+    counts = reported_counts(usage)
+    return None if counts is None else counts[0] + counts[1]
+
+
+def reported_detail(usage: Mapping[str, Any], field: str, detail: str) -> int:
+    """A count inside a usage's ``<field>_details`` (cached or reasoning tokens); 0 if none."""
+    details = usage.get(f"{field}_details")
+    return (_count(details.get(detail)) or 0) if isinstance(details, Mapping) else 0
 
 
 def estimate_response_tokens(body: Mapping[str, Any]) -> int:
@@ -141,27 +180,28 @@ def answer_text(answer: Any) -> str:
     if not isinstance(answer, Mapping):
         return ""
     parts: list[str] = []
-    for choice in answer.get("choices") or ():
-        if not isinstance(choice, Mapping):
-            continue
+    for choice in _mappings(answer.get("choices")):
         if isinstance(choice.get("text"), str):  # /v1/completions
             parts.append(choice["text"])
         message = choice.get("message")
         if isinstance(message, Mapping):
             parts += _written(message)
-    for item in answer.get("output") or ():  # /v1/responses
-        if isinstance(item, Mapping):
-            parts += _written(item)
-            parts += [
-                str(c.get("text", "")) for c in item.get("content") or () if isinstance(c, Mapping)
-            ]
+    for item in _mappings(answer.get("output")):  # /v1/responses
+        parts += _written(item)
+        parts += [str(c.get("text", "")) for c in _mappings(item.get("content"))]
     return "".join(parts)
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The objects of a list an upstream sent (anything else in it, or instead of it,
+    says nothing that was written)."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
 
 def _written(message: Mapping[str, Any]) -> list[str]:
     parts = [v for k in ("content", "refusal", "arguments") if isinstance(v := message.get(k), str)]
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, Mapping) else None
+    for call in _mappings(message.get("tool_calls")):
+        function = call.get("function")
         if isinstance(function, Mapping) and isinstance(function.get("arguments"), str):
             parts.append(function["arguments"])
     return parts

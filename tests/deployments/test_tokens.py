@@ -8,6 +8,7 @@ from deployments.tokens import (
     estimate_prompt_tokens,
     estimate_response_input_tokens,
     estimate_text_tokens,
+    reported_counts,
     reported_total,
 )
 
@@ -35,6 +36,51 @@ def test_reported_total_is_an_integer_or_none() -> None:
     assert reported_total({"total_tokens": 12}) == 12
     assert reported_total({"total_tokens": True}) is None
     assert reported_total(None) is None
+    # No total: the counts it has, added up (the limiter settles to what was used).
+    assert reported_total({"prompt_tokens": 3, "completion_tokens": 10_000}) == 10_003
+    assert reported_total({"input_tokens": 4, "output_tokens": 6}) == 10
+    for none in ({}, {"foo": 1}, {"total_tokens": "5"}, {"prompt_tokens": -1}, []):
+        assert reported_total(none) is None
+
+
+def test_reported_counts_name_where_they_were_found() -> None:
+    assert reported_counts({"prompt_tokens": 3, "completion_tokens": 4}) == (3, 4, "prompt")
+    assert reported_counts({"input_tokens": 3.0, "output_tokens": None}) == (3, 0, "input")
+    assert reported_counts({"total_tokens": 9, "completion_tokens": 20}) == (0, 9, "prompt")
+    assert reported_counts({"total_tokens": 9}) == (9, 0, "prompt")  # a rerank's
+    assert reported_counts({"prompt_tokens": 1.5}) is None
+
+
+def test_files_and_audio_count_as_the_json_they_are_sent_as() -> None:
+    data = "QUJD" * 25_000  # 100 kB of base64
+    parts = [
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": data}},
+        {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+    ]
+    for part in parts:
+        counted = estimate_prompt_tokens([{"role": "user", "content": [part]}])
+        assert counted >= len(data) / 4
+    responses = [{"role": "user", "content": [{"type": "input_file", "file_data": data}]}]
+    assert estimate_response_input_tokens(responses) >= len(data) / 4
+    # Text parts count their text alone.
+    text = [{"role": "user", "content": [{"type": "text", "text": "a" * 40}]}]
+    assert estimate_prompt_tokens(text) == TOKENS_PER_REPLY + TOKENS_PER_MESSAGE + 10
+
+
+def test_answer_text_ignores_what_is_not_where_text_is_written() -> None:
+    from deployments.tokens import answer_text
+
+    odd = [
+        {"choices": 5},
+        {"choices": True},
+        {"choices": [{"message": {"tool_calls": 1}}]},
+        {"choices": [{"message": {"tool_calls": [1, {"function": 2}]}}]},
+        {"output": 1},
+        {"output": [{"content": 7}]},
+        {"output": [{"content": ["a", None]}]},
+    ]
+    for answer in odd:
+        assert answer_text(answer) == ""
 
 
 def test_definitions_and_images_count_toward_the_prompt() -> None:

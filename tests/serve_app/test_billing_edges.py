@@ -27,10 +27,12 @@ PRICE = {"input_per_mtok": "1", "output_per_mtok": "2"}
 
 
 class Upstream:
-    """Answers chat and responses calls with ``TEXT``, with or without usage."""
+    """Answers chat and responses calls with ``TEXT``, with its usage (True), none
+    (False), or the ``usage`` given; or with the ``answer`` given."""
 
-    def __init__(self, usage: bool = True) -> None:
+    def __init__(self, usage: bool | dict[str, Any] = True, answer: Any = None) -> None:
         self.usage = usage
+        self.answer = answer
         self.calls = 0
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
@@ -65,8 +67,12 @@ class Upstream:
                 ],
             }
             usage = {"prompt_tokens": 5, "completion_tokens": 500, "total_tokens": 505}
-        if self.usage:
+        if isinstance(self.usage, dict):
+            answer["usage"] = self.usage
+        elif self.usage:
             answer["usage"] = usage
+        if self.answer is not None:
+            answer = self.answer
         return UpstreamResponse(200, {}, orjson.dumps(answer))
 
     async def stream(self, url: str, body: bytes, headers: Mapping[str, str]) -> SlowStream:
@@ -136,20 +142,46 @@ RESPONSE = {"model": "m", "input": "hi", "max_output_tokens": 1000}
 STREAM = {**CHAT, "stream": True}
 
 
+@pytest.mark.parametrize("usage", [False, {}, {"total_tokens": "505"}, {"prompt_tokens": None}])
 @pytest.mark.parametrize(
     ("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/responses", RESPONSE)]
 )
 async def test_an_answer_without_usage_is_billed_what_it_wrote(
-    redis_url: str, path: str, body: dict[str, Any]
+    redis_url: str, path: str, body: dict[str, Any], usage: bool | dict[str, Any]
 ) -> None:
-    """As a stream without usage is: its text estimated, not zero completion tokens."""
+    """As a stream without usage is: its text estimated, not zero completion tokens;
+    a usage with no count in it is none."""
     name = _fresh("no-usage")
-    async with serving(redis_url, name, Upstream(usage=False)) as (gateway, client):
+    async with serving(redis_url, name, Upstream(usage=usage)) as (gateway, client):
         answer = await client.post(path, json=body)
         assert answer.status_code == 200, answer.text
         (record,) = await _records(gateway, name)
         assert record.estimated and record.completion_tokens == estimate_text_tokens(TEXT)
         assert record.cost_pico > 500 * 2 * 10**6  # 500 tokens at 2 USD a million
+
+
+@pytest.mark.parametrize(
+    ("path", "answer"),
+    [
+        ("/v1/chat/completions", {"choices": 5}),
+        ("/v1/chat/completions", {"choices": [{"message": {"tool_calls": 1}}]}),
+        ("/v1/responses", {"id": "resp_odd", "store": False, "output": 1}),
+        ("/v1/responses", {"id": "resp_odd", "store": False, "output": [{"content": 7}]}),
+    ],
+)
+async def test_an_odd_answer_without_usage_is_passed_on_and_billed(
+    redis_url: str, path: str, answer: dict[str, Any]
+) -> None:
+    """The upstream was paid for it: the client gets it, the ledger its prompt."""
+    name = _fresh("odd-answer")
+    upstream = Upstream(usage=False, answer=answer)
+    async with serving(redis_url, name, upstream) as (gateway, client):
+        body = CHAT if path.endswith("completions") else RESPONSE
+        passed = await client.post(path, json=body)
+        assert passed.status_code == 200, passed.text
+        assert passed.json() == answer
+        (record,) = await _records(gateway, name)
+        assert record.estimated and record.status == "ok" and record.prompt_tokens > 0
 
 
 async def test_a_client_gone_while_its_request_is_admitted_takes_nothing_with_it(
