@@ -366,7 +366,7 @@ class ChatPipeline:
         made is billed to it (an error: the client got nothing), or leaving early
         would fill the cache for free; an answer that cost nothing is refunded."""
         if call.cancelled() or call.exception() is not None:
-            ticket.fail()
+            ticket.abort()  # a call answered before it failed is paid for
             return
         flight = call.result()
         meta, body = unpack(flight.value)
@@ -631,6 +631,7 @@ class _StreamRelay:
         client that left stopped taking them mid-chunk)."""
         if raw:
             self.received = True
+            self.ticket.touch()
             if self._keep:
                 self.assembler.feed(raw)
         for event in self.splitter.feed(raw):
@@ -697,8 +698,10 @@ class _StreamRelay:
         if flight.role is Role.LEADER:
             await self._drain(flight.chunks)
         else:  # another replica makes the call: nothing to pay, nothing to read
-            await flight.chunks.aclose()  # type: ignore[attr-defined]
-            self.ticket.fail()
+            try:
+                await flight.chunks.aclose()  # type: ignore[attr-defined]
+            finally:
+                self.ticket.fail()
 
     async def _drain(self, rest: AsyncIterator[bytes]) -> None:
         try:

@@ -357,6 +357,7 @@ class _ResponseRelay:
         try:
             raw: bytes | None = first
             while raw is not None:
+                self.ticket.touch()
                 for event in self.splitter.feed(raw):
                     yield await self._event(event)
                 raw = await anext(self.chunks, None)
@@ -398,19 +399,22 @@ class _ResponseRelay:
             self.done = True
             self.failed = kind == "response.failed"
             response = payload.get("response")
-            stateless = isinstance(response, dict) and response.get("store") is not True
-            if self.plan is not None and kind == "response.completed" and stateless:
-                await self.pipeline.chat.remember(self.plan, orjson.dumps(response))
-            usage = response.get("usage") if isinstance(response, dict) else None
-            if isinstance(usage, dict):
+            if not isinstance(response, dict):
+                return event + b"\n\n"
+            stateless = response.get("store") is not True
+            usage = response.get("usage")
+            charge = None
+            if isinstance(usage, dict):  # billed first: a client may leave during the writes
                 self.usage = usage
                 charge = self._bill("error" if self.failed else "ok")
-                if not stateless and reported_total(usage):  # recorded at its start, sizeless
-                    await self.pipeline.record_owner(self.ctx, self.result.target, response)
-                if charge is not None:
-                    assert isinstance(response, dict)
-                    response["usage"] = {**usage, **charge.usage_fields()}
-                    return sse(kind, payload)
+            if self.plan is not None and kind == "response.completed" and stateless:
+                await self.pipeline.chat.remember(self.plan, orjson.dumps(response))
+            if not stateless and reported_total(usage):  # recorded at its start, sizeless
+                await self.pipeline.record_owner(self.ctx, self.result.target, response)
+            if charge is not None:
+                assert isinstance(usage, dict)
+                response["usage"] = {**usage, **charge.usage_fields()}
+                return sse(kind, payload)
         return event + b"\n\n"
 
     def _error(self, error: GatewayError) -> bytes:

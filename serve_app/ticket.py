@@ -53,6 +53,7 @@ class Ticket:
     # error or a cancellation before its own billing (the call is paid for either way).
     answered: Callable[[], object] | None = None
     _renewal: asyncio.TimerHandle | None = None  # a stream's next slot and hold renewal
+    touched: float = field(default_factory=time.monotonic)  # a stream's latest chunk
 
     @classmethod
     async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
@@ -99,15 +100,23 @@ class Ticket:
     def _keep_alive(self) -> None:
         """A stream runs as long as its chunks keep coming, past ``request_timeout_s``:
         its slot and budget hold are renewed while it does (at a third of the shorter
-        of their lifetimes), so neither lapses under it as a dead replica's do."""
+        of their lifetimes), so neither lapses under it as a dead replica's do. One
+        that passed no chunk for a whole lifetime (longer than any upstream's
+        ``read_timeout_s`` lets a live stream pause) is renewed no more: whatever holds
+        it is stuck, and its slot and hold lapse as a dead replica's."""
         lives = [self.slot.lease_s] if self.slot is not None else []
         if self.reservation.budgets:
             lives.append(self.stages.cost.guard.settings.hold_ttl_s)
         every = min(lives) / 3
         self._renewal = asyncio.get_running_loop().call_later(every, self._renew, every)
 
+    def touch(self) -> None:
+        """A stream passed a chunk on: it still runs."""
+        self.touched = time.monotonic()
+
     def _renew(self, every: float) -> None:
-        if self.settled:
+        if self.settled or time.monotonic() - self.touched > 3 * every:
+            self._renewal = None
             return
         if self.slot is not None:
             in_background(self.stages.concurrency.renew(self.slot))
@@ -158,12 +167,8 @@ class Ticket:
         try:
             yield
         except BaseException as exc:
-            if self.handed_over:
-                pass
-            elif self.answered is not None and not self.settled:
-                self.answered()
-            else:
-                self.fail()
+            if not self.handed_over:
+                self.abort()
             if isinstance(exc, GatewayError):
                 exc.headers = {**self.ctx.response_headers, **exc.headers}
             raise
@@ -172,6 +177,18 @@ class Ticket:
         """The request is gone but work it started goes on: that work settles the
         ticket (``finish`` or ``fail``) when it ends, not the request's failure."""
         self.handed_over = True
+
+    def abort(self) -> None:
+        """The request ends in an error or a cancellation: an answer the upstream made
+        is billed all the same (``answered``); anything else is given back."""
+        if self.answered is None or self.settled:
+            self.fail()
+            return
+        try:
+            self.answered()
+        except Exception:
+            log.exception("billing an answered request failed: its reservations are released")
+            self.fail()
 
     def fail(self) -> None:
         if self.settled:

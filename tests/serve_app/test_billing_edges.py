@@ -33,6 +33,7 @@ class Upstream:
     def __init__(self, usage: bool | dict[str, Any] = True, answer: Any = None) -> None:
         self.usage = usage
         self.answer = answer
+        self.stalled = False  # its streams stall after their first chunk
         self.calls = 0
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
@@ -77,21 +78,27 @@ class Upstream:
 
     async def stream(self, url: str, body: bytes, headers: Mapping[str, str]) -> SlowStream:
         self.calls += 1
-        return SlowStream()
+        return SlowStream(self.stalled)
 
     async def aclose(self) -> None:
         pass
 
 
 class SlowStream:
-    """A chat stream of 12 chunks a quarter of a second apart: 3 s, each chunk in time."""
+    """A chat stream of 12 chunks a quarter of a second apart: 3 s, each chunk in time;
+    or, ``stalled``, one chunk and then nothing for 4 s."""
 
     status, headers = 200, {"content-type": "text/event-stream"}
 
+    def __init__(self, stalled: bool = False) -> None:
+        self.stalled = stalled
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        for _ in range(12):
+        for _ in range(1 if self.stalled else 12):
             await asyncio.sleep(0.25)
             yield b'data: {"choices": [{"index": 0, "delta": {"content": "x "}}]}\n\n'
+        if self.stalled:
+            await asyncio.sleep(4)
         usage = {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
         yield b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n"
         yield b"data: [DONE]\n\n"
@@ -271,3 +278,48 @@ async def test_a_stream_longer_than_its_slot_and_hold_last_keeps_them(
         finished = await streaming
         assert finished.status_code == 200 and finished.text.endswith("data: [DONE]\n\n")
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_a_stream_that_passes_nothing_on_for_a_lifetime_is_renewed_no_more(
+    redis_url: str,
+) -> None:
+    """Whatever holds a stream that stopped moving (a stall no read timeout ends here,
+    a relay nobody reads) does not keep its slot for ever: it lapses as a dead
+    replica's does, a lease after the last chunk."""
+    name = _fresh("stalled")
+    config = {
+        "request_timeout_s": 1.0,
+        "limits": {"max_parallel": {"per_key": {"default": 1}, "lease_s": 1.5}},
+    }
+    upstream = Upstream()
+    upstream.stalled = True
+    async with serving(redis_url, name, upstream, **config) as (_, client):
+        streaming = asyncio.create_task(client.post("/v1/chat/completions", json=STREAM))
+        await asyncio.sleep(1.0)
+        beside = await client.post("/v1/chat/completions", json=CHAT)
+        assert beside.status_code == 429, beside.text  # still within its lease
+        await asyncio.sleep(2.5)  # the last renewal (by 1.5 s) has lapsed
+        beside = await client.post("/v1/chat/completions", json=CHAT)
+        assert beside.status_code == 200, beside.text
+        streaming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await streaming
+
+
+async def test_a_failure_to_bill_an_answered_request_still_gives_its_slot_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answered hook raising (a bug) must not strand the request's slot and hold."""
+    name = _fresh("bill-fails")
+    limits = {"max_parallel": {"per_key": {"default": 1}}}
+    async with serving(redis_url, name, Upstream(usage=False), limits=limits) as (_, client):
+
+        def broken(answer: Any) -> str:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr("serve_app.completion.answer_text", broken)
+        failed = await client.post("/v1/chat/completions", json=CHAT)
+        assert failed.status_code == 500
+        monkeypatch.undo()
+        again = await client.post("/v1/chat/completions", json=CHAT)
+        assert again.status_code == 200, again.text
