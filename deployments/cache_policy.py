@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.counts import parse_count
 from serve_app.errors import InvalidRequestError
 
 SHARED_DEFAULT = "default"
@@ -110,9 +111,8 @@ def _header_directives(header: str | None) -> dict[str, str | None]:
 
 def _header_max_age(directives: Mapping[str, str | None]) -> int | None:
     raw = directives.get("max-age")
-    if raw is None or not (raw.isascii() and raw.isdigit()):
-        return None  # a malformed directive is ignored, as HTTP caches do
-    return int(raw)
+    # A malformed directive is ignored, and an overlong one saturates, as HTTP caches do.
+    return None if raw is None else parse_count(raw)
 
 
 def parse_controls(body_cache: Any, cache_control: str | None = None) -> CacheControls:

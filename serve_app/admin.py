@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from deployments.budget import BudgetSettings
+from deployments.counts import parse_count
 from deployments.ledger import GroupBy
 from deployments.limiter_settings import LimiterSettings
 from deployments.recommendations import summary_csv, summary_json
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LIMITS_KEY_PREFIX = KEY_PREFIX + "limits:"
 BREAKER_ACTIONS = ("open", "close", "reset", "disable", "metrics_only")
+MAX_DAYS = 3660  # how far back recommendations look: ten years
 
 
 class BreakerName(BaseModel):
@@ -118,9 +120,10 @@ class Admin:
     async def audit_log(self, request: Request) -> Response:
         """``GET /admin/audit?limit=100``: the latest admin changes, newest first."""
         limit = request.query_params.get("limit", "100")
-        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
+        count = parse_count(limit)
+        if count is None or not 1 <= count <= 1000:
             raise InvalidRequestError("limit must be a whole number from 1 to 1000.", param="limit")
-        entries = await self.audit.latest(int(limit))
+        entries = await self.audit.latest(count)
         return _json({"object": "list", "data": [asdict(e) for e in entries]})
 
     # -- keys ------------------------------------------------------------
@@ -293,9 +296,11 @@ class Admin:
         )
 
     async def cost_recommendations(self, request: Request) -> Response:
-        days = request.query_params.get("days", "30")
-        if not (days.isascii() and days.isdigit()):
-            raise InvalidRequestError("days must be a whole number.", param="days")
+        days = parse_count(request.query_params.get("days", "30"))
+        if days is None or not 1 <= days <= MAX_DAYS:
+            raise InvalidRequestError(
+                f"days must be a whole number from 1 to {MAX_DAYS}.", param="days"
+            )
         now_ms = int(time.time() * 1000)
         own = {
             k.name: k.budget
@@ -303,6 +308,6 @@ class Admin:
             if k.budget is not None
         }
         found = await self.gateway.stages.cost.recommendations(
-            now_ms - int(days) * 86_400_000, now_ms, own
+            now_ms - days * 86_400_000, now_ms, own
         )
         return _json({"recommendations": [asdict(r) for r in found]})

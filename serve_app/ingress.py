@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from deployments.counts import parse_count
 from deployments.provider import ProviderClient
 from deployments.resilience import Target
 from deployments.response_index import ResponseIndex
@@ -161,7 +162,7 @@ class Gateway:
         """The JSON object the body holds, and the bytes as received."""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        if (length := parse_count(declared)) is not None and length > limit:
             raise _too_large(limit)
         parts: list[bytes] = []
         size = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from deployments.counts import parse_count
 from serve_app.autoscaling_policy import (
     METRIC_CPU,
     METRIC_MEMORY,
@@ -35,8 +36,8 @@ def _memory_limit_bytes() -> float:
             text = Path(path).read_text().strip()
         except OSError:
             continue
-        if text.isascii() and text.isdigit() and int(text) < psutil.virtual_memory().total:
-            return float(text)
+        if (limit := parse_count(text)) is not None and limit < psutil.virtual_memory().total:
+            return float(limit)
     return float(psutil.virtual_memory().total)
 
 

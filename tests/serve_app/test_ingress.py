@@ -512,19 +512,30 @@ def test_a_tenant_allowlist_must_name_models() -> None:
 
 
 async def test_odd_digits_and_bad_admin_bodies_get_a_400_or_are_ignored(redis_url: str) -> None:
-    """str.isdigit() takes '²', which int() refuses: such a number is malformed (a 400
-    naming it, or an ignored Cache-Control directive), never a 500."""
+    """str.isdigit() takes '²', which int() refuses, as it refuses 5,000 digits: such a
+    number is malformed (a 400 naming it, or an ignored Cache-Control directive) or,
+    overlong, as large as can be, never a 500."""
     args = rooted(redis_url)
     gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": CannedTransport()}))
     async with in_process(gateway, "sk-root") as client:
         ask = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-        answer = await client.post(
-            "/v1/chat/completions", json=ask, headers={"cache-control": "max-age=²".encode()}
+        long = "9" * 5000  # int() refuses over 4,300 digits
+        for header in ("max-age=²".encode(), f"max-age={long}"):
+            answer = await client.post(
+                "/v1/chat/completions", json=ask, headers={"cache-control": header}
+            )
+            assert answer.status_code == 200, answer.text
+        too_long = await client.post(
+            "/v1/chat/completions", content=b"{}", headers={"content-length": long}
         )
-        assert answer.status_code == 200, answer.text
+        assert too_long.status_code == 413, too_long.text
         for path, param in (
             ("/admin/audit?limit=%C2%B2", "limit"),
             ("/v1/cost/recommendations?days=%C2%B2", "days"),
+            (f"/admin/audit?limit={long}", "limit"),
+            (f"/v1/cost/recommendations?days={long}", "days"),
+            ("/v1/cost/recommendations?days=99999999999", "days"),
+            ("/v1/cost/recommendations?days=0", "days"),
         ):
             refused = await client.get(path)
             assert refused.status_code == 400 and refused.json()["error"]["param"] == param
