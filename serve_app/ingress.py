@@ -77,6 +77,7 @@ CHAT_PATH = "/v1/chat/completions"
 RESPONSE_PATH = "/v1/responses/{response_id}"
 # The kind of model each route serves (the rest: chat).
 KINDS = {"embeddings": "embeddings", "rerank": "rerank", "moderations": "moderation"}
+SHALLOW_BRACKETS = 200  # a body with no more brackets than this cannot nest too deeply
 
 
 def json_response(
@@ -180,6 +181,14 @@ class Gateway:
             ) from None
         if not isinstance(payload, dict):
             raise InvalidRequestError("The request body must be a JSON object.")
+        # orjson parses 1,024 levels deep but writes only ~250: a body deeper than that
+        # could never be sent upstream (nor its tools estimated). Counting brackets is
+        # cheap, and only a body with enough of them can be that deep.
+        if raw.count(b"[") + raw.count(b"{") > SHALLOW_BRACKETS:
+            try:
+                orjson.dumps(payload)
+            except orjson.JSONEncodeError:
+                raise InvalidRequestError("The JSON body is nested too deeply.") from None
         return payload, raw
 
     async def principal(self, request: Request) -> Principal:

@@ -545,6 +545,36 @@ async def test_odd_digits_and_bad_admin_bodies_get_a_400_or_are_ignored(redis_ur
             assert refused.json()["error"]["param"] == param
 
 
+async def test_a_body_nested_deeper_than_can_be_sent_is_a_400(redis_url: str) -> None:
+    """orjson reads 1,024 levels but writes ~250: such a body can never go upstream."""
+    args = rooted(redis_url)
+    upstream = CannedTransport()
+    gateway = Gateway(args, provider=ProviderClient(args.upstreams, {"u": upstream}))
+
+    def nested(depth: int) -> Any:
+        value: Any = "x"
+        for _ in range(depth):
+            value = {"a": [value]}
+        return value
+
+    async with in_process(gateway, "sk-root") as client:
+        ask = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        for field, value in (
+            ("tools", [{"type": "function", "function": {"name": "f", "parameters": nested(150)}}]),
+            ("response_format", {"type": "json_schema", "json_schema": nested(150)}),
+        ):
+            refused = await client.post("/v1/chat/completions", json={**ask, field: value})
+            assert refused.status_code == 400, refused.text
+            assert "nested too deeply" in refused.json()["error"]["message"]
+        output = {"type": "function_call_output", "call_id": "c", "output": nested(400)}
+        refused = await client.post("/v1/responses", json={"model": "m", "input": [output]})
+        assert refused.status_code == 400, refused.text
+        # Deep, but not too deep: passed on.
+        shallow = [{"type": "function", "function": {"name": "f", "parameters": nested(100)}}]
+        passed = await client.post("/v1/chat/completions", json={**ask, "tools": shallow})
+        assert passed.status_code == 200, passed.text
+
+
 async def test_a_budget_hold_covers_the_tool_definitions_sent(redis_url: str) -> None:
     """The hold is priced with the tools a request defines, as the provider bills them:
     a budget that fits the question alone refuses it with its 40 kB of tools."""
