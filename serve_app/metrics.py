@@ -244,21 +244,18 @@ def _key(name: str, tags: Mapping[str, str] | None) -> _Key:
 class HistogramBuffer:
     """One histogram series' observations since the replica started: a count per
     bucket (an observation goes in the first whose bound it does not exceed, as
-    Prometheus' ``le``; past the last, in ``+Inf``), their sum, and whether any
-    came since the last export."""
+    Prometheus' ``le``; past the last, in ``+Inf``) and their sum."""
 
-    __slots__ = ("bounds", "counts", "dirty", "total")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
-        self.dirty = False
 
     def add(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
-        self.dirty = True
 
     def cumulative(self) -> list[tuple[str, int]]:
         """``(le, observations at or under it)`` for every bucket, ``+Inf`` last."""
@@ -315,13 +312,13 @@ class ServeMetrics:
         counts, self._counts = self._counts, {}
         for (name, tags), value in counts.items():
             self._metrics[name].inc(value, tags=dict(tags))
-        gauges, self._gauges = self._gauges, {}
-        for (name, tags), value in gauges.items():
+        # Every gauge and histogram series is sent again at each flush, changed or not:
+        # Ray's agent drops a gauge value no process re-reported within two report
+        # intervals, and a quiet series would vanish from the scrape between requests.
+        for (name, tags), value in self._gauges.items():
             self._metrics[name].set(value, tags=dict(tags))
         for (name, tags), series in self._histograms.items():
-            if series.dirty:
-                series.dirty = False
-                self._export(name, dict(tags), series)
+            self._export(name, dict(tags), series)
 
     def _export(self, name: str, tags: dict[str, str], series: HistogramBuffer) -> None:
         buckets, count = self._metrics[name + "_bucket"], 0

@@ -16,7 +16,6 @@ def test_an_observation_goes_in_the_first_bucket_it_does_not_exceed() -> None:
         series.add(value)
     assert series.cumulative() == [("0.1", 2), ("1.0", 4), ("5.0", 4), ("+Inf", 5)]
     assert series.total == pytest.approx(8.65)
-    assert series.dirty
 
 
 class _Gauge:
@@ -69,8 +68,9 @@ def test_histograms_reach_ray_as_cumulative_series_at_flush(sink: ServeMetrics) 
     assert buckets[tuple(sorted({**tags, "le": "+Inf"}.items()))] == 2
 
     sets = _series(sink, name + "_bucket").sets
-    sink.flush()  # nothing new: nothing sent again
-    assert _series(sink, name + "_bucket").sets == sets
+    sink.flush()  # nothing new: sent again all the same (Ray's agent drops quiet gauges)
+    assert _series(sink, name + "_bucket").sets == 2 * sets
+    assert _series(sink, name + "_count").values == {key: 2}
     sink.observe(name, 100.0, tags)
     sink.flush()  # counts go on from where they were, as a counter's do
     assert _series(sink, name + "_count").values == {key: 3}
@@ -90,3 +90,15 @@ def test_each_tag_set_is_a_series_of_its_own(sink: ServeMetrics) -> None:
         (("upstream", "b"),): 2,
     }
     assert _series(sink, "gateway_ratelimit_decision_seconds_count").values == {(): 1}
+
+
+def test_a_gauge_is_sent_again_at_every_flush_until_it_changes(sink: ServeMetrics) -> None:
+    name = "gateway_budget_remaining_usd"
+    tags = {"scope": "key", "tenant": "t", "subject": "k", "period": "daily"}
+    sink.set(name, 5.0, tags)
+    sink.flush()
+    sink.flush()
+    assert _series(sink, name).sets == 2
+    sink.set(name, 4.0, tags)
+    sink.flush()
+    assert _series(sink, name).values == {tuple(sorted(tags.items())): 4.0}
