@@ -7,6 +7,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -76,7 +77,9 @@ class LedgerRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LedgerRecord:
-        fields = orjson.loads(raw)
+        # A field a later release added is left out: records outlive a rollback, and
+        # replicas of two releases share one ledger during a rolling update.
+        fields = {k: v for k, v in orjson.loads(raw).items() if k in RECORD_FIELDS}
         fields["tags"] = tuple(fields.get("tags", ()))  # JSON has lists; the record hashes
         return cls(**fields)
 
@@ -176,3 +179,6 @@ def record_for(
         prompt_fingerprint=prompt_fingerprint(ctx.body.get("messages") or ()),
         tags=ctx.tags,
     )
+
+
+RECORD_FIELDS = frozenset(f.name for f in dataclass_fields(LedgerRecord))

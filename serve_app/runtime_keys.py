@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -42,7 +43,7 @@ from serve_app.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
-from serve_app.settings import TenantName, hash_key, model_is_known
+from serve_app.settings import TENANT_NAME, TenantName, hash_key, model_is_known
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ BY_DIGEST = "gw:{keys}:by_digest"  # digest -> the key's record (JSON)
 CHANGED = "gw:{keys}:changed"  # announces a digest created, changed, rotated or revoked
 SECRET_PREFIX = "sk-gw-"
 MAX_REMEMBERED = 10_000  # lookups a replica keeps (unknown keys included)
+_TENANT = re.compile(TENANT_NAME)
 
 _CREATE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
@@ -228,6 +230,13 @@ class RuntimeKeys:
                 "The state store (Redis) is not reachable to check this API key."
             ) from exc
         found = None if raw is None else RuntimeKey.from_json(raw)
+        if found is not None and not _TENANT.match(found.tenant):
+            # Made before tenant names were checked: its tenant could reach another's
+            # cache namespaces and quotas. Refused until it is made again.
+            log.warning(
+                "key %s is refused: its tenant %r is not a valid name", found.name, found.tenant
+            )
+            found = None
         if generation != self._generation:
             return found  # a change was announced meanwhile: this read may predate it
         if len(self._seen) >= MAX_REMEMBERED:

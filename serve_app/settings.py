@@ -38,9 +38,8 @@ from serve_app.store_settings import StoreSettings
 # in braces (cache namespaces 't/<tenant>/<namespace>', per-user quotas
 # '<tenant>/<user>', budget keys): a name with one of those would let a tenant named
 # 'acme/ml' share what tenant 'acme' keeps under its namespace 'ml'.
-TenantName = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-]
+TENANT_NAME = r"^[A-Za-z0-9._-]{1,64}$"
+TenantName = Annotated[str, StringConstraints(pattern=TENANT_NAME)]
 
 
 class _Strict(BaseModel):

@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -383,3 +384,10 @@ def test_the_fingerprint_keeps_its_definition_for_every_character() -> None:
         assert prompt_fingerprint([{"content": text}]) == (digest if expected else ""), text
     two = [{"content": "Hello,"}, {"role": "user"}, {"content": "ΟΔΟΣ!"}, "not a message"]
     assert prompt_fingerprint(two) == prompt_fingerprint([{"content": "hello οδοσ"}])
+
+
+def test_a_record_from_a_later_release_reads_without_the_fields_it_added() -> None:
+    """Records outlive a rollback, and two releases share the ledger while one rolls out."""
+    written = orjson.loads(record(3, tags=("a",)).to_json())
+    read = LedgerRecord.from_json(orjson.dumps({**written, "added_later": 1}))
+    assert read == record(3, tags=("a",))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -87,6 +88,20 @@ async def test_names_are_unique_and_models_must_exist(redis_client: aioredis.Red
     for tenant in ("acme/ml", "a:b", "{a}", ""):  # what joins a tenant's keys, or nothing
         with pytest.raises(ValidationError):
             KeySpec(name="c", tenant=tenant)
+
+
+async def test_a_key_stored_with_a_tenant_name_now_refused_is_unknown(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A key made before tenant names were checked ('acme/ml' shares what 'acme' keeps
+    under its namespace 'ml') is refused until it is made again."""
+    ring = keys(redis_client)
+    secret, _ = await ring.create(KeySpec(name="legacy-tenant", tenant="acme"))
+    digest = hash_key(secret)
+    assert await keys(redis_client).principal(digest) is not None
+    record = orjson.loads(await redis_client.hget(BY_DIGEST, digest))
+    await redis_client.hset(BY_DIGEST, digest, orjson.dumps({**record, "tenant": "acme/ml"}))
+    assert await keys(redis_client).principal(digest) is None
 
 
 async def test_a_revoked_key_stops_working_on_every_replica_as_it_is_announced(
