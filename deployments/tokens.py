@@ -28,9 +28,11 @@ CHAT_DEFINITIONS = ("tools", "functions", "response_format")
 # ... and a Responses API request (``text.format`` holds its schema).
 RESPONSE_DEFINITIONS = ("tools", "text")
 # Content parts counted by their text. Any other part but an image (a file's data, audio)
-# counts as the JSON it is sent as: over what a provider bills for a PDF or a recording,
-# but a hold is the most a call may cost, and it settles to the reported usage.
+# counts a token for every 64 characters of its JSON, base64 and all: a 500 kB PDF some
+# 10k tokens (a provider bills a few hundred to a few thousand a page), a minute of
+# 16 kHz audio ~40k (billed ~600): generous, never the ~6 its text alone would give.
 TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal"})
+ATTACHMENT_CHARS_PER_TOKEN = 64
 
 
 def estimate_text_tokens(text: str) -> int:
@@ -44,7 +46,7 @@ def _content_tokens(content: Any) -> int:
         return estimate_text_tokens(content)
     if not isinstance(content, list):
         return 0
-    texts, images = [], 0  # multi-part content: its text parts, and its images
+    texts, images, attachments = [], 0, 0  # multi-part content: text, images, the rest
     for part in content:
         if not isinstance(part, Mapping):
             continue
@@ -54,8 +56,8 @@ def _content_tokens(content: Any) -> int:
         elif kind in TEXT_PARTS or (kind is None and "text" in part):
             texts.append(str(part.get("text", "")))
         else:  # a file, audio, anything else: its size is all that is known of it
-            texts.append(orjson.dumps(part).decode())
-    return images + estimate_text_tokens(" ".join(texts))
+            attachments += len(orjson.dumps(part)) // ATTACHMENT_CHARS_PER_TOKEN
+    return images + attachments + estimate_text_tokens(" ".join(texts))
 
 
 def _detail(part: Mapping[str, Any]) -> Any:

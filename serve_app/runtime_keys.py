@@ -230,7 +230,7 @@ class RuntimeKeys:
                 "The state store (Redis) is not reachable to check this API key."
             ) from exc
         found = None if raw is None else RuntimeKey.from_json(raw)
-        if found is not None and not _TENANT.match(found.tenant):
+        if found is not None and not _TENANT.fullmatch(found.tenant):
             # Made before tenant names were checked: its tenant could reach another's
             # cache namespaces and quotas. Refused until it is made again.
             log.warning(

@@ -53,7 +53,7 @@ class Ticket:
     # error or a cancellation before its own billing (the call is paid for either way).
     answered: Callable[[], object] | None = None
     _renewal: asyncio.TimerHandle | None = None  # a stream's next slot and hold renewal
-    touched: float = field(default_factory=time.monotonic)  # a stream's latest chunk
+    touched: float | None = None  # when a stream last passed a chunk on (None: none yet)
 
     @classmethod
     async def admit(cls, ctx: RequestContext, stages: Stages) -> Ticket:
@@ -115,7 +115,9 @@ class Ticket:
         self.touched = time.monotonic()
 
     def _renew(self, every: float) -> None:
-        if self.settled or time.monotonic() - self.touched > 3 * every:
+        # Before its first chunk a stream is bounded by its deadlines, not by this.
+        stuck = self.touched is not None and time.monotonic() - self.touched > 3 * every
+        if self.settled or stuck:
             self._renewal = None
             return
         if self.slot is not None:
@@ -144,19 +146,23 @@ class Ticket:
         if served_by == "upstream" and (tokens := reported_total(usage)) is None:
             tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
         self._settle_limits(tokens)
-        charge = stages.cost.finish(
-            ctx,
-            self.reservation,
-            usage,
-            started_ms=self.started_ms,
-            completion_text=completion_text,
-            served_by=served_by,
-            cache=cache,
-            upstream=upstream,
-            status=status,
-            attempts=attempts,
-            served_model=upstream_model,
-        )
+        try:
+            charge = stages.cost.finish(
+                ctx,
+                self.reservation,
+                usage,
+                started_ms=self.started_ms,
+                completion_text=completion_text,
+                served_by=served_by,
+                cache=cache,
+                upstream=upstream,
+                status=status,
+                attempts=attempts,
+                served_model=upstream_model,
+            )
+        except BaseException:
+            stages.cost.release(self.reservation)  # settled now: abort() would not release it
+            raise
         self._record(charge)
         return charge
 

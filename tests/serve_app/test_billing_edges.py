@@ -34,6 +34,7 @@ class Upstream:
         self.usage = usage
         self.answer = answer
         self.stalled = False  # its streams stall after their first chunk
+        self.late = False  # its streams open late and send their first chunk later still
         self.calls = 0
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
@@ -78,7 +79,9 @@ class Upstream:
 
     async def stream(self, url: str, body: bytes, headers: Mapping[str, str]) -> SlowStream:
         self.calls += 1
-        return SlowStream(self.stalled)
+        if self.late:
+            await asyncio.sleep(0.9)  # its headers within request_timeout_s (1 s)
+        return SlowStream(self.stalled, self.late)
 
     async def aclose(self) -> None:
         pass
@@ -90,10 +93,12 @@ class SlowStream:
 
     status, headers = 200, {"content-type": "text/event-stream"}
 
-    def __init__(self, stalled: bool = False) -> None:
-        self.stalled = stalled
+    def __init__(self, stalled: bool = False, late: bool = False) -> None:
+        self.stalled, self.late = stalled, late
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        if self.late:  # its first chunk a lease (1.5 s) after admission, then 12 in time
+            await asyncio.sleep(0.7)
         for _ in range(1 if self.stalled else 12):
             await asyncio.sleep(0.25)
             yield b'data: {"choices": [{"index": 0, "delta": {"content": "x "}}]}\n\n'
@@ -323,3 +328,40 @@ async def test_a_failure_to_bill_an_answered_request_still_gives_its_slot_back(
         monkeypatch.undo()
         again = await client.post("/v1/chat/completions", json=CHAT)
         assert again.status_code == 200, again.text
+
+
+async def test_a_stream_whose_first_chunk_comes_late_keeps_its_slot_once_it_flows(
+    redis_url: str,
+) -> None:
+    """Before its first chunk a stream is bounded by its deadlines: its slot is renewed."""
+    name = _fresh("late")
+    config = {
+        "request_timeout_s": 1.0,
+        "limits": {"max_parallel": {"per_key": {"default": 1}, "lease_s": 1.5}},
+    }
+    upstream = Upstream()
+    upstream.late = True
+    async with serving(redis_url, name, upstream, **config) as (_, client):
+        streaming = asyncio.create_task(client.post("/v1/chat/completions", json=STREAM))
+        await asyncio.sleep(3.5)  # chunks have come every 0.25 s since ~1.85 s
+        assert not streaming.done()
+        beside = await client.post("/v1/chat/completions", json=CHAT)
+        assert beside.status_code == 429, beside.text
+        assert (await streaming).status_code == 200
+
+
+async def test_billing_that_fails_gives_the_budget_hold_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in pricing or the ledger after the ticket settled: the hold is released."""
+    name = _fresh("charge-fails")
+    async with serving(redis_url, name, Upstream()) as (gateway, client):
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in pricing")
+
+        monkeypatch.setattr(gateway.stages.cost.meter, "charge", broken)
+        failed = await client.post("/v1/chat/completions", json=CHAT)
+        assert failed.status_code == 500
+        _, held = await _spent_and_held(gateway, name)
+        assert held == 0
