@@ -352,7 +352,7 @@ class ChatPipeline:
         return ticket.finish(
             usage,
             # no usage reported: the answer's tokens are estimated from what it wrote
-            completion_text="" if reported_total(usage) is not None else answer_text(_parsed(body)),
+            written=lambda: answer_text(_parsed(body)),
             served_by=served_by,  # type: ignore[arg-type]
             cache=status.value.lower(),
             upstream=meta.get("upstream", ""),
@@ -595,7 +595,6 @@ class _StreamRelay:
         self.note_upstream()
         if (result := self.holder.get("result")) is not None:
             result.settle(reported_total(self.result.usage))  # a target's tpm: once
-        text = self.result.completion_text() if reported_total(self.result.usage) is None else ""
         return self.ticket.finish(
             self.result.usage,
             served_by=self.served_by,  # type: ignore[arg-type]
@@ -604,7 +603,7 @@ class _StreamRelay:
             upstream_model=self.meta.get("upstream_model"),
             attempts=self.meta.get("attempts", 0) if self.served_by == "upstream" else 0,
             status="error" if self.left else status,
-            completion_text=text,
+            written=self.result.completion_text,
         )
 
     def _event(self, data: bytes) -> bytes | None:

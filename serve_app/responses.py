@@ -192,7 +192,7 @@ class ResponsesPipeline:
             upstream=result.target.upstream,
             upstream_model=result.target.model,
             attempts=result.attempts,
-            completion_text="" if reported_total(usage) is not None else answer_text(parsed),
+            written=lambda: answer_text(parsed),
         )
         await self.record_owner(ctx, result.target, parsed)
         if plan is not None and parsed.get("store") is not True:  # not kept upstream after all
@@ -442,7 +442,7 @@ class _ResponseRelay:
             upstream_model=target.model,
             attempts=self.result.attempts,
             status=status,
-            completion_text="".join(self.text) if reported_total(self.usage) is None else "",
+            written=lambda: "".join(self.text),
         )
 
 

@@ -136,15 +136,21 @@ class Ticket:
         upstream_model: str | None = None,
         attempts: int = 0,
         status: str = "ok",
-        completion_text: str = "",
+        written: Callable[[], str] = str,
     ) -> Charge | None:
+        """Bill the request. ``written`` gives what the answer wrote, asked for only
+        when the usage reports no token count (the completion is then estimated)."""
         if self.settled:
             return None
+        reported = reported_total(usage)
+        completion_text = "" if reported is not None else written()  # before settling: may raise
         self.settled = True
         stages, ctx = self.stages, self.ctx
         tokens: int | None = 0
-        if served_by == "upstream" and (tokens := reported_total(usage)) is None:
-            tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
+        if served_by == "upstream":
+            tokens = reported
+            if tokens is None:
+                tokens = ctx.prompt_tokens_estimate + estimate_text_tokens(completion_text)
         self._settle_limits(tokens)
         try:
             charge = stages.cost.finish(

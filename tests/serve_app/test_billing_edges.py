@@ -30,11 +30,14 @@ class Upstream:
     """Answers chat and responses calls with ``TEXT``, with its usage (True), none
     (False), or the ``usage`` given; or with the ``answer`` given."""
 
-    def __init__(self, usage: bool | dict[str, Any] = True, answer: Any = None) -> None:
-        self.usage = usage
-        self.answer = answer
-        self.stalled = False  # its streams stall after their first chunk
-        self.late = False  # its streams open late and send their first chunk later still
+    def __init__(
+        self,
+        usage: bool | dict[str, Any] = True,
+        answer: Any = None,
+        stalled: bool = False,  # its streams stall after their first chunk
+        late: bool = False,  # its streams open late and send their first chunk later still
+    ) -> None:
+        self.usage, self.answer, self.stalled, self.late = usage, answer, stalled, late
         self.calls = 0
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
@@ -152,6 +155,11 @@ async def _spent_and_held(gateway: Gateway, name: str) -> tuple[Decimal, Decimal
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
 RESPONSE = {"model": "m", "input": "hi", "max_output_tokens": 1000}
 STREAM = {**CHAT, "stream": True}
+# One request in flight a key, its slot leased for 1.5 s (renewed while its stream moves).
+ONE_SHORT_SLOT: dict[str, Any] = {
+    "request_timeout_s": 1.0,
+    "limits": {"max_parallel": {"per_key": {"default": 1}, "lease_s": 1.5}},
+}
 
 
 @pytest.mark.parametrize("usage", [False, {}, {"total_tokens": "505"}, {"prompt_tokens": None}])
@@ -292,13 +300,7 @@ async def test_a_stream_that_passes_nothing_on_for_a_lifetime_is_renewed_no_more
     a relay nobody reads) does not keep its slot for ever: it lapses as a dead
     replica's does, a lease after the last chunk."""
     name = _fresh("stalled")
-    config = {
-        "request_timeout_s": 1.0,
-        "limits": {"max_parallel": {"per_key": {"default": 1}, "lease_s": 1.5}},
-    }
-    upstream = Upstream()
-    upstream.stalled = True
-    async with serving(redis_url, name, upstream, **config) as (_, client):
+    async with serving(redis_url, name, Upstream(stalled=True), **ONE_SHORT_SLOT) as (_, client):
         streaming = asyncio.create_task(client.post("/v1/chat/completions", json=STREAM))
         await asyncio.sleep(1.0)
         beside = await client.post("/v1/chat/completions", json=CHAT)
@@ -335,13 +337,7 @@ async def test_a_stream_whose_first_chunk_comes_late_keeps_its_slot_once_it_flow
 ) -> None:
     """Before its first chunk a stream is bounded by its deadlines: its slot is renewed."""
     name = _fresh("late")
-    config = {
-        "request_timeout_s": 1.0,
-        "limits": {"max_parallel": {"per_key": {"default": 1}, "lease_s": 1.5}},
-    }
-    upstream = Upstream()
-    upstream.late = True
-    async with serving(redis_url, name, upstream, **config) as (_, client):
+    async with serving(redis_url, name, Upstream(late=True), **ONE_SHORT_SLOT) as (_, client):
         streaming = asyncio.create_task(client.post("/v1/chat/completions", json=STREAM))
         await asyncio.sleep(3.5)  # chunks have come every 0.25 s since ~1.85 s
         assert not streaming.done()
